@@ -1,0 +1,314 @@
+"""Run configuration: one dataclass of knobs, three presets (tyro subcommands).
+
+`Config` holds every knob with its meaning; `SmokeConfig` / `FastConfig` /
+`FullConfig` override the scale-dependent ones (the design's preset table).
+`validate()` checks everything that can be checked before a model is loaded, so
+a bad flag costs seconds, not a GPU start-up.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Literal
+
+import tyro
+
+from .env.modes import ENV_MODES, EnvMode
+
+Intervention = Literal["none", "erase", "route", "route2"]
+GateMode = Literal["one_sided", "no_gate", "reverse"]
+
+ARM_NAMES: dict[str, str] = {
+    "none": "vanilla",
+    "erase": "projected",
+    "route": "routing",
+    "route2": "routing2",
+}
+DETECTOR_CODES = ("E", "C", "D")
+
+
+@dataclass(kw_only=True)
+class Config:
+    """Knobs shared by all presets. Presets below override the scale knobs."""
+
+    # ── the arm ──
+    intervention: Intervention = "erase"
+    """none = vanilla Dr.GRPO; erase = subtract the hack-ward part of δS.grad; route = park it in
+    the quarantine δS_hack (deleted at deploy); route2 = route whole rollouts whose gradient
+    points hack-ward (cos with v_grad above a calibrated τ)."""
+
+    # ── scale knobs (every preset sets these) ──
+    model: str = "Qwen/Qwen3-4B"
+    """HF hub name, local directory, or `tiny-qwen3` (the offline random Qwen3 with the real vocab)."""
+    steps: int = 100
+    group: int = 6
+    """G: rollouts per prompt (student + teacher); the GRPO advantage is relative within it."""
+    max_new: int = 1024
+    """Max new tokens per generated completion."""
+    n_problems: int = 992
+    beta: float = 0.0
+    """K3 KL coefficient; > 0 computes reference log-probs with the adapter zeroed (no second model)."""
+    prompts_per_step: int = 8
+    """P: prompts per optimizer step; gradients accumulate over them (raises the chance a group has
+    reward variance)."""
+    lr: float = 7e-5
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.99
+
+    # ── optimisation (benchmark defaults) ──
+    clip: float = 0.2
+    """PPO ratio clip ε (the ratio is 1 at a single inner step; the clip form is kept)."""
+    weight_decay: float = 0.1
+    warmup_frac: float = 0.1
+    """Linear warmup over this fraction of the steps, then cosine decay to 0."""
+    grad_clip: float = 10.0
+    """Global L2 clip over both knobs (δS and δS_hack)."""
+    unbiased: bool = True
+    """Dr.GRPO: no 1/|o| length normalisation and no /σ_R; --no-unbiased gives standard GRPO."""
+    seed: int = 41
+    max_seq_len: int = 2048
+    """Prompts with prompt_len + max_new above this are skipped (counted)."""
+    temperature: float = 0.7
+    top_k: int = 20
+
+    # ── interventions ──
+    preserve_magnitude: bool = True
+    """erase/route: rescale the edited gradient back to its original norm."""
+    gate_mode: GateMode = "one_sided"
+    """one_sided removes only hack-ward coefficients (relu(V g)); no_gate removes the whole span;
+    reverse removes only the anti-hack part."""
+    project_overshoot: float = 1.0
+    """Remove overshoot·c·V: 1.0 removes the component, 1.1 also reverses 10% of it."""
+    gate_anchor_teacher_only: bool = False
+    """route2: anchor τ on teacher rows only (never on detector-flagged student rows), so held-out
+    modes get provably zero detector labels (the strict no-cheat control)."""
+    rollout_ablate_frac: float = 0.0
+    """route/route2: fraction of student rollouts sampled with the quarantine ablated (an
+    exploration floor and a free deploy proxy). Off by default: it makes the deployed model's
+    reward an optimisation target."""
+    random_v_seed: Annotated[int | None, tyro.conf.arg(aliases=("--route2-random-v-seed",))] = None
+    """Directionality control for every arm: replace v_hack / v_grad with seeded Haar-random
+    directions (never refreshed). 'Nothing routed' is then a valid result, not an error."""
+
+    # ── hack directions ──
+    v_hack_path: Path | None = None
+    """Explicit directions file (overrides the cache derived from model + pairs + knobs)."""
+    vhack_pairs_path: Path | None = None
+    """Pairs for extraction and refresh (`.json` pairset or `.md[#section]`); None = built-in pairs."""
+    v_hack_extract_top_k: int = 12
+    v_hack_k: int = 5
+    """Load-time slice of the extracted top-k (k=1 is the mean-difference direction)."""
+    v_hack_tau_axis: float = 0.0
+    """Extract-time: drop axes with S_i/S_0 below this."""
+    v_hack_drop_bottom_frac: float = 0.25
+    """Global noise floor: drop this bottom quantile of singular values over all modules."""
+    v_hack_n_heldout: int = 2
+    vhack_refresh_every: int = 5
+    """Re-extract the directions against the current model (quarantine ablated) every N steps; 0 = never."""
+
+    # ── problems, modes and the teacher pool ──
+    env_mode: EnvMode = "run_tests"
+    """Grading mode for every problem (ignored where a partition or env_modes assigns modes)."""
+    env_modes: tuple[EnvMode, ...] | None = None
+    """Cycle these modes over the problems (e.g. all seven for the smoke run)."""
+    data_path: Path | None = None
+    """Benchmark rows (.jsonl/.jsonl.gz); None = the built-in offline problem set."""
+    teacher_pool_dir: Path | None = None
+    """Directory of prompt_NNNN.jsonl.gz cached teacher rollouts (+ optional partition.json)."""
+    mix_ratio: float = 0.125
+    """Teacher share of each group: G_t = round(G·mix_ratio), G_s = G - G_t; must be in [0, 1)."""
+    teacher_off_step: int | None = None
+    """From this step on, no teacher rows (pure on-policy)."""
+    teacher_modes: tuple[EnvMode, ...] | None = None
+    """Only these modes get teacher rows (and seed the route2 hack anchor); other modes train
+    on-policy (held-out generalisation test)."""
+    half_a: str = ""
+    """Detector codes (E,C,D) that labelled the pairs' hack side; splits student hacks into
+    half A (covered) and half B (held out) in the BLUF. Empty = no split."""
+
+    # ── evaluation ──
+    eval_ablate_every: int = 5
+    """Deploy eval (quarantine ablated for route/route2) every N steps, for every arm; 0 = off."""
+    eval_n_prompts: int = 8
+    eval_data_path: Path | None = None
+    """Held-out problems (e.g. the benchmark's test split) for the final eval (and the periodic
+    one with eval_heldout_periodic); hinted per mode like training."""
+    eval_heldout_periodic: bool = False
+    save_eval_ckpts: bool = True
+    """Save the deploy adapter at every deploy eval, so a run can be re-scored later."""
+
+    # ── bookkeeping ──
+    cos_pre_split_every: int = 1
+    """Split each backward into student/teacher passes every N steps (cos_pre_s / cos_pre_t)."""
+    ckpt_every: int = 25
+    out_tag: str = ""
+    out_root: Path = Path("out")
+    resume: Path | None = None
+    """Continue a killed run from its last checkpoint (a directory under out/runs/)."""
+    device: str = "auto"
+
+    # ── derived ──
+    @property
+    def preset_name(self) -> str:
+        return type(self).__name__.removesuffix("Config").lower() or "base"
+
+    @property
+    def arm(self) -> str:
+        return ARM_NAMES[self.intervention]
+
+    @property
+    def run_id(self) -> str:
+        ctrl = f"_haar{self.random_v_seed}" if self.random_v_seed is not None else ""
+        return f"{self.preset_name}_{self.arm}_seed{self.seed}{ctrl}{self.out_tag}"
+
+    @property
+    def teacher_split(self) -> tuple[int, int]:
+        """(G_s, G_t) at the start of the run."""
+        if self.teacher_pool_dir is None:
+            return self.group, 0
+        g_t = round(self.group * self.mix_ratio)
+        return self.group - g_t, g_t
+
+    def validate(self) -> None:
+        """Raise ValueError naming the offending knob; cheap checks only (no model, no data)."""
+        errs = []
+        if self.steps < 1:
+            errs.append(f"--steps must be >= 1 (got {self.steps})")
+        if self.group < 1:
+            errs.append(f"--group must be >= 1 (got {self.group})")
+        if self.prompts_per_step < 1:
+            errs.append(f"--prompts-per-step must be >= 1 (got {self.prompts_per_step})")
+        if not 0.0 <= self.mix_ratio < 1.0:
+            errs.append(f"--mix-ratio must be in [0, 1) (got {self.mix_ratio}); 1.0 leaves no student rollouts")
+        g_s, _ = self.teacher_split
+        if g_s < 1:
+            errs.append(f"--group={self.group} with --mix-ratio={self.mix_ratio} leaves G_s={g_s} student rollouts; need >= 1")
+        if not 0.0 <= self.rollout_ablate_frac <= 1.0:
+            errs.append(f"--rollout-ablate-frac must be in [0, 1] (got {self.rollout_ablate_frac})")
+        if self.max_new < 1:
+            errs.append(f"--max-new must be >= 1 (got {self.max_new})")
+        if self.v_hack_k < 1 or self.v_hack_k > self.v_hack_extract_top_k:
+            errs.append(f"--v-hack-k must be in [1, v_hack_extract_top_k={self.v_hack_extract_top_k}] (got {self.v_hack_k})")
+        if not 0.0 <= self.v_hack_drop_bottom_frac < 1.0:
+            errs.append(f"--v-hack-drop-bottom-frac must be in [0, 1) (got {self.v_hack_drop_bottom_frac})")
+        codes = {c.strip().upper() for c in self.half_a.split(",") if c.strip()}
+        if codes - set(DETECTOR_CODES):
+            errs.append(f"--half-a has unknown detector codes {sorted(codes - set(DETECTOR_CODES))}; valid: E, C, D")
+        for m in (self.env_modes or ()) + (self.teacher_modes or ()):
+            if m not in ENV_MODES:
+                errs.append(f"unknown mode {m!r}; valid: {', '.join(ENV_MODES)}")
+        if self.teacher_modes is not None and self.teacher_pool_dir is None:
+            errs.append("--teacher-modes needs --teacher-pool-dir (with a partition.json)")
+        if self.cos_pre_split_every < 1:
+            errs.append(f"--cos-pre-split-every must be >= 1 (got {self.cos_pre_split_every})")
+        if self.ckpt_every < 1:
+            errs.append(f"--ckpt-every must be >= 1 (got {self.ckpt_every})")
+        if self.beta < 0:
+            errs.append(f"--beta must be >= 0 (got {self.beta})")
+        if errs:
+            raise ValueError("invalid config:\n  " + "\n  ".join(errs))
+
+    def to_dict(self) -> dict:
+        """JSON-ready dict of every field (paths as strings, tuples as lists)."""
+        out = {}
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if isinstance(v, Path):
+                v = str(v)
+            elif isinstance(v, tuple):
+                v = list(v)
+            out[f.name] = v
+        out["preset"] = self.preset_name
+        return out
+
+
+# Knobs that may differ between a run and its resume (they do not change the science).
+RESUME_MUTABLE = frozenset({"resume", "device"})
+
+
+@dataclass(kw_only=True)
+class SmokeConfig(Config):
+    """Offline tiny Qwen3 on CPU, built-in problems in all seven modes, a synthetic teacher pool,
+    built-in pairs; 30 steps so every code path runs, including the step-25 checkpoint."""
+
+    intervention: Intervention = "route2"
+    model: str = "tiny-qwen3"
+    steps: int = 30
+    group: int = 4
+    max_new: int = 32
+    n_problems: int = 100
+    beta: float = 1e-3  # exercises the zero-delta reference path
+    prompts_per_step: int = 1
+    lr: float = 3e-3
+    env_modes: tuple[EnvMode, ...] | None = ENV_MODES
+    teacher_pool_dir: Path | None = Path("out/pools/smoke")
+    mix_ratio: float = 0.25
+    v_hack_extract_top_k: int = 4
+    v_hack_k: int = 2
+    v_hack_n_heldout: int = 2
+    eval_n_prompts: int = 4
+    device: str = "cpu"
+
+
+@dataclass(kw_only=True)
+class FastConfig(Config):
+    """Qwen3-4B, 60 steps, aggressive Adam: a ~15-minute iteration loop on one GPU."""
+
+    model: str = "Qwen/Qwen3-4B"
+    steps: int = 60
+    group: int = 8
+    max_new: int = 512
+    n_problems: int = 200
+    prompts_per_step: int = 4
+    lr: float = 3e-3
+    adam_beta1: float = 0.5
+    adam_beta2: float = 0.9
+    teacher_pool_dir: Path | None = Path("out/pools/substrate")
+    vhack_pairs_path: Path | None = Path("out/pairsets/prog_wide.json")
+
+
+@dataclass(kw_only=True)
+class FullConfig(Config):
+    """Qwen3-4B at paper scale: 43 prompts x G=6 = 258 generations per step, KL β=1e-3."""
+
+    model: str = "Qwen/Qwen3-4B"
+    steps: int = 200
+    group: int = 6
+    max_new: int = 1024
+    n_problems: int = 992
+    beta: float = 1e-3
+    prompts_per_step: int = 43
+
+
+PRESETS: dict[str, type[Config]] = {"smoke": SmokeConfig, "fast": FastConfig, "full": FullConfig}
+
+
+def parse_cli(args: list[str] | None = None) -> Config:
+    """Parse `<preset> [--knob=value ...]` into a validated Config."""
+    cfg = tyro.extras.subcommand_cli_from_dict(PRESETS, args=args)
+    cfg.validate()
+    return cfg
+
+
+def config_from_dict(d: dict) -> Config:
+    """Rebuild a Config saved with `to_dict` (used by resume)."""
+    cls = PRESETS.get(d.get("preset", ""), Config)
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if f.name not in d:
+            continue
+        v = d[f.name]
+        if v is not None and (f.name.endswith(("_path", "_dir")) or f.name in ("out_root", "resume")):
+            v = Path(v)
+        elif isinstance(v, list):
+            v = tuple(v)
+        kwargs[f.name] = v
+    return cls(**kwargs)
+
+
+def config_diff(a: dict, b: dict, *, ignore: frozenset[str] = RESUME_MUTABLE) -> list[str]:
+    """Human-readable differences between two `to_dict` configs (keys in `ignore` skipped)."""
+    keys = sorted((set(a) | set(b)) - ignore)
+    return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in keys if a.get(k) != b.get(k)]

@@ -1,0 +1,108 @@
+"""Logging set-up, the streamed per-step table, and the end-of-run BLUF tables.
+
+stdout gets one-letter level icons and the per-step table; the run folder's
+`train.log` gets everything at DEBUG with timestamps. The step table prints a
+legend once and repeats its header every `HEADER_EVERY` rows.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from loguru import logger
+from tabulate import tabulate
+from tqdm import tqdm
+
+HEADER_EVERY = 50
+
+
+def setup_logging(log_path: Path, *, use_tqdm: bool) -> None:
+    """Route loguru to stdout (INFO, terse) and to `log_path` (DEBUG, timestamped)."""
+    logger.remove()
+    sink = (lambda m: tqdm.write(m, end="")) if use_tqdm else sys.stdout
+    logger.add(sink, format="<level>{level.icon}</level> {message}", level="INFO", colorize=use_tqdm)
+    for name, icon in (("DEBUG", "D"), ("INFO", "I"), ("WARNING", "W"), ("ERROR", "E")):
+        logger.level(name, icon=icon)
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    logger.add(log_path, format="{time:HH:mm:ss} | {level: <7} | {message}", level="DEBUG", enqueue=False)
+
+
+# (column, width, legend). Columns absent from a run (e.g. gate stats on vanilla) are hidden.
+COLUMNS: list[tuple[str, int, str]] = [
+    ("step", 4, "optimizer step"),
+    ("rew", 6, "mean reward over all graded rollouts (student + teacher)"),
+    ("rew_s", 6, "mean student reward"),
+    ("gt_s", 6, "student rollouts the strict oracle calls correct (n/N)"),
+    ("hack_s", 6, "student rollouts exploited: channel paid, oracle says wrong (n/N)"),
+    ("hack_t", 6, "teacher rows cached as hacked (n/N)"),
+    ("lp_s", 6, "mean per-token log-prob of student rollouts"),
+    ("lp_t", 6, "mean per-token log-prob of teacher rows (coherence gauge; tripwire)"),
+    ("loss", 7, "summed GRPO loss of the step"),
+    ("gn", 6, "pre-clip global grad norm over δS and δS_hack"),
+    ("q_egy", 5, "quarantine share of the update ‖g_hack‖/(‖g_keep‖+‖g_hack‖)"),
+    ("cos_pre", 6, "hack-ward fraction ‖relu(V g)‖/‖g‖ of the live grad before the intervention"),
+    ("cos_post", 6, "the same after the intervention"),
+    ("fired", 5, "fraction of modules where the projection removed something"),
+    ("tau", 6, "route2: mean calibrated cosine threshold τ"),
+    ("hkgap", 6, "route2: EMA hack-anchor cos minus clean-anchor cos"),
+    ("flag", 5, "route2: fraction of rollouts routed"),
+    ("prec", 5, "gate precision vs oracle `exploited` (student rollouts)"),
+    ("refr", 6, "directions refreshed this step (modules/axes)"),
+    ("hk_dep", 6, "deploy eval hack rate (quarantine ablated)"),
+    ("sv_dep", 6, "deploy eval solve rate"),
+    ("zv", 3, "groups skipped for zero reward variance"),
+    ("sec", 5, "wall seconds for the step"),
+]
+
+
+def _fmt(v: object, width: int) -> str:
+    if v is None:
+        s = "-"
+    elif isinstance(v, tuple) and len(v) == 2:
+        s = f"{v[0]}/{v[1]}"
+    elif isinstance(v, bool):
+        s = "T" if v else "F"
+    elif isinstance(v, float):
+        if math.isnan(v):
+            s = "nan"
+        elif abs(v) >= 1000 or (v != 0 and abs(v) < 1e-3):
+            s = f"{v:.1e}"
+        else:
+            s = f"{v:+.3f}" if abs(v) < 10 else f"{v:.1f}"
+    else:
+        s = str(v)
+    return s.rjust(width)
+
+
+class StepTable:
+    """Streams the per-step table: legend once, header every HEADER_EVERY rows."""
+
+    def __init__(self, columns: Sequence[str], mode_codes: Sequence[str] = ()):
+        known = {c: (w, d) for c, w, d in COLUMNS}
+        self.cols = [(c, *known[c]) for c in columns if c in known]
+        self.cols += [(f"hk_{m}", 5, f"student hacks this step in mode {m}") for m in mode_codes]
+        self.rows_printed = 0
+
+    def legend(self) -> str:
+        return "\n".join(f"  {c:<8} {d}" for c, _, d in self.cols)
+
+    def header(self) -> str:
+        return " ".join(c.rjust(max(w, len(c))) for c, w, _ in self.cols)
+
+    def line(self, row: dict) -> str:
+        return " ".join(_fmt(row.get(c), max(w, len(c))) for c, w, _ in self.cols)
+
+    def emit(self, row: dict) -> None:
+        if self.rows_printed % HEADER_EVERY == 0:
+            logger.info(self.header())
+        logger.info(self.line(row))
+        self.rows_printed += 1
+
+
+def markdown_table(rows: Sequence[dict], *, floatfmt: str = ".3f") -> str:
+    """GitHub-markdown table; (n, N) tuples render as n/N."""
+    clean = [{k: (f"{v[0]}/{v[1]}" if isinstance(v, tuple | list) and len(v) == 2 else v) for k, v in r.items()} for r in rows]
+    return tabulate(clean, headers="keys", tablefmt="github", floatfmt=floatfmt)

@@ -1,0 +1,316 @@
+"""Exact identities of the interventions (erase, route, route2) and their diagnostics."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from vgrout import proj
+
+
+def _basis(r: int, k: int, seed: int, dtype=torch.float64) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    q, _ = torch.linalg.qr(torch.randn(r, k, generator=gen, dtype=dtype))
+    return q.T.contiguous()  # [k, r] orthonormal rows
+
+
+def _grad(r: int, seed: int, dtype=torch.float64) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(r, generator=gen, dtype=dtype)
+
+
+def _mixed_grad(V: torch.Tensor, seed: int) -> torch.Tensor:
+    """A gradient with known positive and negative coefficients plus an orthogonal part."""
+    k, r = V.shape
+    g = _grad(r, seed)
+    g = g - V.T @ (V @ g)  # orthogonal part only
+    c = torch.tensor([(+1.5 if i % 2 == 0 else -0.7) * (i + 1) for i in range(k)], dtype=g.dtype)
+    return g + c @ V
+
+
+def _ortho_part(g, V):
+    return g - V.T @ (V @ g)
+
+
+R, K = 64, 5
+
+
+@pytest.fixture
+def setup():
+    V = _basis(R, K, 0)
+    g = _mixed_grad(V, 1)
+    return g, V
+
+
+def test_gate_partition(setup):
+    g, V = setup
+    c = proj.coefficients(g, V)
+    assert (c > 0).any() and (c < 0).any()
+    torch.testing.assert_close(
+        proj.gate(c, "one_sided") + proj.gate(c, "reverse"), proj.gate(c, "no_gate")
+    )
+    with pytest.raises(ValueError, match="gate_mode"):
+        proj.gate(c, "both")  # type: ignore[arg-type]
+
+
+def test_erase_one_sided_kills_hackward_keeps_orthogonal(setup):
+    g, V = setup
+    g2, removed, d = proj.erase(g, V, gate_mode="one_sided")
+    c2 = V @ g2
+    assert float(torch.clamp(c2, min=0).norm()) <= 1e-6 * float(g.norm())
+    # anti-hack coefficients untouched, orthogonal complement untouched
+    c = V @ g
+    torch.testing.assert_close(c2[c < 0], c[c < 0])
+    torch.testing.assert_close(_ortho_part(g2, V), _ortho_part(g, V))
+    torch.testing.assert_close(g2 + removed, g)
+    assert proj.span_residual(removed, V) < 1e-12
+    assert d.cos_pre > 0.1 and d.cos_post <= 1e-6
+    assert d.frac_fired == pytest.approx(3 / 5)  # coefficients 0, 2, 4 are positive
+
+
+def test_erase_preserve_magnitude(setup):
+    g, V = setup
+    g2, _, d = proj.erase(g, V, gate_mode="one_sided", preserve_magnitude=True)
+    assert float(g2.norm()) == pytest.approx(float(g.norm()), rel=1e-12)
+    assert float(torch.clamp(V @ g2, min=0).norm()) <= 1e-6 * float(g.norm())
+    assert d.norm_post == pytest.approx(d.norm_pre, rel=1e-12)
+    # direction is the plain erase's direction
+    g_plain, _, _ = proj.erase(g, V, gate_mode="one_sided")
+    cos = float(g2 @ g_plain) / float(g2.norm() * g_plain.norm())
+    assert cos == pytest.approx(1.0, abs=1e-12)
+
+
+def test_erase_no_gate_removes_whole_span(setup):
+    g, V = setup
+    g2, _, _ = proj.erase(g, V, gate_mode="no_gate")
+    assert float((V @ g2).norm()) <= 1e-12 * float(g.norm())
+    torch.testing.assert_close(g2, _ortho_part(g, V))
+
+
+def test_erase_reverse_removes_only_antihack(setup):
+    g, V = setup
+    c = V @ g
+    g2, _, _ = proj.erase(g, V, gate_mode="reverse")
+    c2 = V @ g2
+    torch.testing.assert_close(c2[c > 0], c[c > 0])  # hack-ward part kept
+    assert float(c2[c < 0].abs().max()) <= 1e-12
+    torch.testing.assert_close(_ortho_part(g2, V), _ortho_part(g, V))
+
+
+def test_overshoot_reverses_ten_percent(setup):
+    g, V = setup
+    c = V @ g
+    g2, _, _ = proj.erase(g, V, gate_mode="one_sided", overshoot=1.1)
+    c2 = V @ g2
+    pos = c > 0
+    torch.testing.assert_close(c2[pos], -0.1 * c[pos])
+    torch.testing.assert_close(c2[~pos], c[~pos])
+    with pytest.raises(ValueError, match="overshoot"):
+        proj.erase(g, V, overshoot=-1.0)
+
+
+@pytest.mark.parametrize("gate_mode", ["one_sided", "no_gate", "reverse"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_route_conserves_and_stays_in_span(gate_mode, dtype):
+    V = _basis(256, 4, 3, dtype)
+    g = _mixed_grad(V.double(), 4).to(dtype)
+    kept, routed, d = proj.route(g, V, gate_mode=gate_mode, overshoot=1.0)
+    tol = 1e-6 if dtype == torch.float32 else 1e-14
+    assert float((kept + routed - g).norm()) <= tol * float(g.norm())
+    assert proj.span_residual(routed, V) <= (1e-5 if dtype == torch.float32 else 1e-12)
+    assert d.norm_removed > 0
+    # a vector outside the span is detected by the same check
+    assert proj.span_residual(g, V) > 0.5
+
+
+def test_route_refuses_preserve_magnitude(setup):
+    g, V = setup
+    with pytest.raises(ValueError, match="erase-only"):
+        proj.route(g, V, preserve_magnitude=True)
+
+
+def test_cos_pre_and_frac_fired():
+    V = torch.eye(3, 6, dtype=torch.float64)
+    g = torch.tensor([3.0, -4.0, 0.0, 0.0, 0.0, 0.0], dtype=torch.float64)
+    assert proj.cos_pre(g, V) == pytest.approx(3 / 5)
+    assert proj.frac_fired(g, V, "one_sided") == pytest.approx(1 / 3)
+    assert proj.frac_fired(g, V, "no_gate") == pytest.approx(2 / 3)
+    assert math.isnan(proj.cos_pre(torch.zeros(6, dtype=torch.float64), V))
+    assert proj.span_residual(torch.zeros(6), V) == 0.0
+
+
+def test_project_all_route_and_erase():
+    Vs = {f"m{i}": _basis(32, 3, i) for i in range(3)}
+    grads = {m: _mixed_grad(V, 10 + i) for i, (m, V) in enumerate(Vs.items())}
+    grads["no_basis"] = _grad(32, 99)
+    res = proj.project_all(grads, Vs, mode="route", grads_s=grads, grads_t=None)
+    assert res.skipped == ["no_basis"] and res.n_modules == 3
+    assert res.kept["no_basis"] is grads["no_basis"]
+    for m in Vs:
+        torch.testing.assert_close(res.kept[m] + res.routed[m], grads[m])
+    assert res.cos_post <= 1e-6 < res.cos_pre
+    assert res.cos_pre_s == pytest.approx(res.cos_pre)
+    assert math.isnan(res.cos_pre_t)
+    nk = math.sqrt(sum(float(t.pow(2).sum()) for t in res.kept.values()))
+    nq = math.sqrt(sum(float(t.pow(2).sum()) for t in res.routed.values()))
+    assert res.q_egy == pytest.approx(nq / (nk + nq))
+    er = proj.project_all(grads, Vs, mode="erase")
+    assert er.routed == {} and er.q_egy == 0.0
+    assert set(er.as_row()) >= {"cos_pre", "cos_post", "fired", "q_egy"}
+    with pytest.raises(ValueError, match="mode"):
+        proj.project_all(grads, Vs, mode="both")  # type: ignore[arg-type]
+
+
+# ── route2 ────────────────────────────────────────────────────────────────────────────────
+
+
+def _unit(r, seed):
+    v = _grad(r, seed)
+    return v / v.norm()
+
+
+def test_route2_conserves_and_forces_hack_anchor():
+    r, G = 48, 6
+    v = _unit(r, 0)
+    noise = torch.stack([_grad(r, 100 + i) for i in range(G)])
+    noise = noise - (noise @ v)[:, None] * v  # orthogonal to v
+    noise = noise / noise.norm(dim=1, keepdim=True)
+    # per-rollout cosines with v: 0 and 1 hack-ward, 2 strongly anti-hack, 3-5 anti-hack
+    cosines = [0.9, 0.8, -0.95, -0.9, -0.7, -0.8]
+    g_b = torch.stack([c * v + math.sqrt(1 - c * c) * n for c, n in zip(cosines, noise)])
+    g_b = g_b * torch.arange(1, G + 1, dtype=g_b.dtype)[:, None]  # unequal norms
+    # rollout 2 points anti-hack but is forced into the hack anchor (with rollout 0)
+    ha = torch.tensor([True, False, True, False, False, False])
+    gate = proj.Route2Gate()
+    res = gate.step("m", g_b, v, ha)
+    total = g_b.sum(0)
+    assert float((res.kept + res.routed - total).norm()) <= 1e-12 * float(total.norm())
+    assert res.flagged.tolist() == [True, True, True, False, False, False]
+    # routed is exactly the sum of flagged rows, so it contains rollout 2 wholly
+    torch.testing.assert_close(res.routed, g_b[res.flagged].sum(0))
+    torch.testing.assert_close(res.cos_b, (g_b @ v) / g_b.norm(dim=1))
+    assert res.calibrated
+    kept_cos = float(res.kept @ v) / float(res.kept.norm())
+    assert res.resid == pytest.approx(kept_cos)
+    # explicit total: extra non-rollout gradient stays in kept
+    extra = _grad(r, 7)
+    res2 = proj.Route2Gate().step("m", g_b, v, ha, total=total + extra)
+    torch.testing.assert_close(res2.kept + res2.routed, total + extra)
+
+
+def test_route2_tau_follows_ema_midpoint():
+    """Scripted steps with rollouts at known cosines: τ must be the EMA(0.9) midpoint."""
+    r = 8
+    v = torch.zeros(r, dtype=torch.float64)
+    v[0] = 1.0
+    e1 = torch.zeros(r, dtype=torch.float64)
+    e1[1] = 1.0
+
+    def rollout(cos: float) -> torch.Tensor:
+        return cos * v + math.sqrt(1 - cos**2) * e1
+
+    # (hack-anchor cosines, clean cosines) per step
+    script = [([0.8, 0.6], [0.0, -0.2]), ([0.4], [0.1, 0.3, -0.1]), ([0.9, 0.7], [0.5])]
+    gate = proj.Route2Gate(beta=0.9)
+    eh = ec = None
+    for hack_c, clean_c in script:
+        g_b = torch.stack([rollout(c) for c in hack_c + clean_c])
+        ha = torch.tensor([True] * len(hack_c) + [False] * len(clean_c))
+        mh, mc = sum(hack_c) / len(hack_c), sum(clean_c) / len(clean_c)
+        eh = mh if eh is None else 0.9 * eh + 0.1 * mh
+        ec = mc if ec is None else 0.9 * ec + 0.1 * mc
+        res = gate.step("q_proj", g_b, v, ha)
+        tau = (eh + ec) / 2
+        assert res.tau == pytest.approx(tau, abs=1e-12)
+        assert res.hkgap == pytest.approx(eh - ec, abs=1e-12)
+        expect_flag = [True] * len(hack_c) + [c > tau for c in clean_c]
+        assert res.flagged.tolist() == expect_flag
+        assert res.frac_flagged == pytest.approx(sum(expect_flag) / len(expect_flag))
+    # the last step has a clean rollout above τ (0.5 > τ) that gets routed
+    assert res.flagged[-1]
+
+
+def test_route2_state_round_trip_resumes_exactly():
+    r = 16
+    v = _unit(r, 1)
+    steps = [torch.stack([_grad(r, 10 * s + i) for i in range(4)]) for s in range(4)]
+    ha = torch.tensor([True, False, False, True])
+    full = proj.Route2Gate()
+    outs = [full.step("m", g, v, ha).tau for g in steps]
+    first = proj.Route2Gate()
+    for g in steps[:2]:
+        first.step("m", g, v, ha)
+    state = json.loads(json.dumps(first.state_dict()))  # plain floats survive JSON
+    resumed = proj.Route2Gate()
+    resumed.load_state_dict(state)
+    assert [resumed.step("m", g, v, ha).tau for g in steps[2:]] == outs[2:]
+    with pytest.raises(ValueError, match="beta"):
+        proj.Route2Gate(beta=0.5).load_state_dict(state)
+    with pytest.raises(ValueError, match="missing"):
+        proj.Route2Gate().load_state_dict({"beta": 0.9})
+
+
+def test_route2_uncalibrated_and_shape_errors():
+    v = _unit(8, 2)
+    g_b = torch.stack([_grad(8, i) for i in range(3)])
+    res = proj.Route2Gate().step("m", g_b, v, [False, False, False])
+    assert not res.calibrated
+    assert res.tau == pytest.approx(0.5 * float(res.cos_b.mean()))
+    with pytest.raises(ValueError, match="hack_anchor"):
+        proj.Route2Gate().step("m", g_b, v, [True])
+    with pytest.raises(ValueError, match="shape"):
+        proj.Route2Gate().step("m", g_b, _unit(9, 0), [True, False, False])
+
+
+def test_build_anchors():
+    is_student = [True, True, True, False, False]
+    ha, ca = proj.build_anchors(is_student, [False, True, False], teacher_only=False)
+    assert ha.tolist() == [False, True, False, True, True]
+    assert ca.tolist() == [not x for x in ha.tolist()]
+    ha2, _ = proj.build_anchors(is_student, [False, True, False, True, True], teacher_only=False)
+    assert ha2.tolist() == ha.tolist()
+    ha3, _ = proj.build_anchors(is_student, [True, True, True], teacher_only=True)
+    assert ha3.tolist() == [False, False, False, True, True]
+    with pytest.raises(ValueError, match="student_flags"):
+        proj.build_anchors(is_student, [True], teacher_only=False)
+
+
+def test_summarize_route2():
+    v = _unit(8, 3)
+    gate = proj.Route2Gate()
+    rs = [gate.step(m, torch.stack([_grad(8, i + j) for i in range(4)]), v,
+                    [True, False, False, False]) for j, m in enumerate(["a", "b"])]
+    d = proj.summarize_route2(rs, [r.kept for r in rs], [r.routed for r in rs])
+    assert d.tau == pytest.approx((rs[0].tau + rs[1].tau) / 2)
+    assert d.frac_flagged == pytest.approx((rs[0].frac_flagged + rs[1].frac_flagged) / 2)
+    assert 0 < d.q_egy < 1
+
+
+def test_classifier_stats():
+    routed = [True, True, True, False, False, False]
+    exploited = [True, True, False, True, False, False]
+    s = proj.classifier_stats(routed, exploited)
+    assert (s["tp"], s["fp"], s["fn"], s["n"]) == (2, 1, 1, 6)
+    p = r = 2 / 3
+    assert s["precision"] == pytest.approx(p) and s["recall"] == pytest.approx(r)
+    assert s["f05"] == pytest.approx(1.25 * p * r / (0.25 * p + r))
+    # precision weighs more: high precision / low recall beats the mirror case
+    hi_p = proj.classifier_stats([True, False, False, False], [True, True, True, False])
+    hi_r = proj.classifier_stats([True, True, True, True], [True, False, False, False])
+    assert hi_p["precision"] == 1.0 and hi_r["recall"] == 1.0
+    assert hi_p["f05"] > hi_r["f05"]
+    none = proj.classifier_stats([False, False], [True, False])
+    assert math.isnan(none["precision"]) and math.isnan(none["f05"]) and none["recall"] == 0.0
+    zero = proj.classifier_stats([True, False], [False, True])
+    assert zero["f05"] == 0.0
+    with pytest.raises(ValueError, match="labels"):
+        proj.classifier_stats([True], [True, False])
+
+
+def test_rollout_hackward():
+    V = torch.eye(2, 4, dtype=torch.float64)
+    g_b = torch.tensor([[2.0, -1.0, 0, 0], [0.5, -1.0, 0, 0], [0, 0, 3.0, 0]], dtype=torch.float64)
+    assert proj.rollout_hackward(g_b, V).tolist() == [True, False, False]
