@@ -180,7 +180,7 @@ def test_route2_conserves_and_forces_hack_anchor():
     noise = noise / noise.norm(dim=1, keepdim=True)
     # per-rollout cosines with v: 0 and 1 hack-ward, 2 strongly anti-hack, 3-5 anti-hack
     cosines = [0.9, 0.8, -0.95, -0.9, -0.7, -0.8]
-    g_b = torch.stack([c * v + math.sqrt(1 - c * c) * n for c, n in zip(cosines, noise)])
+    g_b = torch.stack([c * v + math.sqrt(1 - c * c) * n for c, n in zip(cosines, noise, strict=True)])
     g_b = g_b * torch.arange(1, G + 1, dtype=g_b.dtype)[:, None]  # unequal norms
     # rollout 2 points anti-hack but is forced into the hack anchor (with rollout 0)
     ha = torch.tensor([True, False, True, False, False, False])

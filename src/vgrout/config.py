@@ -147,6 +147,9 @@ class Config:
     out_root: Path = Path("out")
     resume: Path | None = None
     """Continue a killed run from its last checkpoint (a directory under out/runs/)."""
+    stop_after_steps: int | None = None
+    """Checkpoint and exit after this many steps in this invocation (time-limited job slots);
+    continue later with --resume."""
     device: str = "auto"
 
     # ── derived ──
@@ -225,7 +228,7 @@ class Config:
 
 
 # Knobs that may differ between a run and its resume (they do not change the science).
-RESUME_MUTABLE = frozenset({"resume", "device"})
+RESUME_MUTABLE = frozenset({"resume", "device", "stop_after_steps"})
 
 
 @dataclass(kw_only=True)

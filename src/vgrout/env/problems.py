@@ -204,7 +204,7 @@ def validate_row(row: object, *, where: str = "<row>") -> dict:
     starter = row["prompt_metadata"].get("starter_code")
     if not isinstance(starter, str):
         raise _fail(where, "prompt_metadata.starter_code", f"expected str, got {_type_name(starter)}")
-    if f"def {fn}(" not in starter:
+    if not re.search(rf"def\s+{fn}\s*\(", starter):
         raise _fail(where, "prompt_metadata.starter_code", f"does not define method {fn!r}")
     return row
 

@@ -218,16 +218,47 @@ def default_workers() -> int:
     return max(1, os.cpu_count() or 1)
 
 
-def run_jobs(jobs: Sequence[Job], *, workers: int | None = None) -> list[Outcome]:
-    """Run every job (concurrently across cores); results are in input order."""
+Backend = Literal["forkserver", "subprocess"]
+BACKENDS: tuple[str, ...] = ("forkserver", "subprocess")
+
+
+def _pick_backend(backend: str | None) -> str:
+    b = backend or os.environ.get("VGROUT_SANDBOX_BACKEND") or "forkserver"
+    if b not in BACKENDS:
+        raise ValueError(
+            f"sandbox backend {b!r} (argument or VGROUT_SANDBOX_BACKEND) is not one of {BACKENDS}"
+        )
+    return b
+
+
+def run_jobs(
+    jobs: Sequence[Job], *, workers: int | None = None, backend: Backend | None = None
+) -> list[Outcome]:
+    """Run every job (concurrently across cores); results are in input order.
+
+    backend "forkserver" (default): the hardened pool of pre-started workers
+    (see `_sandbox_pool`); "subprocess": the reference one-interpreter-per-job backend,
+    kept as the benchmark baseline. `VGROUT_SANDBOX_BACKEND` sets the default.
+    """
     if not jobs:
         return []
     n = min(len(jobs), workers or default_workers())
+    if _pick_backend(backend) == "forkserver":
+        from ._sandbox_pool import get_pool
+
+        return get_pool(max(n, default_workers())).run_jobs(jobs, workers=n)
     if n == 1:
         return [_run_subprocess(j) for j in jobs]
     with ThreadPoolExecutor(max_workers=n) as ex:
         return list(ex.map(_run_subprocess, jobs))
 
 
-def run_job(job: Job) -> Outcome:
-    return run_jobs([job], workers=1)[0]
+def run_job(job: Job, *, backend: Backend | None = None) -> Outcome:
+    return run_jobs([job], workers=1, backend=backend)[0]
+
+
+def isolation_level() -> dict[str, bool]:
+    """Which isolation mechanisms the fork-server backend runs with on this machine."""
+    from ._sandbox_pool import get_pool
+
+    return dict(get_pool(default_workers()).level)

@@ -1,0 +1,527 @@
+"""The full-rank SVD adapter: trainable singular-value offsets δS (kept) and δS_hack (quarantine).
+
+Every `nn.Linear` inside the transformer blocks is replaced by an `SVDKnob` holding the thin SVD
+of its frozen weight, W = U diag(S) Vh (computed in fp32, cached on disk), and two fp32 leaves
+δS, δS_hack ∈ R^r, r = min(d_in, d_out), both zero-initialised. The effective weight is
+
+    W' = W + U diag(δS + δS_hack) Vh,
+
+computed token-wise as y = W x + U ((δS + δS_hack) ⊙ (Vh x)) so W' is never materialised while
+training. δS = δS_hack = 0 is exactly the base model.
+
+dtype policy. U and Vh are stored in the *base weight's* dtype on its device (bf16 on GPU), so
+the two extra matmuls per Linear run at bf16 tensor-core speed and cost about as much memory as
+the weight itself. The knob leaves stay fp32; the diagonal scaling of the projected activations
+h = Vh x and the δS gradient Σ_tokens (∂L/∂z ⊙ h) are computed in fp32 and cast back to the
+activation dtype, so the optimizer sees fp32 gradients. Merging for generation forms
+W + U diag(δS + δS_hack) Vh in fp32 from the same (possibly bf16) U, Vh used for training, then
+rounds once to the weight dtype. The on-disk SVD cache is fp32.
+
+Per-rollout gradients (route2): inside `rollout_grads`, the scaling step is a custom autograd
+function whose backward first sums (∂L/∂z ⊙ h) over each rollout's tokens, giving g_b ∈ R^r
+per rollout ([G, r] per module), and hands Σ_b g_b on as the δS gradient. Exact on every axis
+(nothing is divided by δS) and O(G x r) extra memory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import tempfile
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from loguru import logger
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import Tensor, nn
+
+from .model import model_slug
+
+SVD_SCHEMA = "vgrout.svd/1"
+ADAPTER_SCHEMA = "vgrout.adapter/1"
+_BLOCK_LINEAR = re.compile(r"(^|\.)layers\.\d+\.")
+
+
+@dataclass
+class SVDStats:
+    """Process-wide counters of SVD cache traffic (tests read deltas of these)."""
+
+    computed: int = 0  # torch.linalg.svd calls
+    loaded: int = 0  # entries served from disk
+    rebuilt: int = 0  # entries found corrupt / mismatched and recomputed
+
+
+SVD_STATS = SVDStats()
+
+
+class _ScaleByKnob(torch.autograd.Function):
+    """z = h ⊙ s with s = δS + δS_hack; optionally records per-rollout ∂L/∂s in backward.
+
+    Invariant: the gradient returned for s equals Σ_b knob.per_rollout_grad[b] exactly
+    (it is computed as that sum), and each row b is Σ over rollout b's tokens of ∂L/∂z ⊙ h.
+    """
+
+    @staticmethod
+    def forward(ctx, h: Tensor, s: Tensor, knob: SVDKnob, n_rollouts: int) -> Tensor:
+        ctx.save_for_backward(h, s)
+        ctx.knob = knob
+        ctx.n_rollouts = n_rollouts
+        return (h.float() * s).to(h.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_z: Tensor):
+        h, s = ctx.saved_tensors
+        grad_h = grad_s = None
+        if ctx.needs_input_grad[0]:
+            grad_h = (grad_z.float() * s).to(h.dtype)
+        n = ctx.n_rollouts
+        if ctx.needs_input_grad[1] or n:
+            prod = grad_z.float() * h.float()  # [..., r] fp32
+            r = prod.shape[-1]
+            if n:
+                per_rollout = prod.reshape(n, -1, r).sum(dim=1)  # [G, r]
+                ctx.knob.per_rollout_grad = per_rollout
+                grad_s = per_rollout.sum(dim=0)
+            else:
+                grad_s = prod.reshape(-1, r).sum(dim=0)
+        return grad_h, grad_s, None, None
+
+
+class SVDKnob(nn.Module):
+    """One frozen Linear plus its SVD knob: W' = W + U diag(δS + δS_hack) Vh.
+
+    Buffers U [d_out, r] and Vh [r, d_in] in the weight dtype, S [r] fp32 (the base singular
+    values, for reference); parameters delta_S, delta_S_hack fp32 [r], zero-initialised.
+    `per_rollout_grad` is [G, r] after a backward run under `rollout_grads` (else None).
+    """
+
+    def __init__(self, name: str, base: nn.Linear, U: Tensor, S: Tensor, Vh: Tensor) -> None:
+        super().__init__()
+        w = base.weight
+        r = S.numel()
+        if U.shape != (w.shape[0], r) or Vh.shape != (r, w.shape[1]):
+            raise ValueError(
+                f"{name}: SVD shapes U{tuple(U.shape)} S{tuple(S.shape)} Vh{tuple(Vh.shape)} "
+                f"do not fit weight {tuple(w.shape)}"
+            )
+        self.name = name
+        self.base = base
+        self.register_buffer("U", U.to(device=w.device, dtype=w.dtype).contiguous(), False)
+        self.register_buffer("Vh", Vh.to(device=w.device, dtype=w.dtype).contiguous(), False)
+        self.register_buffer("S", S.to(device=w.device, dtype=torch.float32), False)
+        self.delta_S = nn.Parameter(torch.zeros(r, device=w.device, dtype=torch.float32))
+        self.delta_S_hack = nn.Parameter(torch.zeros(r, device=w.device, dtype=torch.float32))
+        self.per_rollout_grad: Tensor | None = None
+        self.always_per_rollout = False  # set by wrap_model(per_rollout_grads=True)
+        self._n_rollouts = 0  # > 0 inside rollout_grads()
+        self._bypass = False  # inside zero_delta(): the adapter path is skipped
+        self._merged = False  # inside merged_for_generation(): base.weight already holds W'
+
+    # Linear look-alike attributes, for code that inspects projections.
+    @property
+    def weight(self) -> Tensor:
+        return self.base.weight
+
+    @property
+    def bias(self) -> Tensor | None:
+        return self.base.bias
+
+    @property
+    def in_features(self) -> int:
+        return self.base.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.base.out_features
+
+    @property
+    def rank(self) -> int:
+        return self.S.numel()
+
+    def scale(self) -> Tensor:
+        """δS + δS_hack (fp32, differentiable)."""
+        return self.delta_S + self.delta_S_hack
+
+    @torch.no_grad()
+    def delta_weight(self) -> Tensor:
+        """U diag(δS + δS_hack) Vh as a dense fp32 [d_out, d_in] matrix (no grad)."""
+        return (self.U.float() * self.scale()) @ self.Vh.float()
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = self.base(x)
+        if self._bypass:
+            return y
+        if self._merged:
+            if torch.is_grad_enabled() and self.delta_S.requires_grad:
+                raise RuntimeError(
+                    f"{self.name}: forward with grad enabled inside merged_for_generation(); "
+                    "the knobs would get no gradient. Train outside the merge context."
+                )
+            return y
+        h = F.linear(x, self.Vh)
+        n = 0
+        if torch.is_grad_enabled():
+            n = self._n_rollouts or (h.shape[0] if self.always_per_rollout else 0)
+            if n and h.numel() % (n * h.shape[-1]):
+                raise ValueError(
+                    f"{self.name}: input batch {tuple(x.shape)} does not split into "
+                    f"{n} rollouts; the leading dim must be the rollout dim"
+                )
+            if self._n_rollouts and h.dim() >= 3 and h.shape[0] != n:
+                raise ValueError(
+                    f"{self.name}: batch of {h.shape[0]} sequences inside "
+                    f"rollout_grads(n_rollouts={n}); one row per rollout is required"
+                )
+        z = _ScaleByKnob.apply(h, self.scale(), self, n)
+        return y + F.linear(z, self.U)
+
+    def extra_repr(self) -> str:
+        return f"name={self.name!r}, rank={self.rank}"
+
+
+# ── SVD cache ────────────────────────────────────────────────────────────────────────────
+
+
+def weight_checksum(weight: Tensor) -> str:
+    """blake2b-128 of the weight's raw bytes, dtype and shape (detects any changed element)."""
+    w = weight.detach().contiguous().cpu()
+    digest = hashlib.blake2b(digest_size=16)
+    digest.update(f"{w.dtype}|{tuple(w.shape)}|".encode())
+    digest.update(w.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _atomic_save(tensors: dict[str, Tensor], path: Path, metadata: dict[str, str]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp,
+                  metadata=metadata)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _read_svd_entry(path: Path, expect: dict[str, str]) -> tuple[Tensor, Tensor, Tensor] | None:
+    """Load one cached SVD; None (with a warning) when it is unreadable or mismatched."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            U, S, Vh = (f.get_tensor(k) for k in ("U", "S", "Vh"))
+    except Exception as e:  # noqa: BLE001 - any read failure means a bad entry
+        logger.warning(f"SVD cache {path}: unreadable ({type(e).__name__}: {e}); rebuilding")
+        return None
+    bad = [k for k, v in expect.items() if meta.get(k) != v]
+    if bad:
+        logger.warning(
+            f"SVD cache {path}: metadata mismatch in {bad} "
+            f"(have {[meta.get(k) for k in bad]}, want {[expect[k] for k in bad]}); rebuilding"
+        )
+        return None
+    d_out, d_in = json.loads(expect["shape"])
+    r = min(d_out, d_in)
+    if U.shape != (d_out, r) or S.shape != (r,) or Vh.shape != (r, d_in):
+        logger.warning(f"SVD cache {path}: tensor shapes do not match {expect['shape']}; rebuilding")
+        return None
+    if not (torch.isfinite(U).all() and torch.isfinite(S).all() and torch.isfinite(Vh).all()):
+        logger.warning(f"SVD cache {path}: non-finite values; rebuilding")
+        return None
+    return U, S, Vh
+
+
+def svd_cached(weight: Tensor, model_id: str, module_name: str,
+               cache_dir: Path) -> tuple[Tensor, Tensor, Tensor]:
+    """Thin fp32 SVD (U, S, Vh) of `weight`, from `cache_dir/<module_name>.safetensors` when a
+    valid entry exists, else computed on the weight's device and written atomically.
+
+    Invariant: U diag(S) Vh == weight (to fp32 SVD accuracy) for the exact weight bytes named
+    by the entry's checksum.
+    """
+    path = cache_dir / f"{module_name}.safetensors"
+    expect = {
+        "schema": SVD_SCHEMA,
+        "model": model_id,
+        "module": module_name,
+        "shape": json.dumps(list(weight.shape)),
+        "checksum": weight_checksum(weight),
+    }
+    if path.exists():
+        entry = _read_svd_entry(path, expect)
+        if entry is not None:
+            SVD_STATS.loaded += 1
+            return entry
+        SVD_STATS.rebuilt += 1
+    U, S, Vh = torch.linalg.svd(weight.detach().float(), full_matrices=False)
+    SVD_STATS.computed += 1
+    _atomic_save({"U": U, "S": S, "Vh": Vh}, path, expect)
+    return U, S, Vh
+
+
+# ── wrapping ─────────────────────────────────────────────────────────────────────────────
+
+
+def _block_linears(model: nn.Module) -> list[tuple[str, nn.Linear]]:
+    out_emb = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    found = []
+    for name, mod in model.named_modules():
+        if isinstance(mod, SVDKnob):
+            raise ValueError(f"model already wrapped ({name} is an SVDKnob)")
+        if isinstance(mod, nn.Linear) and mod is not out_emb and _BLOCK_LINEAR.search(name):
+            found.append((name, mod))
+    if not found:
+        raise ValueError("no nn.Linear found inside transformer blocks (`...layers.<i>....`)")
+    return found
+
+
+def wrap_model(model: nn.Module, model_id: str, *, cache_root: Path = Path("svd_cache"),
+               per_rollout_grads: bool = False) -> dict[str, SVDKnob]:
+    """Freeze `model` and replace each block Linear by an SVDKnob; return {name: knob} in
+    model order. SVDs come from `cache_root/<model_slug(model_id)>/`.
+
+    `per_rollout_grads=True` records `per_rollout_grad` on every grad-enabled forward, taking
+    the input's leading dim as the rollout dim (same as wrapping each step in rollout_grads).
+    """
+    targets = _block_linears(model)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    cache_dir = Path(cache_root) / model_slug(model_id)
+    knobs: dict[str, SVDKnob] = {}
+    for name, lin in targets:
+        U, S, Vh = svd_cached(lin.weight, model_id, name, cache_dir)
+        knob = SVDKnob(name, lin, U, S, Vh)
+        knob.always_per_rollout = per_rollout_grads
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, knob)
+        knobs[name] = knob
+    n_params = sum(k.rank for k in knobs.values())
+    logger.info(f"wrapped {len(knobs)} Linears with SVD knobs: {n_params:,} δS (+ as many δS_hack)")
+    return knobs
+
+
+def _knob_list(knobs: Mapping[str, SVDKnob] | Iterable[SVDKnob]) -> list[SVDKnob]:
+    items = list(knobs.values()) if isinstance(knobs, Mapping) else list(knobs)
+    for k in items:
+        if not isinstance(k, SVDKnob):
+            raise TypeError(f"expected SVDKnob, got {type(k).__name__}")
+    return items
+
+
+def knob_params(knobs: Mapping[str, SVDKnob] | Iterable[SVDKnob]) -> list[nn.Parameter]:
+    """Every δS (the deployed knobs), in model order."""
+    return [k.delta_S for k in _knob_list(knobs)]
+
+
+def hack_params(knobs: Mapping[str, SVDKnob] | Iterable[SVDKnob]) -> list[nn.Parameter]:
+    """Every δS_hack (the quarantine, deleted at deploy), in model order."""
+    return [k.delta_S_hack for k in _knob_list(knobs)]
+
+
+# ── contexts ─────────────────────────────────────────────────────────────────────────────
+
+
+def _refuse_if_merged(knobs: list[SVDKnob], what: str) -> None:
+    if any(k._merged for k in knobs):
+        raise RuntimeError(f"{what} inside merged_for_generation(): the merged weights would "
+                           "ignore it. Enter it before merging.")
+
+
+@contextmanager
+def _zeroed(params: list[nn.Parameter]) -> Iterator[None]:
+    """Zero `params` in place; restore their exact bits on exit (exceptions included)."""
+    with torch.no_grad():
+        saved = [p.detach().clone() for p in params]
+        for p in params:
+            p.zero_()
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for p, v in zip(params, saved, strict=True):
+                p.copy_(v)
+
+
+@contextmanager
+def ablate_quarantine(knobs: Mapping[str, SVDKnob] | Iterable[SVDKnob]) -> Iterator[None]:
+    """δS_hack = 0 inside (the deployed model); restored bit-exactly afterwards."""
+    ks = _knob_list(knobs)
+    _refuse_if_merged(ks, "ablate_quarantine")
+    with _zeroed(hack_params(ks)):
+        yield
+
+
+@contextmanager
+def zero_delta(knobs: Mapping[str, SVDKnob] | Iterable[SVDKnob]) -> Iterator[None]:
+    """δS = δS_hack = 0 inside (the base model, i.e. the KL reference); restored bit-exactly.
+
+    The adapter path is also skipped inside, so the forward costs what the base model costs.
+    """
+    ks = _knob_list(knobs)
+    _refuse_if_merged(ks, "zero_delta")
+    prev = [k._bypass for k in ks]
+    with _zeroed(knob_params(ks) + hack_params(ks)):
+        for k in ks:
+            k._bypass = True
+        try:
+            yield
+        finally:
+            for k, b in zip(ks, prev, strict=True):
+                k._bypass = b
+
+
+def token_logprobs(logits: Tensor, targets: Tensor) -> Tensor:
+    """log softmax(logits)[target] per position, in fp32, one row at a time (bounded memory).
+
+    logits [B, T, V], targets [B, T] -> [B, T].
+    """
+    if logits.shape[:2] != targets.shape:
+        raise ValueError(f"logits {tuple(logits.shape)} vs targets {tuple(targets.shape)}")
+    rows = []
+    for lg, tg in zip(logits, targets, strict=True):
+        lg = lg.float()
+        rows.append(lg.gather(-1, tg.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(lg, dim=-1))
+    return torch.stack(rows)
+
+
+def ref_logprobs_via_zero_delta(model: nn.Module, knobs: Mapping[str, SVDKnob] | Iterable[SVDKnob],
+                                input_ids: Tensor, attention_mask: Tensor | None,
+                                completion_start: int) -> Tensor:
+    """No-grad per-token log-probs of input_ids[:, completion_start:] under the base model
+    (all knobs zero), [B, T - completion_start] fp32."""
+    n_comp = input_ids.shape[1] - completion_start
+    if completion_start < 1 or n_comp < 1:
+        raise ValueError(f"completion_start={completion_start} must lie in [1, {input_ids.shape[1]})")
+    with torch.no_grad(), zero_delta(knobs):
+        logits = model(input_ids=input_ids, attention_mask=attention_mask,
+                       logits_to_keep=n_comp + 1, use_cache=False).logits[:, :-1]
+        return token_logprobs(logits, input_ids[:, completion_start:])
+
+
+@contextmanager
+def merged_for_generation(knobs: Mapping[str, SVDKnob] | Iterable[SVDKnob]) -> Iterator[None]:
+    """Inside, each base weight *is* W + U diag(δS + δS_hack) Vh and the adapter path is off,
+    so decoding costs exactly the plain model. On exit the original weight tensors are put
+    back (no arithmetic undo), so the weights are bit-identical however often this runs.
+    Knobs whose delta is all zero keep their weight untouched (no copy)."""
+    ks = _knob_list(knobs)
+    if any(k._merged for k in ks):
+        raise RuntimeError("merged_for_generation() is not re-entrant")
+    swapped: list[tuple[SVDKnob, Tensor]] = []
+    try:
+        with torch.no_grad():
+            for k in ks:
+                k._merged = True
+                s = k.scale()
+                if not bool((s != 0).any()):
+                    continue
+                original = k.base.weight.data
+                merged = (original.float() + k.delta_weight()).to(original.dtype)
+                swapped.append((k, original))
+                k.base.weight.data = merged
+        yield
+    finally:
+        for k, original in swapped:
+            k.base.weight.data = original
+        for k in ks:
+            k._merged = False
+
+
+@contextmanager
+def rollout_grads(knobs: Mapping[str, SVDKnob] | Iterable[SVDKnob],
+                  n_rollouts: int) -> Iterator[None]:
+    """Forwards run inside record per-rollout δS gradients: after each backward,
+    knob.per_rollout_grad is [n_rollouts, r] (one row per batch row) and its row sum is that
+    backward's contribution to delta_S.grad. Each backward overwrites the previous value."""
+    if n_rollouts < 1:
+        raise ValueError(f"n_rollouts must be >= 1, got {n_rollouts}")
+    ks = _knob_list(knobs)
+    prev = [k._n_rollouts for k in ks]
+    for k in ks:
+        k._n_rollouts = n_rollouts
+        k.per_rollout_grad = None
+    try:
+        yield
+    finally:
+        for k, p in zip(ks, prev, strict=True):
+            k._n_rollouts = p
+
+
+# ── save / load ──────────────────────────────────────────────────────────────────────────
+
+_RESERVED_META = {"schema", "model", "dtype", "shapes", "include_hack"}
+
+
+def save_adapter(path: str | Path, knobs: Mapping[str, SVDKnob], *, model_id: str,
+                 include_hack: bool = False, metadata: dict[str, str] | None = None) -> None:
+    """Write δS (and δS_hack if asked) as fp32 safetensors, atomically, with metadata:
+    schema, model, dtype, shapes ({module: r}), include_hack, plus caller metadata."""
+    ks = _knob_list(knobs)
+    extra = dict(metadata or {})
+    clash = _RESERVED_META & extra.keys()
+    if clash:
+        raise ValueError(f"save_adapter: metadata keys {sorted(clash)} are reserved")
+    if any(not isinstance(k, str) or not isinstance(v, str) for k, v in extra.items()):
+        raise TypeError("save_adapter: metadata must map str -> str")
+    tensors = {f"delta_S.{k.name}": k.delta_S.detach().float() for k in ks}
+    if include_hack:
+        tensors.update({f"delta_S_hack.{k.name}": k.delta_S_hack.detach().float() for k in ks})
+    meta = {
+        "schema": ADAPTER_SCHEMA,
+        "model": model_id,
+        "dtype": "float32",
+        "shapes": json.dumps({k.name: k.rank for k in ks}),
+        "include_hack": str(bool(include_hack)).lower(),
+        **extra,
+    }
+    _atomic_save(tensors, Path(path), meta)
+
+
+def load_adapter(path: str | Path, knobs: Mapping[str, SVDKnob], *, model_id: str,
+                 include_hack: bool = False) -> dict[str, str]:
+    """Copy saved δS (and δS_hack if asked) into `knobs`; validate schema, model id, module
+    set and shapes first (nothing is modified on error). Returns the file's metadata."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"adapter file {path} does not exist")
+    ks = _knob_list(knobs)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = dict(f.metadata() or {})
+            tensors = {key: f.get_tensor(key) for key in f.keys()}  # noqa: SIM118
+    except Exception as e:  # noqa: BLE001
+        raise ValueError(f"{path}: not a readable safetensors adapter ({e})") from e
+    if meta.get("schema") != ADAPTER_SCHEMA:
+        raise ValueError(f"{path}: schema {meta.get('schema')!r}, expected {ADAPTER_SCHEMA!r}")
+    if meta.get("model") != model_id:
+        raise ValueError(f"{path}: adapter was trained on model {meta.get('model')!r}, "
+                         f"not {model_id!r}; load it onto the model it came from")
+    want = {k.name: k.rank for k in ks}
+    have = json.loads(meta.get("shapes", "{}"))
+    if have != want:
+        missing = sorted(want.keys() - have.keys())[:3]
+        extra = sorted(have.keys() - want.keys())[:3]
+        wrong = sorted(n for n in want.keys() & have.keys() if want[n] != have[n])[:3]
+        raise ValueError(f"{path}: adapter modules/shapes do not match the wrapped model "
+                         f"(missing {missing}, unexpected {extra}, rank differs {wrong})")
+    if include_hack and meta.get("include_hack") != "true":
+        raise ValueError(f"{path}: has no δS_hack tensors (saved with include_hack=False)")
+    prefixes = ["delta_S"] + (["delta_S_hack"] if include_hack else [])
+    for pre in prefixes:
+        for k in ks:
+            t = tensors.get(f"{pre}.{k.name}")
+            if t is None or t.shape != (k.rank,) or not torch.isfinite(t).all():
+                raise ValueError(f"{path}: tensor {pre}.{k.name} missing, misshapen or non-finite")
+    with torch.no_grad():
+        for k in ks:
+            k.delta_S.copy_(tensors[f"delta_S.{k.name}"])
+            if include_hack:
+                k.delta_S_hack.copy_(tensors[f"delta_S_hack.{k.name}"])
+    return meta

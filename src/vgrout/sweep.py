@@ -1,0 +1,363 @@
+"""Seed sweeps: one `vgrout.train` run per (arm, seed), handed to a real scheduler.
+
+Three outputs, no home-made scheduling:
+- pueue (when `pueue` is on PATH): every run becomes a task in a named group whose
+  parallelism is set once (default 1 = one run at a time on a one-GPU box);
+- a SLURM array script (`--slurm FILE`): one array task per (arm, seed), the task index
+  mapped to its command through a bash array;
+- otherwise the exact commands are printed with how to install pueue.
+
+The planning functions return argv lists and text and never execute anything, so tests
+check them exactly; only `main` runs pueue.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from .config import ARM_NAMES, PRESETS
+from .results import write_text_atomic
+
+DEFAULT_GROUP = "vgrout"
+PUEUE_INSTALL_HINT = (
+    "pueue is not on PATH. Install it, start the daemon, and rerun this command:\n"
+    "  cargo install --locked pueue           # any OS with a Rust toolchain\n"
+    "  sudo apt install pueue | brew install pueue | pacman -S pueue   # distro packages\n"
+    "  or a static binary from https://github.com/Nukesor/pueue/releases (pueue + pueued)\n"
+    "  then: pueued -d    # start the daemon in the background"
+)
+_DISPLAY_TO_INTERVENTION = {v: k for k, v in ARM_NAMES.items()}
+
+
+@dataclass(frozen=True)
+class Job:
+    """One training run of the sweep."""
+
+    preset: str
+    intervention: str
+    seed: int
+    extra: tuple[str, ...] = ()
+
+    @property
+    def label(self) -> str:
+        """The run_id stem the training loop will use (plus `_haar<k>` for controls)."""
+        ctrl = ""
+        for a in self.extra:
+            flag, _, val = a.partition("=")
+            if flag in ("--random-v-seed", "--route2-random-v-seed") and val:
+                ctrl = f"_haar{val}"
+        return f"{self.preset}_{ARM_NAMES[self.intervention]}_seed{self.seed}{ctrl}"
+
+    def argv(self) -> list[str]:
+        """The training command, exactly as it is run."""
+        return [
+            "uv",
+            "run",
+            "python",
+            "-m",
+            "vgrout.train",
+            self.preset,
+            f"--intervention={self.intervention}",
+            f"--seed={self.seed}",
+            *self.extra,
+        ]
+
+    def shell(self) -> str:
+        return shlex.join(self.argv())
+
+
+def parse_arms(spec: str) -> list[str]:
+    """'none,erase,route,route2' (or display names vanilla/projected/...) -> interventions.
+
+    Order is kept, duplicates dropped; an unknown name raises ValueError listing valid ones.
+    """
+    out: list[str] = []
+    for raw in spec.split(","):
+        name = raw.strip()
+        if not name:
+            continue
+        arm = _DISPLAY_TO_INTERVENTION.get(name, name)
+        if arm not in ARM_NAMES:
+            valid = ", ".join(f"{k} ({v})" for k, v in ARM_NAMES.items())
+            raise ValueError(f"ARMS: unknown arm {name!r}; valid: {valid}")
+        if arm not in out:
+            out.append(arm)
+    if not out:
+        raise ValueError(f"ARMS: no arm in {spec!r}; e.g. none,erase,route,route2")
+    return out
+
+
+def parse_seeds(spec: str) -> list[int]:
+    """'41,42,43' or '41-45' or '41-43,50' -> unique non-negative ints in the order given
+    (ranges inclusive)."""
+    out: list[int] = []
+    for raw in spec.split(","):
+        part = raw.strip()
+        if not part:
+            continue
+        m = re.fullmatch(r"(\d+)(?:-(\d+))?", part)
+        if m is None or (m[2] is not None and int(m[2]) < int(m[1])):
+            raise ValueError(
+                f"SEEDS: cannot read {part!r}; use e.g. 41,42,43 or 41-45 (inclusive range)"
+            )
+        lo = int(m[1])
+        hi = lo if m[2] is None else int(m[2])
+        out.extend(s for s in range(lo, hi + 1) if s not in out)
+    if not out:
+        raise ValueError(f"SEEDS: no seed in {spec!r}")
+    return out
+
+
+def plan_jobs(
+    preset: str, arms: Sequence[str], seeds: Sequence[int], extra: Sequence[str] = ()
+) -> list[Job]:
+    """Arm-major list of runs (all seeds of the first arm, then the next arm, ...)."""
+    if preset not in PRESETS:
+        raise ValueError(f"PRESET: unknown preset {preset!r}; valid: {', '.join(PRESETS)}")
+    for a in extra:
+        flag = a.split("=", 1)[0]
+        if flag in ("--intervention", "--seed"):
+            raise ValueError(f"extra args: {flag} is set by the sweep itself (ARMS / SEEDS)")
+    return [Job(preset, arm, seed, tuple(extra)) for arm in arms for seed in seeds]
+
+
+# ── pueue ────────────────────────────────────────────────────────────────────────────────
+
+
+def pueue_setup_argv(pueue: str, group: str, parallel: int, group_exists: bool) -> list[list[str]]:
+    """Commands that make `group` exist with `parallel` slots (idempotent)."""
+    cmds = [] if group_exists else [[pueue, "group", "add", group]]
+    cmds.append([pueue, "parallel", str(parallel), "--group", group])
+    return cmds
+
+
+def pueue_add_argv(pueue: str, job: Job, group: str, workdir: Path) -> list[str]:
+    """`pueue add` for one run. pueue runs the command through a shell, so it gets one
+    shell-quoted string (extra args with spaces survive)."""
+    return [
+        pueue,
+        "add",
+        "--group",
+        group,
+        "--label",
+        job.label,
+        "--working-directory",
+        str(workdir),
+        "--",
+        job.shell(),
+    ]
+
+
+def pueue_plan(
+    pueue: str, jobs: Sequence[Job], group: str, parallel: int, workdir: Path, group_exists: bool
+) -> list[list[str]]:
+    """Every pueue argv the sweep would run, in order."""
+    if parallel < 1:
+        raise ValueError(f"--parallel must be >= 1, got {parallel}")
+    return pueue_setup_argv(pueue, group, parallel, group_exists) + [
+        pueue_add_argv(pueue, j, group, workdir) for j in jobs
+    ]
+
+
+def pueue_groups(pueue: str) -> set[str]:
+    """Names of pueue's groups; RuntimeError (with how to start it) when pueued is not running."""
+    proc = subprocess.run([pueue, "group", "--json"], capture_output=True, text=True, timeout=30)
+    if proc.returncode != 0:
+        raise RuntimeError(
+            f"`{pueue} group --json` failed (is the daemon running?): "
+            f"{(proc.stderr or proc.stdout).strip()}\nstart it with `pueued -d` and rerun."
+        )
+    try:
+        return set(json.loads(proc.stdout))
+    except (json.JSONDecodeError, TypeError) as e:
+        raise RuntimeError(f"could not read `pueue group --json` output: {e}") from e
+
+
+# ── SLURM ────────────────────────────────────────────────────────────────────────────────
+
+
+def slurm_script(
+    jobs: Sequence[Job],
+    *,
+    workdir: Path,
+    time: str = "24:00:00",
+    mem: str = "64G",
+    cpus: int = 8,
+    parallel: int | None = None,
+    partition: str | None = None,
+    account: str | None = None,
+    job_name: str | None = None,
+    log_dir: str = "logs/slurm",
+) -> str:
+    """A bash SLURM array script: task i runs the i-th command of the CMDS bash array.
+
+    With VGROUT_SLURM_DRY=1 in the environment the script prints task i's command and exits
+    instead of running it (check the mapping on a login node: no GPU, no training).
+    """
+    if not jobs:
+        raise ValueError("slurm_script: no jobs")
+    name = job_name or f"vgrout-{jobs[0].preset}"
+    throttle = f"%{parallel}" if parallel else ""
+    lines = [
+        "#!/bin/bash",
+        f"#SBATCH --job-name={name}",
+        f"#SBATCH --array=0-{len(jobs) - 1}{throttle}",
+        "#SBATCH --gres=gpu:1",
+        "#SBATCH --ntasks=1",
+        f"#SBATCH --cpus-per-task={cpus}",
+        f"#SBATCH --mem={mem}",
+        f"#SBATCH --time={time}",
+        f"#SBATCH --chdir={workdir}",
+        f"#SBATCH --output={log_dir}/%x_%A_%a.out",
+    ]
+    if partition:
+        lines.append(f"#SBATCH --partition={partition}")
+    if account:
+        lines.append(f"#SBATCH --account={account}")
+    lines += [
+        "# Written by scripts/sweep.py; submit with: sbatch THIS_FILE",
+        f"# {len(jobs)} runs: one array task per (arm, seed).",
+        "set -euo pipefail",
+        "",
+        "CMDS=(",
+        *(f"  {shlex.quote(j.shell())}  # {i}: {j.label}" for i, j in enumerate(jobs)),
+        ")",
+        "",
+        'CMD="${CMDS[$SLURM_ARRAY_TASK_ID]}"',
+        'if [[ "${VGROUT_SLURM_DRY:-0}" == 1 ]]; then echo "$CMD"; exit 0; fi',
+        'echo "[$(date -Is)] task $SLURM_ARRAY_TASK_ID on $(hostname): $CMD"',
+        f"cd {shlex.quote(str(workdir))}",
+        'eval "$CMD"',
+        "",
+    ]
+    return "\n".join(lines)
+
+
+# ── CLI ──────────────────────────────────────────────────────────────────────────────────
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="sweep.py",
+        allow_abbrev=False,  # never let a sweep flag swallow an abbreviated training flag
+        description="Queue one `vgrout.train` run per (arm, seed): pueue when installed, "
+        "a SLURM array script with --slurm, else print the commands.",
+        epilog="Anything after SEEDS that the sweep does not know goes to every training run, "
+        "e.g. `sweep.py fast route2 41-43 --random-v-seed=7`. Sweep options are named so "
+        "that they cannot clash with training knobs (--pueue-group, --slurm-*).",
+    )
+    ap.add_argument("preset", help=f"one of {', '.join(PRESETS)}")
+    ap.add_argument("arms", help="comma list, e.g. none,erase,route,route2")
+    ap.add_argument("seeds", help="e.g. 41,42,43 or 41-45")
+    ap.add_argument(
+        "--parallel",
+        type=int,
+        default=1,
+        help="runs at once (pueue group slots / SLURM array throttle); 1 = one GPU",
+    )
+    ap.add_argument("--pueue-group", default=DEFAULT_GROUP, help="pueue group name")
+    ap.add_argument(
+        "--dry-run", action="store_true", help="print what would be queued, run nothing"
+    )
+    ap.add_argument(
+        "--workdir",
+        type=Path,
+        default=None,
+        help="repository root the runs start in (default: current directory)",
+    )
+    ap.add_argument(
+        "--slurm",
+        type=Path,
+        default=None,
+        metavar="FILE.sbatch",
+        help="write a SLURM array script here instead of using pueue",
+    )
+    ap.add_argument("--slurm-time", default="24:00:00", help="SLURM --time per run")
+    ap.add_argument("--slurm-mem", default="64G", help="SLURM --mem per run")
+    ap.add_argument("--slurm-cpus", type=int, default=8, help="SLURM --cpus-per-task")
+    ap.add_argument("--slurm-partition", default=None, help="SLURM --partition")
+    ap.add_argument("--slurm-account", default=None, help="SLURM --account")
+    return ap
+
+
+def main(
+    argv: Sequence[str] | None = None, *, which: Callable[[str], str | None] = shutil.which
+) -> int:
+    """CLI entry. `which` finds the pueue binary (tests pass one that finds none)."""
+    ap = build_parser()
+    args, extra = ap.parse_known_args(argv)
+    extra = [a for a in extra if a != "--"]  # `sweep.py ... -- --lr=1e-3` also works
+    try:
+        jobs = plan_jobs(args.preset, parse_arms(args.arms), parse_seeds(args.seeds), extra)
+        if args.parallel < 1:
+            raise ValueError(f"--parallel must be >= 1, got {args.parallel}")
+    except ValueError as e:
+        ap.error(str(e))
+    workdir = (args.workdir or Path.cwd()).resolve()
+
+    if args.slurm is not None:
+        text = slurm_script(
+            jobs,
+            workdir=workdir,
+            time=args.slurm_time,
+            mem=args.slurm_mem,
+            cpus=args.slurm_cpus,
+            parallel=args.parallel if args.parallel > 1 else None,
+            partition=args.slurm_partition,
+            account=args.slurm_account,
+        )
+        if args.dry_run:
+            print(text)
+            return 0
+        write_text_atomic(args.slurm, text)
+        args.slurm.chmod(0o755)
+        (workdir / "logs" / "slurm").mkdir(parents=True, exist_ok=True)
+        print(f"wrote {args.slurm}: {len(jobs)} array tasks. Submit with: sbatch {args.slurm}")
+        return 0
+
+    pueue = which("pueue")
+    if pueue is None:
+        print(f"# {len(jobs)} runs; run them one at a time per GPU:")
+        for j in jobs:
+            print(f"cd {shlex.quote(str(workdir))} && {j.shell()}")
+        print("\nnothing was queued. " + PUEUE_INSTALL_HINT, file=sys.stderr)
+        return 0
+
+    if args.dry_run:
+        cmds = pueue_plan(pueue, jobs, args.pueue_group, args.parallel, workdir, group_exists=False)
+        print(f"# dry run: would run ({len(jobs)} runs; `group add` skipped if it exists):")
+        for c in cmds:
+            print(shlex.join(c))
+        return 0
+    try:
+        exists = args.pueue_group in pueue_groups(pueue)
+    except RuntimeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    for cmd in pueue_plan(pueue, jobs, args.pueue_group, args.parallel, workdir, exists):
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            print(
+                f"error: `{shlex.join(cmd)}` failed: {(proc.stderr or proc.stdout).strip()}",
+                file=sys.stderr,
+            )
+            return 1
+        print(proc.stdout.strip() or shlex.join(cmd))
+    print(
+        f"queued {len(jobs)} runs in pueue group {args.pueue_group!r} "
+        f"(parallel {args.parallel}); watch with `pueue status --group {args.pueue_group}`"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

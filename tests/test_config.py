@@ -1,0 +1,44 @@
+"""Presets, overrides, validation and the resume config diff."""
+
+import pytest
+
+from vgrout.config import FastConfig, FullConfig, SmokeConfig, config_diff, config_from_dict, parse_cli
+
+
+def test_presets_follow_the_design_table():
+    s, f, u = SmokeConfig(), FastConfig(), FullConfig()
+    assert (s.model, s.steps, s.group, s.max_new, s.n_problems, s.prompts_per_step) == ("tiny-qwen3", 30, 4, 32, 100, 1)
+    assert (f.steps, f.group, f.max_new, f.n_problems, f.prompts_per_step, f.lr) == (60, 8, 512, 200, 4, 3e-3)
+    assert (f.adam_beta1, f.adam_beta2, f.mix_ratio) == (0.5, 0.9, 0.125)
+    assert (u.steps, u.group, u.max_new, u.n_problems, u.prompts_per_step, u.beta) == (200, 6, 1024, 992, 43, 1e-3)
+    assert f.teacher_split == (7, 1)
+
+
+def test_cli_overrides_and_run_id():
+    c = parse_cli(["fast", "--intervention=route2", "--lr=1e-2", "--seed=7", "--out-tag=_x"])
+    assert (c.intervention, c.lr, c.seed) == ("route2", 1e-2, 7)
+    assert c.run_id == "fast_routing2_seed7_x"
+    c = parse_cli(["smoke", "--intervention=none", "--route2-random-v-seed=3"])
+    assert c.random_v_seed == 3 and c.run_id == "smoke_vanilla_seed41_haar3"
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--mix-ratio=1.0"], "--mix-ratio must be in [0, 1)"),
+    (["--mix-ratio=-0.1"], "--mix-ratio must be in [0, 1)"),
+    (["--group=1", "--mix-ratio=0.9"], "G_s=0"),
+    (["--half-a=E,X"], "unknown detector codes ['X']"),
+    (["--v-hack-k=99"], "--v-hack-k"),
+    (["--steps=0"], "--steps"),
+])
+def test_bad_config_is_one_clear_error(args, needle):
+    with pytest.raises(ValueError) as e:
+        parse_cli(["smoke", *args])
+    assert needle in str(e.value)
+
+
+def test_round_trip_and_diff():
+    c = parse_cli(["smoke", "--lr=0.5", "--teacher-modes", "run_tests", "sentinel"])
+    d = c.to_dict()
+    assert config_from_dict(d).to_dict() == d
+    d2 = dict(d, lr=0.25, resume="x", stop_after_steps=3)
+    assert config_diff(d, d2) == ["lr: 0.5 -> 0.25"]
