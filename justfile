@@ -10,4 +10,23 @@ test *ARGS:
 
 lint:
     uv run ruff check src tests scripts benchmarks
-    uv run ruff format --check src tests scripts benchmarks
+
+# Offline gate: tiny Qwen3 on CPU, built-in problems, synthetic pool, 30 steps (route2 unless overridden).
+smoke *ARGS: smoke-pool
+    uv run python -m vgrout.train smoke {{ARGS}}
+
+# All four arms of the smoke run, one after another.
+smoke-all *ARGS: smoke-pool
+    for arm in none erase route route2; do uv run python -m vgrout.train smoke --intervention=$arm {{ARGS}}; done
+
+# Build the smoke run's synthetic teacher pool (only when missing).
+smoke-pool:
+    [ -f out/pools/smoke/partition.json ] || uv run python -m vgrout.smoke_pool --out out/pools/smoke
+
+# An experiment on one GPU, e.g. `just train fast --intervention=route2 --seed=42`.
+train PRESET *ARGS:
+    uv run python -m vgrout.train {{PRESET}} {{ARGS}}
+
+# Benchmark rows from raw LeetCodeDataset (`just build-data IN OUT`).
+build-data IN OUT *ARGS:
+    uv run python -m vgrout.env.build --in {{IN}} --out {{OUT}} {{ARGS}}

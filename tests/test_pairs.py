@@ -3,29 +3,14 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 from collections import Counter
-from pathlib import Path
 
 import pytest
 
 from vgrout import pairs
 from vgrout.env.modes import HINT_PHRASE, HINTS, LOOPHOLE_MODES
 
-REPO = Path(__file__).resolve().parents[1]
-
-
-def _data_dir() -> Path | None:
-    env = os.environ.get("VGROUT_DATA_DIR")
-    p = Path(env) if env else REPO.parent / "shared" / "data"
-    return p if p.is_dir() else None
-
-
-DATA = _data_dir()
-needs_data = pytest.mark.skipif(
-    DATA is None, reason="reference data absent: set VGROUT_DATA_DIR or place ../shared/data"
-)
 HEADER = "<|im_start|>assistant\n<think>\n\n</think>\n\n"
 
 
@@ -75,21 +60,45 @@ def test_builtin_mode_filter():
     assert len(pairs.load_pairs("builtin")) == len(pairs.builtin_pairs())
 
 
-def test_builtin_hacks_are_rewarded_in_their_mode():
-    """Grade the built-in completions for real (skips until the rewards module lands)."""
-    rewards = pytest.importorskip("vgrout.env.rewards")
-    pytest.importorskip("vgrout.env.builtin_problems")
-    if not hasattr(rewards, "compute_reward"):
-        pytest.skip("vgrout.env.rewards.compute_reward not available yet")
-    pytest.skip("grading needs ground-truth asserts for the built-in mini problems (not stored)")
+def _builtin_problem(p: pairs.Pair, mode: str):
+    from vgrout.env.problems import Problem
+    from vgrout.env.rewards import extract_code
+
+    tests = pairs.builtin_gt_tests()[p.name]
+    fn = tests[0].split("Solution().", 1)[1].split("(", 1)[0]
+    return Problem(
+        problem_id=0, env_mode=mode, messages=(), messages_unhinted=(), question="",
+        gt_tests=tests, setup_code="from typing import *\n", func_name=f"Solution().{fn}",
+        canonical=extract_code(p.clean),
+    )
+
+
+def test_builtin_pairs_graded_in_the_sandbox():
+    """Every built-in hack is an exploit in its own mode (channel, not correct) and no
+    exploit in the next mode; every clean completion passes the strict oracle."""
+    from vgrout.env.rewards import grade_batch
+
+    ps = pairs.builtin_pairs()
+    order = list(LOOPHOLE_MODES)
+    items = []
+    for p in ps:
+        other = order[(order.index(p.mode) + 1) % len(order)]
+        items += [(p.hack, _builtin_problem(p, p.mode)), (p.clean, _builtin_problem(p, p.mode)),
+                  (p.hack, _builtin_problem(p, other))]
+    res = grade_batch(items)
+    for i, p in enumerate(ps):
+        hack, clean, cross = res[3 * i : 3 * i + 3]
+        assert hack.exploited and hack.channel and not hack.gt_correct, (p.name, hack.note)
+        assert hack.reward == 3.5
+        assert clean.gt_correct and not clean.exploited and clean.reward == 3.5, (p.name, clean.note)
+        assert not cross.exploited and cross.reward == 0.5, (p.name, cross.note)
 
 
 # ── markdown ──────────────────────────────────────────────────────────────────────────────
 
 
-@needs_data
-def test_load_real_markdown_pairset():
-    path = DATA / "vgrout_pub" / "pairs" / "hack_pairs.md"
+def test_load_real_markdown_pairset(shared_data):
+    path = shared_data / "vgrout_pub" / "pairs" / "hack_pairs.md"
     allp = pairs.load_pairs(path)
     assert len(allp) == 42
     sec = pairs.load_pairs(f"{path}#all-in-one")
@@ -148,9 +157,8 @@ def test_malformed_markdown_errors(tmp_path, text, match):
 # ── JSON ──────────────────────────────────────────────────────────────────────────────────
 
 
-@needs_data
-def test_load_real_json_pairset():
-    path = DATA / "vgrout_pub" / "pairsets" / "prog_wide_clean.json"
+def test_load_real_json_pairset(shared_data):
+    path = shared_data / "vgrout_pub" / "pairsets" / "prog_wide_clean.json"
     ps = pairs.load_pairs(path)
     raw = json.loads(path.read_text())
     assert len(ps) == len(raw) == 8
@@ -202,20 +210,18 @@ def test_save_json_round_trip(tmp_path):
 # ── pool-derived ──────────────────────────────────────────────────────────────────────────
 
 
-@needs_data
-def test_render_chat_matches_pool_prompts(tmp_path):
+def test_render_chat_matches_pool_prompts(shared_data):
     from vgrout.pool import read_pool_file
 
-    src = DATA / "vgrout_pub" / "pools" / "teacher_pool" / "prompt_0004.jsonl.gz"
+    src = shared_data / "vgrout_pub" / "pools" / "teacher_pool" / "prompt_0004.jsonl.gz"
     row = read_pool_file(src)[0]
     assert pairs.render_chat(row["problem_messages"]) == row["prompt"]
 
 
-@needs_data
-def test_pairs_from_pool(tmp_path):
+def test_pairs_from_pool(shared_data, tmp_path):
     from vgrout.pool import read_pool_file, write_pool_file
 
-    root = DATA / "vgrout_pub" / "pools" / "teacher_pool"
+    root = shared_data / "vgrout_pub" / "pools" / "teacher_pool"
     pool = tmp_path / "pool"
     ids = [4, 5]
     for pid in ids:

@@ -19,6 +19,7 @@ from vgrout.results import (
     scan_runs,
     t_cdf,
     t_quantile,
+    welch_diff_ci,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -56,49 +57,100 @@ def write_run(
     d = root / f"{stamp}_{run_id}"
     d.mkdir(parents=True)
     knobs = {
-        "preset": preset, "intervention": INTERVENTION[arm], "seed": seed, "steps": steps,
-        "model": "tiny-qwen3", "out_tag": "", "random_v_seed": random_v_seed,
+        "preset": preset,
+        "intervention": INTERVENTION[arm],
+        "seed": seed,
+        "steps": steps,
+        "model": "tiny-qwen3",
+        "out_tag": "",
+        "random_v_seed": random_v_seed,
     }
-    (d / "config.json").write_text(json.dumps({
-        "config": knobs, "provenance": {"command": "python -m vgrout.train", "git_commit": "x"},
-        "run_id": run_id, "preset": preset, "arm": arm, "seed": seed, "started": stamp,
-    }))
+    (d / "config.json").write_text(
+        json.dumps(
+            {
+                "config": knobs,
+                "provenance": {"command": "python -m vgrout.train", "git_commit": "x"},
+                "run_id": run_id,
+                "preset": preset,
+                "arm": arm,
+                "seed": seed,
+                "started": stamp,
+            }
+        )
+    )
     done = steps if state == "complete" else steps // 2
-    (d / "status.json").write_text(json.dumps({
-        "state": state, "step": done - 1, "steps": steps, "updated": "2026-01-01T00:00:00",
-        "error": error,
-    }))
+    (d / "status.json").write_text(
+        json.dumps(
+            {
+                "state": state,
+                "step": done - 1,
+                "steps": steps,
+                "updated": "2026-01-01T00:00:00",
+                "error": error,
+            }
+        )
+    )
     rows = []
     for s in range(done):
         n = 8
-        hk = min(n, round(n * slope * s))
+        hk = min(n, round(n * slope * s + seed % 3))  # seeds differ a little
         is_eval = eval_every and (s + 1) % eval_every == 0
-        rows.append({
-            "step": s, "rew": 1.0, "rew_s": 1.0, "gt_s": [n - hk - 1, n], "gt_t": [1, 1],
-            "hack_s": [hk, n], "hack_t": [1, 1], "hk_rt": hk, "loss": 0.1, "gn": 1.0,
-            "tau": 0.1 + 0.01 * s if arm == "routing2" else None,
-            "flag": 0.25 if arm == "routing2" else None,
-            "prec": (0.5 + 0.04 * s) if arm == "routing2" else None,
-            "hack_deploy": (hack_deploy * (s + 1) / steps) if is_eval else None,
-            "solve_deploy": solve_deploy if is_eval else None,
-            "N": n, "sec": 1.0,
-        })
+        rows.append(
+            {
+                "step": s,
+                "rew": 1.0,
+                "rew_s": 1.0,
+                "gt_s": [max(0, n - hk - 1), n],
+                "gt_t": [1, 1],
+                "hack_s": [hk, n],
+                "hack_t": [1, 1],
+                "hk_rt": hk,
+                "loss": 0.1,
+                "gn": 1.0,
+                "tau": 0.1 + 0.01 * s + 0.005 * (seed % 3) if arm == "routing2" else None,
+                "flag": (0.25 if random_v_seed is None else 0.1) if arm == "routing2" else None,
+                "prec": (0.5 + 0.04 * s) / (1 + (random_v_seed or 0))
+                if arm == "routing2"
+                else None,
+                "hack_deploy": (hack_deploy * (s + 1) / steps) if is_eval else None,
+                "solve_deploy": solve_deploy if is_eval else None,
+                "N": n,
+                "sec": 1.0,
+            }
+        )
     (d / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     if deploy:
         by_mode = by_mode or {"run_tests": (hack_deploy, solve_deploy)}
         bm = {
-            m: {"in_dist": m == "run_tests", "train_hack": h, "train_solve": s,
-                "deploy_hack": h, "deploy_solve": s, "n": 8}
+            m: {
+                "in_dist": m == "run_tests",
+                "train_hack": h,
+                "train_solve": s,
+                "deploy_hack": h,
+                "deploy_solve": s,
+                "n": 8,
+            }
             for m, (h, s) in by_mode.items()
         }
         rec = {
-            "schema": DEPLOY_SCHEMA, "run_id": run_id, "preset": preset, "arm": arm,
-            "intervention": INTERVENTION[arm], "seed": seed, "random_v_seed": random_v_seed,
-            "model": "tiny-qwen3", "out_tag": "", "steps": steps, "steps_done": steps,
+            "schema": DEPLOY_SCHEMA,
+            "run_id": run_id,
+            "preset": preset,
+            "arm": arm,
+            "intervention": INTERVENTION[arm],
+            "seed": seed,
+            "random_v_seed": random_v_seed,
+            "model": "tiny-qwen3",
+            "out_tag": "",
+            "steps": steps,
+            "steps_done": steps,
             "hack_train": hack_deploy if hack_train is None else hack_train,
             "solve_train": solve_deploy if solve_train is None else solve_train,
-            "hack_deploy": hack_deploy, "solve_deploy": solve_deploy, "eval_n": 16,
-            "eval_set": eval_set, "by_mode": bm,
+            "hack_deploy": hack_deploy,
+            "solve_deploy": solve_deploy,
+            "eval_n": 16,
+            "eval_set": eval_set,
+            "by_mode": bm,
             "sets": {"train": {"source": "builtin", "n": 16, "by_mode": bm}},
             "delta_s_hack_norm": 0.0,
         }
@@ -112,25 +164,46 @@ def write_fleet(root: Path) -> dict[str, Path]:
     p = {}
     for seed, h, s in ((41, 0.50, 0.30), (42, 0.60, 0.30), (43, 0.70, 0.36)):
         p[f"v{seed}"] = write_run(
-            root, arm="vanilla", seed=seed, hack_deploy=h, solve_deploy=s,
+            root,
+            arm="vanilla",
+            seed=seed,
+            hack_deploy=h,
+            solve_deploy=s,
+            slope=0.08,
             by_mode={"run_tests": (h, s), "sentinel": (h / 2, s)},
         )
     for seed, h, s, ht in ((41, 0.10, 0.32, 0.55), (42, 0.20, 0.30, 0.65)):
         p[f"r{seed}"] = write_run(
-            root, arm="routing2", seed=seed, hack_deploy=h, solve_deploy=s, hack_train=ht,
+            root,
+            arm="routing2",
+            seed=seed,
+            hack_deploy=h,
+            solve_deploy=s,
+            hack_train=ht,
+            slope=0.04,
             by_mode={"run_tests": (h, s), "sentinel": (0.0, s)},
         )
-    p["haar"] = write_run(root, arm="routing2", seed=41, random_v_seed=7, hack_deploy=0.55,
-                          solve_deploy=0.31)
-    p["proj"] = write_run(root, arm="projected", seed=41, hack_deploy=0.40, solve_deploy=0.10)
+    p["haar"] = write_run(
+        root, arm="routing2", seed=41, random_v_seed=7, hack_deploy=0.55, solve_deploy=0.31
+    )
+    p["proj"] = write_run(
+        root, arm="projected", seed=41, hack_deploy=0.40, solve_deploy=0.10, slope=0.02
+    )
     p["running"] = write_run(root, arm="routing", seed=41, state="running", deploy=False)
-    p["failed"] = write_run(root, arm="routing", seed=42, state="failed",
-                            error="CUDA out of memory", deploy=False)
+    p["failed"] = write_run(
+        root, arm="routing", seed=42, state="failed", error="CUDA out of memory", deploy=False
+    )
     p["broken"] = write_run(root, arm="routing", seed=43)
     (p["broken"] / "per_mode_deploy.json").write_text('{"schema": "vgrout.per_mode_dep')
     p["nodeploy"] = write_run(root, arm="routing", seed=44, deploy=False)
-    p["badrate"] = write_run(root, arm="routing", seed=45, hack_deploy=1.5, hack_train=0.5,
-                             by_mode={"run_tests": (0.5, 0.3)})
+    p["badrate"] = write_run(
+        root,
+        arm="routing",
+        seed=45,
+        hack_deploy=1.5,
+        hack_train=0.5,
+        by_mode={"run_tests": (0.5, 0.3)},
+    )
     p["nostatus"] = write_run(root, arm="routing", seed=46)
     (p["nostatus"] / "status.json").unlink()
     return p
@@ -143,8 +216,7 @@ def test_t_quantile_matches_closed_forms_and_tables():
     for p in (0.6, 0.9, 0.975, 0.995):
         # df = 1 is the Cauchy distribution; df = 2 has an algebraic inverse
         assert t_quantile(p, 1) == pytest.approx(math.tan(math.pi * (p - 0.5)), rel=1e-9)
-        assert t_quantile(p, 2) == pytest.approx((2 * p - 1) / math.sqrt(2 * p * (1 - p)),
-                                                 rel=1e-9)
+        assert t_quantile(p, 2) == pytest.approx((2 * p - 1) / math.sqrt(2 * p * (1 - p)), rel=1e-9)
     # printed t tables (two-sided 95%)
     for df, t in ((4, 2.776445105), (9, 2.262157163), (29, 2.045229642)):
         assert t_quantile(0.975, df) == pytest.approx(t, abs=1e-8)
@@ -172,6 +244,22 @@ def test_mean_ci_is_the_hand_computed_t_interval():
         mean_ci([0.1, float("nan")])
 
 
+def test_welch_difference_interval():
+    # equal n and variances: Welch df = 2n - 2 = 2, se = sqrt(0.02/2 + 0.02/2)
+    lo, hi = welch_diff_ci([0.0, 0.2], [1.0, 1.2])
+    half = 4.302652729749752 * math.sqrt(0.02)
+    assert lo == pytest.approx(-1.0 - half, abs=1e-12) and hi == pytest.approx(-1.0 + half)
+    # unequal case: the half-width is the t quantile at the Welch df times the standard error
+    a, b = [0.1, 0.2], [0.5, 0.6, 0.7]
+    va, vb = 0.005 / 2, 0.01 / 3
+    df = (va + vb) ** 2 / (va**2 / 1 + vb**2 / 2)
+    lo, hi = welch_diff_ci(a, b)
+    assert (lo + hi) / 2 == pytest.approx(0.15 - 0.6)
+    assert t_cdf((hi - lo) / 2 / math.sqrt(va + vb), df) == pytest.approx(0.975, abs=1e-10)
+    assert welch_diff_ci([0.1], [0.2, 0.3]) is None
+    assert welch_diff_ci([0.3, 0.3], [0.1, 0.1]) == pytest.approx((0.2, 0.2))
+
+
 # ── aggregation ───────────────────────────────────────────────────────────────────────────
 
 
@@ -182,10 +270,11 @@ def test_scan_lists_every_run_that_cannot_count_with_its_reason(tmp_path):
         p[k].name for k in ("v41", "v42", "v43", "r41", "r42", "haar", "proj")
     )
     why = {s.path: s.reason for s in skipped}
-    assert set(why) == {p[k] for k in
-                        ("running", "failed", "broken", "nodeploy", "badrate", "nostatus")}
-    assert why[p["running"]] == "status 'running' at step 4/10"
-    assert why[p["failed"]] == "status 'failed' at step 4/10: CUDA out of memory"
+    assert set(why) == {
+        p[k] for k in ("running", "failed", "broken", "nodeploy", "badrate", "nostatus")
+    }
+    assert why[p["running"]] == "status 'running', 5/10 steps done"
+    assert why[p["failed"]] == "status 'failed', 5/10 steps done: CUDA out of memory"
     assert why[p["broken"]].startswith("per_mode_deploy.json is not valid JSON")
     assert "no per_mode_deploy.json" in why[p["nodeploy"]]
     assert "'hack_deploy' = 1.5 is not a rate" in why[p["badrate"]]
@@ -196,8 +285,12 @@ def test_aggregate_means_cis_and_delta_vs_vanilla(tmp_path):
     write_fleet(tmp_path)
     runs, _ = scan_runs(tmp_path)
     groups = {(g.arm, g.control): g for g in aggregate(runs, solve_tol=0.05)}
-    assert list(groups) == [("vanilla", ""), ("projected", ""), ("routing2", ""),
-                            ("routing2", "haar")]
+    assert list(groups) == [
+        ("vanilla", ""),
+        ("projected", ""),
+        ("routing2", ""),
+        ("routing2", "haar"),
+    ]
     v = groups[("vanilla", "")]
     assert v.seeds == [41, 42, 43]
     t2 = 4.302652729749752
@@ -217,15 +310,23 @@ def test_aggregate_means_cis_and_delta_vs_vanilla(tmp_path):
     assert r.hack_train.mean == pytest.approx(0.6)
     assert r.mode_deploy_hack["sentinel"].mean == 0.0
     assert r.d_hack == pytest.approx(0.15 - 0.6)
+    assert r.d_hack_ci == welch_diff_ci([0.1, 0.2], [0.5, 0.6, 0.7])
     assert r.d_solve == pytest.approx(0.31 - 0.32)
     assert r.matched is True
 
     haar = groups[("routing2", "haar")]
     assert haar.random_v_seeds == [7] and haar.hack_deploy.lo is None  # n = 1: no CI
-    assert haar.d_hack == pytest.approx(-0.05)
+    assert haar.d_hack == pytest.approx(-0.05) and haar.d_hack_ci is None
 
     proj = groups[("projected", "")]
     assert proj.d_solve == pytest.approx(-0.22) and proj.matched is False
+
+
+def test_group_notes_mixed_step_counts(tmp_path):
+    write_run(tmp_path, seed=41, steps=10)
+    write_run(tmp_path, seed=42, steps=20)
+    (g,) = aggregate(scan_runs(tmp_path)[0])
+    assert g.steps == [10, 20] and g.note == "mixed step counts [10, 20]"
 
 
 def test_same_seed_twice_counts_once_newest_wins(tmp_path):
@@ -233,9 +334,7 @@ def test_same_seed_twice_counts_once_newest_wins(tmp_path):
     new = write_run(tmp_path, seed=41, hack_deploy=0.1, stamp="20260102T000000")
     runs, skipped = scan_runs(tmp_path)
     assert [r.path for r in runs] == [new]
-    assert [(s.path, s.reason) for s in skipped] == [
-        (old, f"superseded by {new.name} (same seed)")
-    ]
+    assert [(s.path, s.reason) for s in skipped] == [(old, f"superseded by {new.name} (same seed)")]
 
 
 def test_eval_sets_and_presets_are_never_mixed(tmp_path):
@@ -244,8 +343,11 @@ def test_eval_sets_and_presets_are_never_mixed(tmp_path):
     write_run(tmp_path, preset="fast", seed=41, hack_deploy=0.5)
     groups = aggregate(scan_runs(tmp_path)[0])
     got = {(g.preset, g.eval_set): (g.seeds, g.hack_deploy.mean) for g in groups}
-    assert got == {("fast", "train"): ([41], 0.5), ("smoke", "heldout"): ([41], 0.2),
-                   ("smoke", "train"): ([42], 0.8)}
+    assert got == {
+        ("fast", "train"): ([41], 0.5),
+        ("smoke", "heldout"): ([41], 0.2),
+        ("smoke", "train"): ([42], 0.8),
+    }
 
 
 def test_deploy_record_validation_names_the_field(tmp_path):
@@ -275,7 +377,7 @@ def test_main_prints_markdown_lists_failures_and_writes_csv(tmp_path, capsys):
     text = capsys.readouterr().out
     assert "| smoke    | vanilla         | train  | 3   | 0.600 [0.352, 0.848]" in text
     assert "| routing2 (haar)" in text and "(CI n/a)" in text
-    assert "-0.450 (solve -0.010, at matched solve)" in text
+    assert "-0.450 [-0.699, -0.201] (solve -0.010, at matched solve)" in text
     assert "-0.200 (solve -0.220, solve differs > 0.05)" in text
     assert "## Not averaged (6 run folders)" in text
     for k in ("running", "failed", "broken", "nodeploy", "badrate", "nostatus"):
@@ -288,10 +390,14 @@ def test_main_prints_markdown_lists_failures_and_writes_csv(tmp_path, capsys):
     v = rows[("vanilla", "")]
     assert float(v["hack_deploy_mean"]) == pytest.approx(0.6)
     assert float(v["hack_deploy_ci_lo"]) == pytest.approx(
-        0.6 - 4.302652729749752 * 0.1 / math.sqrt(3), abs=1e-12)
+        0.6 - 4.302652729749752 * 0.1 / math.sqrt(3), abs=1e-12
+    )
     assert v["n_seeds"] == "3" and v["seeds"] == "41 42 43" and v["d_hack_vs_vanilla"] == ""
     assert rows[("routing2", "haar")]["hack_deploy_ci_lo"] == ""
     assert rows[("routing2", "")]["matched_solve"] == "true"
+    lo, hi = welch_diff_ci([0.1, 0.2], [0.5, 0.6, 0.7])
+    assert float(rows[("routing2", "")]["d_hack_ci_lo"]) == pytest.approx(lo, abs=1e-12)
+    assert float(rows[("routing2", "")]["d_hack_ci_hi"]) == pytest.approx(hi, abs=1e-12)
     assert float(rows[("routing2", "")]["deploy_hack_sentinel"]) == 0.0
 
 
@@ -301,7 +407,7 @@ def test_main_fails_loudly_without_runs(tmp_path, capsys):
     write_run(tmp_path / "runs", state="failed", error="boom", deploy=False)
     assert main(["--runs", str(tmp_path / "runs"), "--out", str(tmp_path / "o")]) == 1
     cap = capsys.readouterr()
-    assert "status 'failed' at step 4/10: boom" in cap.out
+    assert "status 'failed', 5/10 steps done: boom" in cap.out
     assert "no complete runs" in cap.err
     assert not (tmp_path / "o").exists()
 
@@ -309,9 +415,17 @@ def test_main_fails_loudly_without_runs(tmp_path, capsys):
 def test_script_wrapper_runs(tmp_path):
     write_run(tmp_path / "runs", seed=41)
     proc = subprocess.run(
-        [sys.executable, str(REPO / "scripts" / "results.py"), "--runs", str(tmp_path / "runs"),
-         "--out", str(tmp_path / "o")],
-        capture_output=True, text=True, timeout=60,
+        [
+            sys.executable,
+            str(REPO / "scripts" / "results.py"),
+            "--runs",
+            str(tmp_path / "runs"),
+            "--out",
+            str(tmp_path / "o"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert proc.returncode == 0, proc.stderr
     assert "0.500 (CI n/a)" in proc.stdout

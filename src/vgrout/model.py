@@ -16,10 +16,13 @@ import re
 import shutil
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from loguru import logger
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+if TYPE_CHECKING:  # transformers is imported lazily: it is slow to import
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 TINY_QWEN3 = "tiny-qwen3"
 
@@ -276,6 +279,20 @@ def _attn_implementation(device: torch.device) -> str:
     return "flash_attention_2"
 
 
+def _hub_offline() -> bool:
+    from huggingface_hub import constants
+
+    flag = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in {"1", "true", "yes", "on"}
+    return flag or bool(constants.HF_HUB_OFFLINE)
+
+
+def _offline_error(name: str, why: str) -> OSError:
+    return OSError(
+        f"could not load {name!r} from the Hugging Face hub or its local cache "
+        f"({why}). Use model {TINY_QWEN3!r} for an offline run, or pass a local model directory."
+    )
+
+
 def load_model_and_tokenizer(
     name_or_path: str, device: str | torch.device
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
@@ -292,17 +309,19 @@ def load_model_and_tokenizer(
     is_local = Path(source).is_dir()
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
     attn = _attn_implementation(dev)
+    if not is_local and _hub_offline():
+        from huggingface_hub import try_to_load_from_cache
+
+        if not isinstance(try_to_load_from_cache(source, "config.json"), str):
+            raise _offline_error(name_or_path, "HF_HUB_OFFLINE is set and it is not in the cache")
     try:
         tok = AutoTokenizer.from_pretrained(source)
         model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, attn_implementation=attn)
     except OSError as e:
         if is_local:
             raise OSError(f"{source}: not a loadable model directory ({e})") from e
-        raise OSError(
-            f"could not load {name_or_path!r} from the Hugging Face hub or its local cache "
-            f"(offline, or not downloaded yet?): {e}. Use model {TINY_QWEN3!r} for an offline "
-            f"run, or pass a local model directory."
-        ) from e
+        why = f"offline, or not downloaded yet? {str(e).strip().rstrip('.')}"
+        raise _offline_error(name_or_path, why) from e
     if tok.pad_token is None:
         pad = "<|endoftext|>" if "<|endoftext|>" in tok.get_vocab() else tok.eos_token
         if pad is None:

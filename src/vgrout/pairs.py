@@ -204,14 +204,31 @@ def parse_pairs_md(text: str, where: str, section: str | None = None) -> list[Pa
     return out
 
 
+_BUILTIN_WHERE = f"vgrout/data/{_BUILTIN_RESOURCE}"
+
+
+def _builtin_sections() -> tuple[str, list[_MdSection]]:
+    text = resources.files("vgrout").joinpath("data", _BUILTIN_RESOURCE).read_text("utf-8")
+    secs = _parse_md(text, _BUILTIN_WHERE)
+    for s in secs:
+        _require_blocks(s, ("Problem", "Starter", "Tests", "Hack", "Clean"), _BUILTIN_WHERE)
+    return _BUILTIN_WHERE, secs
+
+
+def builtin_gt_tests() -> dict[str, tuple[str, ...]]:
+    """Ground-truth asserts (`assert Solution().fn(...) == ...`) of each built-in pair's
+    mini problem, by pair name, so its completions can be graded."""
+    _, secs = _builtin_sections()
+    return {s.name: tuple(ln for ln in s.blocks["Tests"].split("\n") if ln.strip())
+            for s in secs}
+
+
 def builtin_pairs(modes: Sequence[str] | None = None) -> list[Pair]:
     """The built-in pairs (all loophole modes, or only `modes`), prompts rendered with each
     mode's hint in the benchmark format."""
-    where = f"vgrout/data/{_BUILTIN_RESOURCE}"
-    text = resources.files("vgrout").joinpath("data", _BUILTIN_RESOURCE).read_text("utf-8")
+    where, secs = _builtin_sections()
     out = []
-    for s in _parse_md(text, where):
-        _require_blocks(s, ("Problem", "Starter", "Hack", "Clean"), where)
+    for s in secs:
         mode = _optional_mode(s, where)
         if mode is None or "method" not in s.keys:
             raise PairsError(f"{where}:{s.line}: pair {s.name!r}: needs 'Mode:' and 'Method:'")

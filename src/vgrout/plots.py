@@ -30,6 +30,7 @@ matplotlib.use("Agg")  # file output only; must precede pyplot
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from .results import (  # noqa: E402
     ARM_ORDER,
@@ -250,6 +251,7 @@ def _panel(
             color="0.4",
         )
     ax.grid(alpha=0.3)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps are whole numbers
     return drawn
 
 
@@ -371,7 +373,7 @@ def plot_per_mode(records: Sequence[RunRecord], out_path: Path, preset: str) -> 
     fig, axes = plt.subplots(
         2,
         1,
-        figsize=(max(8, 1.6 * len(modes) * max(1, len(keys)) / 2), 8),
+        figsize=(max(11, 0.9 * len(modes) * max(2, len(keys))), 8.5),
         sharex=True,
         layout="constrained",
     )
@@ -396,7 +398,7 @@ def plot_per_mode(records: Sequence[RunRecord], out_path: Path, preset: str) -> 
                     ci.mean,
                     width * 0.9,
                     color=colour,
-                    alpha=0.45 if control else 0.85,
+                    alpha=0.45 if control else 1.0,
                     hatch="//" if control else None,
                     edgecolor=colour,
                     yerr=err,
@@ -412,7 +414,7 @@ def plot_per_mode(records: Sequence[RunRecord], out_path: Path, preset: str) -> 
                     linewidths=0.7,
                     zorder=3,
                 )
-        ax.set_title(title + " (quarantine ablated; bar = mean, whisker = 95% CI, dot = seed)")
+        ax.set_title(title + " (quarantine ablated)")
         ax.set_ylabel(field.replace("_", " ") + " rate")
         ax.set_ylim(0, 1.05)
         ax.grid(axis="y", alpha=0.3)
@@ -424,7 +426,7 @@ def plot_per_mode(records: Sequence[RunRecord], out_path: Path, preset: str) -> 
             1,
             1,
             color=arm_colour(a),
-            alpha=0.45 if c else 0.85,
+            alpha=0.45 if c else 1.0,
             hatch="//" if c else None,
             label=_group_label(a, c, len({r.seed for r in groups[(a, c)]})),
         )
@@ -432,7 +434,8 @@ def plot_per_mode(records: Sequence[RunRecord], out_path: Path, preset: str) -> 
     ]
     fig.suptitle(
         f"{preset}: per-mode deployed hack and solve across arms "
-        f"(eval set: {', '.join(eval_sets)})",
+        f"(eval set: {', '.join(eval_sets)})\n"
+        "bar = mean over seeds, whisker = 95% t-interval (n >= 2), dot = one seed",
         fontsize=13,
     )
     fig.legend(handles=handles, loc="outside lower center", ncol=min(4, len(keys)), frameon=False)
@@ -457,25 +460,26 @@ def _save(fig, out_path: Path) -> Path:
 
 def collect_series(
     runs_dir: Path, include_unfinished: bool = False
-) -> tuple[list[RunSeries], list[tuple[Path, str]]]:
-    """Load every run folder's series; returns (usable, [(folder, why skipped)])."""
-    if not runs_dir.is_dir():
-        raise FileNotFoundError(
-            f"runs folder {runs_dir} does not exist: train something first "
-            f"(e.g. `just smoke`) or pass --runs PATH"
-        )
-    good, skipped = [], []
-    for d in sorted(p for p in runs_dir.iterdir() if p.is_dir()):
+) -> tuple[list[RunSeries], list[RunRecord], list[tuple[Path, str]]]:
+    """Load the runs to draw: returns (series, deploy records, [(folder, why skipped)]).
+
+    By default exactly the runs the results table counts (complete, valid final eval, newest
+    folder per seed) are drawn, so legends' n matches the table. `include_unfinished` adds the
+    per-step rows of every other folder whose rows can be read (running, failed, no eval).
+    """
+    records, not_counted = scan_runs(runs_dir)  # FileNotFoundError when runs_dir is missing
+    counted = {r.path for r in records}
+    why = {s.path: s.reason for s in not_counted}
+    series, skipped = [], []
+    for d in sorted(p for p in Path(runs_dir).iterdir() if p.is_dir()):
+        if d not in counted and not include_unfinished:
+            skipped.append((d, why[d]))
+            continue
         try:
-            s = load_series(d)
+            series.append(load_series(d))
         except RunFolderError as e:
             skipped.append((d, str(e)))
-            continue
-        if s.state != "complete" and not include_unfinished:
-            skipped.append((d, f"status {s.state!r} (use --include-unfinished to plot it)"))
-            continue
-        good.append(s)
-    return good, skipped
+    return series, records, skipped
 
 
 def make_plots(
@@ -486,8 +490,7 @@ def make_plots(
     include_unfinished: bool = False,
 ) -> tuple[list[Path], list[tuple[Path, str]]]:
     """Write every figure for every preset found (or just `preset`); return (paths, skipped)."""
-    series, skipped = collect_series(runs_dir, include_unfinished)
-    records, _ = scan_runs(runs_dir)
+    series, records, skipped = collect_series(runs_dir, include_unfinished)
     presets = sorted({s.preset for s in series} | {r.preset for r in records})
     if preset is not None:
         presets = [p for p in presets if p == preset]
@@ -521,7 +524,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument(
         "--include-unfinished",
         action="store_true",
-        help="also plot runs whose status is not complete (running, failed)",
+        help="also draw the per-step rows of runs the results table does not count "
+        "(running, failed, no final eval)",
     )
     args = ap.parse_args(argv)
     if args.smooth < 1:
@@ -535,6 +539,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     for d, why in skipped:
         print(f"skipped {d.name}: {why}")
+    if skipped and not args.include_unfinished:
+        print(
+            "(skipped runs are those results.py does not count; --include-unfinished draws "
+            "the per-step rows of the readable ones)"
+        )
     if not written:
         what = f" for preset {args.preset!r}" if args.preset else ""
         print(f"error: nothing to plot{what} under {args.runs}")

@@ -183,7 +183,8 @@ def route(
     if preserve_magnitude:
         raise ValueError(
             "preserve_magnitude is an erase-only option: route must conserve the gradient "
-            "(kept + routed == g, routed in span(V)); set preserve_magnitude=False for route"
+            "(kept + routed == g, routed in span(V)); run the route arm with "
+            "preserve_magnitude=False (--no-preserve-magnitude)"
         )
     routed, c_use = _removed_part(g, V, gate_mode, overshoot)
     kept = g - routed

@@ -156,6 +156,29 @@ def mean_ci(values: Sequence[float], level: float = 0.95) -> MeanCI:
     return MeanCI(n, mean, mean - half, mean + half)
 
 
+def welch_diff_ci(
+    a: Sequence[float], b: Sequence[float], level: float = 0.95
+) -> tuple[float, float] | None:
+    """Interval for mean(a) - mean(b) without assuming equal variances (Welch-Satterthwaite df).
+
+    Invariant: centred on the difference of means; None when either side has n < 2; a zero
+    standard error (both sides constant) gives the degenerate interval [d, d].
+    """
+    na, nb = len(a), len(b)
+    if na < 2 or nb < 2:
+        return None
+    ca, cb = mean_ci(a), mean_ci(b)
+    d = ca.mean - cb.mean
+    va = math.fsum((x - ca.mean) ** 2 for x in a) / (na - 1) / na
+    vb = math.fsum((x - cb.mean) ** 2 for x in b) / (nb - 1) / nb
+    se2 = va + vb
+    if se2 == 0.0:
+        return (d, d)
+    df = se2**2 / (va**2 / (na - 1) + vb**2 / (nb - 1))
+    half = t_quantile(0.5 + level / 2.0, df) * math.sqrt(se2)
+    return (d - half, d + half)
+
+
 # ── reading run folders ──────────────────────────────────────────────────────────────────
 
 
@@ -288,7 +311,10 @@ def load_run(run_dir: Path) -> RunRecord:
     state = status.get("state")
     if state != "complete":
         step, steps, err = status.get("step"), status.get("steps"), status.get("error")
-        progress = f" at step {step}/{steps}" if step is not None else ""
+        if isinstance(step, int) and isinstance(steps, int):  # step = last finished index
+            progress = f", {step + 1}/{steps} steps done" if step >= 0 else ", no step done"
+        else:
+            progress = ""
         detail = f": {err}" if err else ""
         raise RunFolderError(f"status {state!r}{progress}{detail}")
     try:
@@ -335,6 +361,10 @@ def group_key(r: RunRecord) -> tuple[str, str, str, str]:
     return (r.preset, r.arm, r.control, r.eval_set)
 
 
+def _key(g: GroupStats) -> tuple[str, str, str, str]:
+    return (g.preset, g.arm, g.control, g.eval_set)
+
+
 def _arm_rank(arm: str) -> int:
     return ARM_ORDER.index(arm) if arm in ARM_ORDER else len(ARM_ORDER)
 
@@ -357,6 +387,7 @@ class GroupStats:
     steps: list[int]
     random_v_seeds: list[int] = field(default_factory=list)
     d_hack: float | None = None  # deploy hack minus vanilla's (same preset, eval set)
+    d_hack_ci: tuple[float, float] | None = None  # Welch 95% interval of d_hack
     d_solve: float | None = None
     matched: bool | None = None  # |d_solve| <= tolerance
     note: str = ""
@@ -403,6 +434,9 @@ def aggregate(runs: Sequence[RunRecord], solve_tol: float = DEFAULT_SOLVE_TOL) -
         if base is None or base is g:
             continue
         g.d_hack = g.hack_deploy.mean - base.hack_deploy.mean
+        g.d_hack_ci = welch_diff_ci(
+            [r.hack_deploy for r in groups[_key(g)]], [r.hack_deploy for r in groups[_key(base)]]
+        )
         g.d_solve = g.solve_deploy.mean - base.solve_deploy.mean
         g.matched = abs(g.d_solve) <= solve_tol
     return out
@@ -427,7 +461,8 @@ def _fmt_delta(g: GroupStats, solve_tol: float) -> str:
     if g.d_hack is None:
         return "no vanilla"
     tag = "at matched solve" if g.matched else f"solve differs > {solve_tol:g}"
-    return f"{g.d_hack:+.3f} (solve {g.d_solve:+.3f}, {tag})"
+    ci = "" if g.d_hack_ci is None else f" [{g.d_hack_ci[0]:+.3f}, {g.d_hack_ci[1]:+.3f}]"
+    return f"{g.d_hack:+.3f}{ci} (solve {g.d_solve:+.3f}, {tag})"
 
 
 def all_modes(groups: Sequence[GroupStats]) -> list[str]:
@@ -491,7 +526,16 @@ def csv_text(groups: Sequence[GroupStats]) -> str:
     """CSV with full-precision numbers; empty cells where a value does not exist (CI at n=1)."""
     modes = all_modes(groups)
     cols = CSV_BASE_COLUMNS + [f"deploy_hack_{m}" for m in modes]
-    cols += ["d_hack_vs_vanilla", "d_solve_vs_vanilla", "matched_solve", "models", "steps", "note"]
+    cols += [
+        "d_hack_vs_vanilla",
+        "d_hack_ci_lo",
+        "d_hack_ci_hi",
+        "d_solve_vs_vanilla",
+        "matched_solve",
+        "models",
+        "steps",
+        "note",
+    ]
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=cols, lineterminator="\n")
     w.writeheader()
@@ -520,6 +564,8 @@ def csv_text(groups: Sequence[GroupStats]) -> str:
             c = g.mode_deploy_hack.get(m)
             row[f"deploy_hack_{m}"] = "" if c is None else num(c.mean)
         row["d_hack_vs_vanilla"] = num(g.d_hack)
+        lo_hi = g.d_hack_ci or (None, None)
+        row["d_hack_ci_lo"], row["d_hack_ci_hi"] = num(lo_hi[0]), num(lo_hi[1])
         row["d_solve_vs_vanilla"] = num(g.d_solve)
         row["matched_solve"] = "" if g.matched is None else str(g.matched).lower()
         row["models"] = " ".join(g.models)

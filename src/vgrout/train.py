@@ -39,7 +39,7 @@ from .adapter import (  # noqa: E402
     wrap_model,
 )
 from .config import Config, config_diff, parse_cli  # noqa: E402
-from .directions import Directions  # noqa: E402
+from .directions import RunDirections as Directions  # noqa: E402
 from .env.modes import MODE_CODE, STDOUT_MARKER  # noqa: E402,F401
 from .env.problems import Problem, load_problems  # noqa: E402
 from .eval import EvalResult, evaluate  # noqa: E402

@@ -384,7 +384,8 @@ def save_directions(
         tensors[f"v_hack/{m}"] = d.v_hack[m].detach().float().cpu().contiguous()
         tensors[f"sv/{m}"] = d.sv[m].detach().float().cpu().contiguous()
         tensors[f"v_grad/{m}"] = d.v_grad[m].detach().float().cpu().contiguous()
-    meta = {str(k): str(v) for k, v in knobs_meta.items()}
+    meta = {k: v for k, v in d.meta.items() if k in ("control", "seed")}
+    meta.update({str(k): str(v) for k, v in knobs_meta.items()})
     meta.update({
         "schema": SCHEMA,
         "model": model_id,

@@ -86,7 +86,10 @@ MOUNT_ATTR_RDONLY, MOUNT_ATTR_NOSUID = 1, 2
 AT_FDCWD, AT_RECURSIVE = -100, 0x8000
 PR_SET_PDEATHSIG, PR_SET_SECCOMP, PR_SET_NO_NEW_PRIVS = 1, 22, 38
 SECCOMP_MODE_FILTER = 2
-_SYS = {"x86_64": {"clone": 56, "mount_setattr": 442}, "aarch64": {"clone": 220, "mount_setattr": 442}}
+_SYS = {
+    "x86_64": {"clone": 56, "mount_setattr": 442},
+    "aarch64": {"clone": 220, "mount_setattr": 442},
+}
 
 _libc = ctypes.CDLL(None, use_errno=True)
 # A PyDLL keeps the GIL across the call: required around a raw clone(2).
@@ -104,8 +107,10 @@ def unshare(flags: int) -> None:
     _check(_libc.unshare(ctypes.c_int(flags)), f"unshare({flags:#x})")
 
 
-def mount(src: str | None, target: str, fstype: str | None, flags: int, data: str | None = None) -> None:
-    enc = (lambda s: s.encode() if s is not None else None)  # noqa: E731
+def mount(
+    src: str | None, target: str, fstype: str | None, flags: int, data: str | None = None
+) -> None:
+    enc = lambda s: s.encode() if s is not None else None  # noqa: E731
     rc = _libc.mount(enc(src), enc(target), enc(fstype), ctypes.c_ulong(flags), enc(data))
     _check(rc, f"mount {target}")
 
@@ -116,12 +121,21 @@ def umount(target: str) -> None:
 
 def prctl(option: int, arg: int | ctypes._Pointer = 0) -> None:  # type: ignore[name-defined]
     a = arg if not isinstance(arg, int) else ctypes.c_ulong(arg)
-    _check(_libc.prctl(ctypes.c_int(option), a, ctypes.c_ulong(0), ctypes.c_ulong(0), ctypes.c_ulong(0)), "prctl")
+    _check(
+        _libc.prctl(
+            ctypes.c_int(option), a, ctypes.c_ulong(0), ctypes.c_ulong(0), ctypes.c_ulong(0)
+        ),
+        "prctl",
+    )
 
 
 class _MountAttr(ctypes.Structure):
-    _fields_ = [("attr_set", ctypes.c_uint64), ("attr_clr", ctypes.c_uint64),
-                ("propagation", ctypes.c_uint64), ("userns_fd", ctypes.c_uint64)]
+    _fields_ = [
+        ("attr_set", ctypes.c_uint64),
+        ("attr_clr", ctypes.c_uint64),
+        ("propagation", ctypes.c_uint64),
+        ("userns_fd", ctypes.c_uint64),
+    ]
 
 
 def make_tree_readonly(root: str = "/") -> None:
@@ -129,8 +143,14 @@ def make_tree_readonly(root: str = "/") -> None:
     nr = _SYS.get(platform.machine(), {}).get("mount_setattr")
     if nr is not None:
         attr = _MountAttr(MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID, 0, 0, 0)
-        rc = _libc.syscall(ctypes.c_long(nr), ctypes.c_int(AT_FDCWD), root.encode(),
-                           ctypes.c_uint(AT_RECURSIVE), ctypes.byref(attr), ctypes.c_size_t(ctypes.sizeof(attr)))
+        rc = _libc.syscall(
+            ctypes.c_long(nr),
+            ctypes.c_int(AT_FDCWD),
+            root.encode(),
+            ctypes.c_uint(AT_RECURSIVE),
+            ctypes.byref(attr),
+            ctypes.c_size_t(ctypes.sizeof(attr)),
+        )
         if rc == 0:
             return
     # Older kernels: remount each mount point read-only, one by one (bind remount keeps it
@@ -159,22 +179,68 @@ def build_seccomp_bpf(seccomp_dir: str) -> bytes:
 
     deny = errno.EPERM
     f = sc.SyscallFilter(sc.ALLOW)
-    for name in ("ptrace", "mount", "umount2", "unshare", "setns", "pivot_root", "chroot",
-                 "keyctl", "add_key", "request_key", "bpf", "perf_event_open",
-                 "process_vm_readv", "process_vm_writev", "kexec_load", "kexec_file_load",
-                 "init_module", "finit_module", "delete_module", "open_by_handle_at",
-                 "name_to_handle_at", "userfaultfd", "io_uring_setup", "io_uring_enter",
-                 "io_uring_register", "reboot", "swapon", "swapoff", "acct", "quotactl",
-                 "settimeofday", "clock_settime", "adjtimex", "clock_adjtime", "syslog",
-                 "fsopen", "fsmount", "fsconfig", "move_mount", "open_tree", "mount_setattr",
-                 "lookup_dcookie", "vhangup", "personality", "kcmp", "pidfd_getfd"):
+    for name in (
+        "ptrace",
+        "mount",
+        "umount2",
+        "unshare",
+        "setns",
+        "pivot_root",
+        "chroot",
+        "keyctl",
+        "add_key",
+        "request_key",
+        "bpf",
+        "perf_event_open",
+        "process_vm_readv",
+        "process_vm_writev",
+        "kexec_load",
+        "kexec_file_load",
+        "init_module",
+        "finit_module",
+        "delete_module",
+        "open_by_handle_at",
+        "name_to_handle_at",
+        "userfaultfd",
+        "io_uring_setup",
+        "io_uring_enter",
+        "io_uring_register",
+        "reboot",
+        "swapon",
+        "swapoff",
+        "acct",
+        "quotactl",
+        "settimeofday",
+        "clock_settime",
+        "adjtimex",
+        "clock_adjtime",
+        "syslog",
+        "fsopen",
+        "fsmount",
+        "fsconfig",
+        "move_mount",
+        "open_tree",
+        "mount_setattr",
+        "lookup_dcookie",
+        "vhangup",
+        "personality",
+        "kcmp",
+        "pidfd_getfd",
+    ):
         try:
             f.add_rule(sc.ERRNO(deny), name)
         except Exception:  # noqa: BLE001 - a syscall this kernel/arch lacks
             pass
     f.add_rule(sc.ERRNO(errno.EAFNOSUPPORT), "socket", sc.Arg(0, sc.NE, socket.AF_UNIX))
-    for flag in (CLONE_NEWNS, CLONE_NEWUTS, CLONE_NEWIPC, CLONE_NEWPID, CLONE_NEWNET,
-                 CLONE_NEWUSER, CLONE_NEWCGROUP):
+    for flag in (
+        CLONE_NEWNS,
+        CLONE_NEWUTS,
+        CLONE_NEWIPC,
+        CLONE_NEWPID,
+        CLONE_NEWNET,
+        CLONE_NEWUSER,
+        CLONE_NEWCGROUP,
+    ):
         f.add_rule(sc.ERRNO(deny), "clone", sc.Arg(0, sc.MASKED_EQ, flag, flag))
     f.add_rule(sc.ERRNO(errno.ENOSYS), "clone3")  # glibc then falls back to clone(2)
     f.add_rule(sc.ERRNO(deny), "prctl", sc.Arg(0, sc.EQ, PR_SET_PDEATHSIG))
@@ -190,8 +256,16 @@ def build_seccomp_bpf(seccomp_dir: str) -> bytes:
 def load_bpf(bpf: bytes) -> None:
     buf = ctypes.create_string_buffer(bpf, len(bpf))
     prog = _SockFprog(len(bpf) // 8, ctypes.cast(buf, ctypes.c_void_p))
-    _check(_libc.prctl(ctypes.c_int(PR_SET_SECCOMP), ctypes.c_ulong(SECCOMP_MODE_FILTER),
-                       ctypes.byref(prog), ctypes.c_ulong(0), ctypes.c_ulong(0)), "seccomp")
+    _check(
+        _libc.prctl(
+            ctypes.c_int(PR_SET_SECCOMP),
+            ctypes.c_ulong(SECCOMP_MODE_FILTER),
+            ctypes.byref(prog),
+            ctypes.c_ulong(0),
+            ctypes.c_ulong(0),
+        ),
+        "seccomp",
+    )
 
 
 def clone_process(flags: int) -> int:
@@ -201,8 +275,14 @@ def clone_process(flags: int) -> int:
         raise OSError(38, "raw clone unsupported on this architecture")
     api = ctypes.pythonapi
     api.PyOS_BeforeFork()
-    pid = _libc_gil.syscall(ctypes.c_long(nr), ctypes.c_ulong(flags | signal.SIGCHLD),
-                            ctypes.c_void_p(0), ctypes.c_void_p(0), ctypes.c_void_p(0), ctypes.c_ulong(0))
+    pid = _libc_gil.syscall(
+        ctypes.c_long(nr),
+        ctypes.c_ulong(flags | signal.SIGCHLD),
+        ctypes.c_void_p(0),
+        ctypes.c_void_p(0),
+        ctypes.c_void_p(0),
+        ctypes.c_ulong(0),
+    )
     if pid == 0:
         api.PyOS_AfterFork_Child()
         return 0
@@ -216,11 +296,44 @@ def clone_process(flags: int) -> int:
 # ----------------------------------------------------------------------------- the worker
 SCRATCH = "/tmp/.vgrout-scratch"  # per-job tmpfs mount point inside the worker's namespace
 JOB_NS = CLONE_NEWPID | CLONE_NEWNS | CLONE_NEWIPC | CLONE_NEWUTS
-PREIMPORT = ("typing", "functools", "collections", "itertools", "heapq", "bisect", "string",
-             "operator", "math", "datetime", "re", "copy", "random", "dataclasses", "enum",
-             "fractions", "decimal", "statistics", "array", "json", "traceback", "io",
-             "threading", "atexit", "types", "numbers", "abc", "time", "queue", "inspect",
-             "subprocess", "contextlib", "textwrap", "unittest", "cmath", "sortedcontainers")
+PREIMPORT = (
+    "typing",
+    "functools",
+    "collections",
+    "itertools",
+    "heapq",
+    "bisect",
+    "string",
+    "operator",
+    "math",
+    "datetime",
+    "re",
+    "copy",
+    "random",
+    "dataclasses",
+    "enum",
+    "fractions",
+    "decimal",
+    "statistics",
+    "array",
+    "json",
+    "traceback",
+    "io",
+    "threading",
+    "atexit",
+    "types",
+    "numbers",
+    "abc",
+    "time",
+    "queue",
+    "inspect",
+    "subprocess",
+    "contextlib",
+    "textwrap",
+    "unittest",
+    "cmath",
+    "sortedcontainers",
+)
 
 
 class Worker:
@@ -229,7 +342,8 @@ class Worker:
     def __init__(self, uid: int, seccomp_dir: str, masks: list[str], keeps: list[str]):
         self.uid = uid
         self.level: dict[str, bool] = dict.fromkeys(
-            ("netns", "mountns", "pidns", "ipcns", "uid_switch", "no_new_privs", "seccomp"), False)
+            ("netns", "mountns", "pidns", "ipcns", "uid_switch", "no_new_privs", "seccomp"), False
+        )
         self.notes: list[str] = []
         self.bpf = b""
         root = os.geteuid() == 0
@@ -255,7 +369,9 @@ class Worker:
         self.level["no_new_privs"] = True
         self.level["seccomp"] = bool(self.bpf)
         self.ns_flags = JOB_NS if self.level["mountns"] else 0
-        probe = self.run({"limits": _PROBE_LIMITS, "read_files": []}, b"import os\nos.write(3,b'ok')", b"")
+        probe = self.run(
+            {"limits": _PROBE_LIMITS, "read_files": []}, b"import os\nos.write(3,b'ok')", b""
+        )
         if probe[0]["status"] != "exited" or probe[1][2] != b"ok":
             self.notes.append(f"per-job namespaces failed ({probe[1][1][-300:]!r}); plain fork")
             self.ns_flags = 0
@@ -295,7 +411,7 @@ class Worker:
         stdin_fd = os.memfd_create("stdin")
         view = memoryview(stdin)
         while view:
-            view = view[os.write(stdin_fd, view):]
+            view = view[os.write(stdin_fd, view) :]
         os.lseek(stdin_fd, 0, os.SEEK_SET)
         try:
             pid = clone_process(self.ns_flags) if self.ns_flags else os.fork()
@@ -306,16 +422,21 @@ class Worker:
             os.close(stdin_fd)
             self._drop_scratch(scratch, own_dir)
             return {"status": "sandbox_error", "returncode": None, "wall_s": 0.0, "files": []}, [
-                b"", f"sandbox: fork failed: {e}".encode(), b""]
+                b"",
+                f"sandbox: fork failed: {e}".encode(),
+                b"",
+            ]
         if pid == 0:  # the job process; never returns
             _child(self, lim, code, stdin_fd, [w for _, w in pipes], scratch)
         os.close(stdin_fd)
         for _, w in pipes:
             os.close(w)
         bufs, timed_out, over = self._collect(pid, [r for r, _ in pipes], lim, t0)
+        cpu = 0.0
         try:
-            _, wstatus = os.waitpid(pid, 0)
+            _, wstatus, ru = os.wait4(pid, 0)
             rc = os.waitstatus_to_exitcode(wstatus)
+            cpu = ru.ru_utime + ru.ru_stime
         except ChildProcessError:
             rc = None
         if not self.ns_flags:
@@ -328,7 +449,12 @@ class Worker:
         elif over:
             status = "output_limit"
         elif rc is not None and rc < 0:
-            status = "timeout" if -rc == signal.SIGXCPU else "signaled"
+            # PID 1 of a namespace ignores the kernel's SIGXCPU, so the CPU limit shows up as
+            # the hard limit's SIGKILL: recognise it by the CPU time spent.
+            cpu_out = -rc == signal.SIGXCPU or (
+                -rc == signal.SIGKILL and cpu >= float(lim["cpu_s"])
+            )
+            status = "timeout" if cpu_out else "signaled"
         elif b"MemoryError" in err[-2000:]:
             status = "memory"
         else:
@@ -410,8 +536,15 @@ class Worker:
         return bufs, timed_out, over
 
 
-_PROBE_LIMITS = {"wall_s": 10.0, "cpu_s": 5, "mem_mb": 1024, "fsize_mb": 1, "nofile": 64,
-                 "nproc": 64, "output_bytes": 4096}
+_PROBE_LIMITS = {
+    "wall_s": 10.0,
+    "cpu_s": 5,
+    "mem_mb": 1024,
+    "fsize_mb": 1,
+    "nofile": 64,
+    "nproc": 64,
+    "output_bytes": 4096,
+}
 
 
 def _killpg(pgid: int) -> None:
@@ -507,10 +640,18 @@ def _exec_program(code: bytes) -> None:
     exit_ = os._exit
     atexit._clear()
     sys.argv = ["-c"]
-    sys.stdin = io.TextIOWrapper(io.BufferedReader(io.FileIO(0, "r", closefd=False)), encoding="utf-8")
-    out = sys.stdout = io.TextIOWrapper(io.BufferedWriter(io.FileIO(1, "w", closefd=False)), encoding="utf-8")
-    err = sys.stderr = io.TextIOWrapper(io.BufferedWriter(io.FileIO(2, "w", closefd=False)),
-                                        encoding="utf-8", errors="backslashreplace", line_buffering=True)
+    sys.stdin = io.TextIOWrapper(
+        io.BufferedReader(io.FileIO(0, "r", closefd=False)), encoding="utf-8"
+    )
+    out = sys.stdout = io.TextIOWrapper(
+        io.BufferedWriter(io.FileIO(1, "w", closefd=False)), encoding="utf-8"
+    )
+    err = sys.stderr = io.TextIOWrapper(
+        io.BufferedWriter(io.FileIO(2, "w", closefd=False)),
+        encoding="utf-8",
+        errors="backslashreplace",
+        line_buffering=True,
+    )
     sys.__stdin__, sys.__stdout__, sys.__stderr__ = sys.stdin, out, err
     main = types.ModuleType("__main__")
     main.__dict__["__builtins__"] = builtins
@@ -569,6 +710,9 @@ def main() -> None:
         except ImportError:
             pass
     w = Worker(int(uid), seccomp_dir, json.loads(masks), json.loads(keeps))
+    import gc
+
+    gc.freeze()  # keep the collector off the inherited heap: fewer copy-on-write faults per child
     sock.sendall(pack({"level": w.level, "notes": w.notes, "pid": os.getpid()}, []))
     while True:
         msg = recv_frame(sock)

@@ -19,6 +19,7 @@ import argparse
 import ast
 import os
 import re
+import socket
 import sys
 import threading
 import time
@@ -26,6 +27,7 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from .problems import (
     DIFFICULTIES,
@@ -159,11 +161,12 @@ def _slice_bytes(line: str, start: int, end: int | None = None) -> str:
 _NODE_CHECKS = ("is_same_list", "is_same_tree")  # setup helpers comparing ListNode/TreeNode
 
 
-def _candidate_call(stmt: ast.stmt, arg: str) -> ast.Call | None:
+def _candidate_call(stmt: ast.stmt, arg: str, text: str) -> ast.Call | None:
     """The `candidate(...)` call of a convertible assert, else None.
 
     Convertible: `assert candidate(ARGS) == OUT` or `assert is_same_list|is_same_tree(
     candidate(ARGS), OUT)`, with `candidate` used nowhere else (not in ARGS or OUT).
+    `text` is the statement's source lines (a cheap pre-check before walking the tree).
     """
     if not isinstance(stmt, ast.Assert) or stmt.msg is not None:
         return None
@@ -181,6 +184,8 @@ def _candidate_call(stmt: ast.stmt, arg: str) -> ast.Call | None:
         call = t.args[0]
     if not (isinstance(call, ast.Call) and isinstance(call.func, ast.Name) and call.func.id == arg):
         return None
+    if len(re.findall(rf"\b{re.escape(arg)}\b", text)) == 1:
+        return call  # the name occurs once in the text, so only the call uses it
     uses = [n for n in ast.walk(stmt) if isinstance(n, ast.Name) and n.id == arg]
     return call if len(uses) == 1 else None
 
@@ -216,7 +221,8 @@ def convert_tests(test_src: str, method: str) -> tuple[list[str], list[str]]:
     out: list[str] = []
     problems: list[str] = []
     for stmt in check.body:
-        call = _candidate_call(stmt, arg)
+        stmt_text = "\n".join(lines[stmt.lineno - 1 : stmt.end_lineno])
+        call = _candidate_call(stmt, arg, stmt_text)
         if call is None:
             seg = ast.get_source_segment(test_src, stmt) or type(stmt).__name__
             problems.append(" ".join(seg.split())[:120])
@@ -273,7 +279,8 @@ def raw_to_row(raw: RawProblem, *, source: str = "") -> dict:
         "dataset": "leetcode",
         "source": source,
     }
-    validate_row(row, where=raw.where)  # the row we write must load back
+    # the row we write must load back (its tests were just built from a parsed tree)
+    validate_row(row, where=raw.where, parse_tests=False)
     return row
 
 
@@ -329,10 +336,10 @@ def convert_raw_file(
 
 def grade_canonicals(
     rows: Sequence[dict], *, workers: int | None = None, progress: bool = True
-) -> list[tuple[bool, str]]:
+) -> list[tuple[bool, str, str]]:
     """Grade each row's canonical solution with the strict oracle (sandboxed, concurrent).
 
-    Returns (passes, reason-if-not) per row, in order. Passing means both the plain
+    Returns (passes, reason-if-not, grader note) per row, in order. Passing means both the plain
     benchmark grader (gt_pass) and the strict oracle (gt_correct) accept it.
     """
     from tqdm import tqdm
@@ -343,17 +350,18 @@ def grade_canonicals(
     for row in rows:
         text = f"```python\n{row['canonical_solution']}\n```"
         items.append((text, row_to_problem(row, "gt_only", source=row.get("source", ""))))
-    verdicts: list[tuple[bool, str]] = []
+    verdicts: list[tuple[bool, str, str]] = []
     with tqdm(total=len(items), desc="grading canonical solutions", disable=not progress) as bar:
         for i in range(0, len(items), _GRADE_CHUNK):
             chunk = items[i : i + _GRADE_CHUNK]
             for res in grade_batch(chunk, workers=workers):
                 if res.gt_correct and res.gt_pass:
-                    verdicts.append((True, ""))
+                    verdicts.append((True, "", ""))
                 elif res.gt_pass:
-                    verdicts.append((False, "canonical passes plain grader but not strict oracle"))
+                    why = "canonical passes the plain grader but not the strict oracle"
+                    verdicts.append((False, why, res.note))
                 else:
-                    verdicts.append((False, "canonical solution fails its tests"))
+                    verdicts.append((False, "canonical solution fails its tests", res.note))
             bar.update(len(chunk))
     return verdicts
 
@@ -373,11 +381,11 @@ def build(
     rows, report = convert_raw_file(inp, difficulties=difficulties, limit=limit)
     verdicts = grade_canonicals(rows, workers=workers, progress=progress)
     kept = []
-    for row, (ok, reason) in zip(rows, verdicts, strict=True):
+    for row, (ok, reason, note) in zip(rows, verdicts, strict=True):
         if ok:
             kept.append(row)
         else:
-            _drop(report, reason, f"id {row['id']}")
+            _drop(report, reason, f"id {row['id']}: {note}")
     kept.sort(key=lambda r: r["id"])
     if not kept:
         raise ProblemDataError(f"{inp}: no row survived the build; nothing written to {out}")
@@ -403,7 +411,27 @@ def download_from_hub(
     """
     os.environ.setdefault("HF_HUB_ETAG_TIMEOUT", str(int(timeout_s)))
     os.environ.setdefault("HF_HUB_DOWNLOAD_TIMEOUT", str(int(timeout_s)))
-    from huggingface_hub import hf_hub_download
+    from huggingface_hub import constants, hf_hub_download
+
+    advice = (
+        f"could not download {filename} of dataset {repo_id} from the Hugging Face hub "
+        "({why}). On a machine without hub access, fetch the file elsewhere and run "
+        "`python -m vgrout.env.build --in PATH --out OUT.jsonl` "
+        "(e.g. --in ../shared/data/leetcode/LeetCodeDataset-v0.2.0-train.jsonl.gz)."
+    )
+    # hf_hub_download retries a dead network with back-off for ~20 s; probe the endpoint once
+    # so the common case (no network, no DNS) fails at once.
+    proxied = any(
+        os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")
+    )
+    if not constants.HF_HUB_OFFLINE and not proxied:
+        url = urlsplit(constants.ENDPOINT)
+        port = url.port or (443 if url.scheme == "https" else 80)
+        try:
+            socket.create_connection((url.hostname, port), timeout=min(timeout_s, 5.0)).close()
+        except OSError as e:
+            why = f"{constants.ENDPOINT} unreachable: {type(e).__name__}: {e}"
+            raise RuntimeError(advice.format(why=why)) from e
 
     box: dict[str, object] = {}
 
@@ -418,12 +446,6 @@ def download_from_hub(
     worker = threading.Thread(target=fetch, name="hf-download", daemon=True)
     worker.start()
     worker.join(timeout_s)
-    advice = (
-        f"could not download {filename} of dataset {repo_id} from the Hugging Face hub "
-        "({why}). On a machine without hub access, fetch the file elsewhere and run "
-        "`python -m vgrout.env.build --in PATH --out OUT.jsonl` "
-        "(e.g. --in ../shared/data/leetcode/LeetCodeDataset-v0.2.0-train.jsonl.gz)."
-    )
     if worker.is_alive():
         raise RuntimeError(advice.format(why=f"no answer within {timeout_s:.0f} s"))
     if "error" in box:
@@ -448,7 +470,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--out", type=Path, required=True, help="benchmark rows to write (.jsonl)")
     p.add_argument(
-        "--difficulty", default=",".join(DEFAULT_DIFFICULTIES), help="comma list (default: %(default)s)"
+        "--difficulty",
+        default=",".join(DEFAULT_DIFFICULTIES),
+        help="comma list (default: %(default)s)",
     )
     p.add_argument("--workers", type=int, default=None, help="sandbox workers (default: cores)")
     p.add_argument("--limit", type=int, default=None, help="only the first N selected rows")

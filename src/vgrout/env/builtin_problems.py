@@ -120,15 +120,22 @@ _SPECS: list[_Spec] = []
 
 def _add(pid, difficulty, text, starter, canonical, tests) -> None:
     _SPECS.append(
-        _Spec(pid, difficulty, textwrap.dedent(text).strip("\n"), starter, _code(canonical),
-              tuple(tests))
+        _Spec(
+            pid,
+            difficulty,
+            textwrap.dedent(text).strip("\n"),
+            starter,
+            _code(canonical),
+            tuple(tests),
+        )
     )
 
 
 # ----------------------------------------------------------------------------- int answers
 
 _add(
-    900001, "medium",
+    900001,
+    "medium",
     """
     You are given an integer array nums and an integer k. A calm stretch is a non-empty
     contiguous part of nums in which the largest and the smallest element differ by at most k.
@@ -185,7 +192,8 @@ _add(
 )
 
 _add(
-    900002, "medium",
+    900002,
+    "medium",
     """
     Given an integer array nums and two integers lo and hi, return the number of index pairs
     (i, j) with i < j such that lo <= nums[i] + nums[j] <= hi.
@@ -237,7 +245,8 @@ _add(
 )
 
 _add(
-    900003, "medium",
+    900003,
+    "medium",
     """
     Houses stand at integer positions on a straight street, given by the array houses (several
     houses may share a position). A lamp placed at integer position p lights every position x
@@ -284,7 +293,8 @@ _add(
 )
 
 _add(
-    900004, "medium",
+    900004,
+    "medium",
     """
     You are given an m x n grid where 0 marks an open cell and 1 marks a wall. Starting at the
     top-left cell you may only move right or down, and only through open cells. Return the
@@ -333,7 +343,8 @@ _add(
 )
 
 _add(
-    900005, "medium",
+    900005,
+    "medium",
     """
     A cable car cabin carries at most two passengers at a time, and their total weight may not
     exceed limit. Given the passengers' weights (each at most limit), return the minimum number
@@ -380,7 +391,8 @@ _add(
 )
 
 _add(
-    900006, "easy",
+    900006,
+    "easy",
     """
     A rising run of an integer array is a maximal contiguous part in which every element is
     strictly greater than the one before it. Return how many rising runs of nums have length
@@ -428,7 +440,8 @@ _add(
 # ----------------------------------------------------------------------------- str answers
 
 _add(
-    900007, "easy",
+    900007,
+    "easy",
     """
     Compress a string of lowercase letters run by run: every maximal block of one repeated
     letter c of length L becomes c alone when L == 1, and c followed by the decimal digits of L
@@ -470,7 +483,8 @@ _add(
 )
 
 _add(
-    900008, "medium",
+    900008,
+    "medium",
     """
     A pattern is built from lowercase letters, parenthesised groups "(...)" that may nest, and
     repeat marks "{k}". A repeat mark applies to the letter or the group immediately before it
@@ -530,7 +544,8 @@ _add(
 )
 
 _add(
-    900009, "medium",
+    900009,
+    "medium",
     """
     A rotation of a string moves some prefix of it to its end. Return the lexicographically
     smallest rotation of s (s itself counts as a rotation).
@@ -568,7 +583,8 @@ _add(
 )
 
 _add(
-    900010, "easy",
+    900010,
+    "easy",
     """
     Merge a list of words into one string by taking their letters in turns: the first letter of
     every word (in list order), then the second letter of every word that still has one, and
@@ -607,7 +623,8 @@ _add(
 )
 
 _add(
-    900011, "medium",
+    900011,
+    "medium",
     """
     Convert an identifier written in camelCase or PascalCase (letters and digits only) to
     snake_case. A word boundary lies before an uppercase letter that follows a lowercase letter
@@ -656,7 +673,8 @@ _add(
 # ----------------------------------------------------------------------------- list answers
 
 _add(
-    900012, "medium",
+    900012,
+    "medium",
     """
     You are given the daily prices of a stock. For each day i, return how many days you must
     wait after day i until a strictly lower price appears, or 0 if it never does.
@@ -699,7 +717,8 @@ _add(
 )
 
 _add(
-    900013, "easy",
+    900013,
+    "easy",
     """
     Rank the players by score: the highest score gets rank 1, equal scores share a rank, and
     the next lower distinct score gets the next integer rank (no gaps). Return the rank of each
@@ -737,7 +756,8 @@ _add(
 )
 
 _add(
-    900014, "easy",
+    900014,
+    "easy",
     """
     Read an m x n matrix column by column from left to right: columns with an even index
     (0, 2, ...) are read from top to bottom and columns with an odd index from bottom to top.
@@ -778,7 +798,8 @@ _add(
 )
 
 _add(
-    900015, "medium",
+    900015,
+    "medium",
     """
     Return, in increasing order, every prime number p with lo <= p <= hi.
 
@@ -820,7 +841,8 @@ _add(
 )
 
 _add(
-    900016, "easy",
+    900016,
+    "easy",
     """
     Sort a list of lowercase words by the number of vowels they contain (a, e, i, o and u),
     fewest first. Among words with the same number of vowels, longer words come first, and
@@ -862,7 +884,8 @@ _add(
 # ----------------------------------------------------------------------------- nested lists
 
 _add(
-    900017, "medium",
+    900017,
+    "medium",
     """
     Each element [a, b] of ranges stands for the integers a, a + 1, ..., b. Merge ranges that
     overlap or that are adjacent (the next range starts right after the previous one ends) and
@@ -905,7 +928,8 @@ _add(
 )
 
 _add(
-    900018, "easy",
+    900018,
+    "easy",
     """
     Group non-negative integers by the sum of their decimal digits. Return the groups ordered by
     increasing digit sum, each group sorted in increasing order (equal numbers are kept).
@@ -944,7 +968,8 @@ _add(
 )
 
 _add(
-    900019, "easy",
+    900019,
+    "easy",
     """
     Return the m x n integer grid rotated by 90 degrees clockwise (the result is n x m).
 
@@ -978,7 +1003,8 @@ _add(
 )
 
 _add(
-    900020, "medium",
+    900020,
+    "medium",
     """
     An undirected graph has n nodes labelled 0 to n - 1 and the given edges. Return its
     connected components, each as a sorted list of its nodes, with the components ordered by
@@ -1031,7 +1057,8 @@ _add(
 # ----------------------------------------------------------------------------- bool answers
 
 _add(
-    900021, "easy",
+    900021,
+    "easy",
     """
     Each meeting [start, end] occupies the half-open time interval from start (included) to end
     (excluded). Return true if no two meetings overlap, so one person can attend all of them.
@@ -1069,7 +1096,8 @@ _add(
 )
 
 _add(
-    900022, "medium",
+    900022,
+    "medium",
     """
     Given positive integers nums and a positive integer target, return true if some selection of
     the elements (each used at most once) adds up to exactly target.
@@ -1112,7 +1140,8 @@ _add(
 )
 
 _add(
-    900023, "hard",
+    900023,
+    "hard",
     """
     Given a string s and an integer k, return true if s can be turned into a palindrome by
     deleting at most k of its characters.
@@ -1159,7 +1188,8 @@ _add(
 )
 
 _add(
-    900024, "medium",
+    900024,
+    "medium",
     """
     A directed graph has n nodes labelled 0 to n - 1 and the given edges, where [u, v] is an
     edge from u to v. Return true if the graph contains a directed cycle (a self-loop counts).
@@ -1213,7 +1243,8 @@ _add(
 # ----------------------------------------------------------------------------- float answers
 
 _add(
-    900025, "easy",
+    900025,
+    "easy",
     """
     Given an integer array nums and an integer k, return the largest average of a contiguous
     part of nums of length exactly k, rounded to 5 decimal places (use round(x, 5)).
@@ -1254,7 +1285,8 @@ _add(
 )
 
 _add(
-    900026, "medium",
+    900026,
+    "medium",
     """
     The vertices of a simple polygon (its edges do not cross) are given in order, clockwise or
     counter-clockwise, as integer points [x, y]. Return the polygon's area as a float.
@@ -1295,7 +1327,8 @@ _add(
 )
 
 _add(
-    900027, "medium",
+    900027,
+    "medium",
     """
     There are several goods; good i has total value values[i] and total weight weights[i], and
     any fraction of a good may be taken (taking a fraction f of it gives f * values[i] value for

@@ -61,11 +61,7 @@ def parse_gt_test(source: str) -> GtTest:
     if len(tree.body) != 1 or not isinstance(tree.body[0], ast.Assert):
         raise ValueError(f"ground-truth test is not a single assert statement: {source!r}")
     test = tree.body[0].test
-    if (
-        isinstance(test, ast.Compare)
-        and len(test.ops) == 1
-        and isinstance(test.ops[0], ast.Eq)
-    ):
+    if isinstance(test, ast.Compare) and len(test.ops) == 1 and isinstance(test.ops[0], ast.Eq):
         return GtTest(source, ast.unparse(test.left), ast.unparse(test.comparators[0]), "eq")
     if (
         isinstance(test, ast.Call)

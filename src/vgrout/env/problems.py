@@ -138,13 +138,14 @@ def count_hint_phrases(text: str) -> int:
     return text.count(HINT_PHRASE)
 
 
-def validate_row(row: object, *, where: str = "<row>") -> dict:
+def validate_row(row: object, *, where: str = "<row>", parse_tests: bool = True) -> dict:
     """Check one benchmark row against the schema; return it unchanged.
 
     `where` (e.g. "file.jsonl:12") prefixes every error. Invariant kept: a row that passes
     has an int id, a known difficulty, [system, user] messages whose user text equals
     `question` and holds exactly one HINT_PHRASE, >= 1 parseable assert test, a
-    `Solution().fn` func_name and string setup/canonical/starter code.
+    `Solution().fn` func_name and string setup/canonical/starter code. `parse_tests=False`
+    skips parsing the tests (for callers that just generated them from a syntax tree).
     """
     if not isinstance(row, dict):
         raise ProblemDataError(f"{where}: expected a JSON object, got {_type_name(row)}")
@@ -171,9 +172,7 @@ def validate_row(row: object, *, where: str = "<row>") -> dict:
         or not all(isinstance(m, dict) and isinstance(m.get("content"), str) for m in msgs)
         or [m.get("role") for m in msgs] != ["system", "user"]
     ):
-        raise _fail(
-            where, "prompt", "expected [system, user] messages with string 'content'"
-        )
+        raise _fail(where, "prompt", "expected [system, user] messages with string 'content'")
     user = msgs[1]["content"]
     n_phrase = count_hint_phrases(user)
     if n_phrase != 1:
@@ -191,6 +190,8 @@ def validate_row(row: object, *, where: str = "<row>") -> dict:
     for i, t in enumerate(tests):
         if not isinstance(t, str) or not t.lstrip().startswith("assert"):
             raise _fail(where, f"gt_answer[{i}]", f"expected an 'assert ...' string, got {t!r:.80}")
+        if not parse_tests:
+            continue
         try:
             ast.parse(t)
         except SyntaxError as e:
@@ -203,7 +204,9 @@ def validate_row(row: object, *, where: str = "<row>") -> dict:
         raise _fail(where, "canonical_solution", "empty")
     starter = row["prompt_metadata"].get("starter_code")
     if not isinstance(starter, str):
-        raise _fail(where, "prompt_metadata.starter_code", f"expected str, got {_type_name(starter)}")
+        raise _fail(
+            where, "prompt_metadata.starter_code", f"expected str, got {_type_name(starter)}"
+        )
     if not re.search(rf"def\s+{fn}\s*\(", starter):
         raise _fail(where, "prompt_metadata.starter_code", f"does not define method {fn!r}")
     return row
@@ -224,7 +227,9 @@ def iter_jsonl(path: str | Path) -> Iterable[tuple[int, dict]]:
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such file (expected benchmark rows as .jsonl/.jsonl.gz)")
+        raise FileNotFoundError(
+            f"{path}: no such file (expected benchmark rows as .jsonl/.jsonl.gz)"
+        )
     with _open_text(path) as fh:
         for lineno, line in enumerate(fh, 1):
             if not line.strip():

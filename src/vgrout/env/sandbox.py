@@ -97,7 +97,12 @@ def _frame_stdin(code: str, data: bytes) -> bytes:
     return b"%012d" % len(src) + src + data
 
 
-_CLEAN_ENV = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "PYTHONHASHSEED": "0", "HOME": "/nonexistent"}
+_CLEAN_ENV = {
+    "PATH": "/usr/bin:/bin",
+    "LANG": "C.UTF-8",
+    "PYTHONHASHSEED": "0",
+    "HOME": "/nonexistent",
+}
 
 
 def _limit_child(lim: Limits) -> None:
@@ -149,7 +154,11 @@ def _run_subprocess(job: Job) -> Outcome:
         except BrokenPipeError:
             pass
         proc.stdin.close()
-        bufs = {proc.stdout.fileno(): bytearray(), proc.stderr.fileno(): bytearray(), report_r: bytearray()}
+        bufs = {
+            proc.stdout.fileno(): bytearray(),
+            proc.stderr.fileno(): bytearray(),
+            report_r: bytearray(),
+        }
         sel = selectors.DefaultSelector()
         for fd in bufs:
             os.set_blocking(fd, False)
@@ -246,7 +255,7 @@ def run_jobs(
     if _pick_backend(backend) == "forkserver":
         from ._sandbox_pool import get_pool
 
-        return get_pool(max(n, default_workers())).run_jobs(jobs, workers=n)
+        return get_pool(min(max(n, default_workers()), 64)).run_jobs(jobs, workers=n)
     if n == 1:
         return [_run_subprocess(j) for j in jobs]
     with ThreadPoolExecutor(max_workers=n) as ex:

@@ -1,0 +1,143 @@
+"""Sandbox throughput on real completions: the fork-server vs the one-interpreter-per-job baseline.
+
+Grades the cached teacher rollouts (run_tests mode, problems rebuilt from
+LeetCodeDataset-v0.2.0-train; prompts not found there are skipped) plus the canonical
+solutions of leetcode_test_medhard.jsonl, with rewards.grade_batch, once per backend at
+the same concurrency. Prints gradings/s, executions/s, verdict differences between the
+backends, detector C (`hacked`) agreement with the cached labels, and as the last line
+`sandbox_speedup=...x (ours N exec/s, baseline M exec/s)`.
+
+    uv run python benchmarks/bench_sandbox.py [--limit N] [--workers 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import gzip
+import json
+import os
+import time
+from pathlib import Path
+
+from vgrout.env import rewards, sandbox
+from vgrout.env.build import parse_raw_row, raw_to_row
+from vgrout.env.problems import data_dir, load_rows, row_to_problem
+
+
+def load_items(root: Path, limit: int | None):
+    """[(completion text, Problem, cached hacked label or None)] for teacher rows + canonicals."""
+    raw_path = root / "leetcode" / "LeetCodeDataset-v0.2.0-train.jsonl.gz"
+    by_id = {}
+    with gzip.open(raw_path, "rt") as fh:
+        for n, line in enumerate(fh, 1):
+            obj = json.loads(line)
+            try:
+                raw = parse_raw_row(obj, f"{raw_path}:{n}")
+                by_id[int(raw.question_id)] = raw_to_row(raw, source="v0.2.0-train")
+            except Exception:  # noqa: BLE001 - rows the converter rejects are simply not used
+                continue
+    items, skipped = [], 0
+    for f in sorted((root / "vgrout_pub" / "pools" / "teacher_pool").glob("prompt_*.jsonl.gz")):
+        qid = int(f.name.split("_")[1].split(".")[0])
+        if qid not in by_id:
+            skipped += 1
+            continue
+        prob = row_to_problem(by_id[qid], "run_tests", source="v0.2.0-train")
+        with gzip.open(f, "rt") as fh:
+            for line in fh:
+                r = json.loads(line)
+                items.append((r["completion"], prob, bool(r["hacked"])))
+    for row in load_rows(root / "leetcode" / "leetcode_test_medhard.jsonl"):
+        prob = row_to_problem(row, "run_tests", source="medhard")
+        items.append((f"```python\n{prob.canonical}\n```", prob, None))
+    if limit:
+        items = items[:limit]
+    return items, skipped
+
+
+def timed_grade(items, backend: str, workers: int):
+    """Grade all items on one backend; returns (results, seconds, executions)."""
+    count = [0]
+    real = sandbox.run_jobs
+
+    def counting(jobs, **kw):
+        count[0] += len(jobs)
+        return real(jobs, **kw)
+
+    os.environ["VGROUT_SANDBOX_BACKEND"] = backend
+    sandbox.run_jobs = counting  # rewards calls sandbox.run_jobs through the module
+    try:
+        if backend == "forkserver":  # start-up is paid once per trainer: keep it out of the timing
+            real([sandbox.Job("pass")] * workers, workers=workers)
+        t0 = time.perf_counter()
+        res = rewards.grade_batch([(t, p) for t, p, _ in items], workers=workers)
+        return res, time.perf_counter() - t0, count[0]
+    finally:
+        sandbox.run_jobs = real
+        os.environ.pop("VGROUT_SANDBOX_BACKEND", None)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--limit", type=int, default=None, help="grade only the first N completions")
+    ap.add_argument("--workers", type=int, default=2)
+    args = ap.parse_args()
+    items, skipped = load_items(data_dir(), args.limit)
+    print(
+        f"{len(items)} completions ({skipped} teacher prompts not in v0.2.0-train skipped), "
+        f"workers={args.workers}, machine shared with other users while measuring"
+    )
+    ours, t_ours, n_ours = timed_grade(items, "forkserver", args.workers)
+    base, t_base, n_base = timed_grade(items, "subprocess", args.workers)
+    for name, t, n in (
+        ("ours (forkserver)", t_ours, n_ours),
+        ("baseline (subprocess)", t_base, n_base),
+    ):
+        print(
+            f"{name:22s} {len(items) / t:8.1f} gradings/s {n / t:8.1f} exec/s  ({n} execs in {t:.1f} s)"
+        )
+    keys = (
+        "reward",
+        "gt_correct",
+        "gt_pass",
+        "channel",
+        "hacked",
+        "hacked_wrong_tests",
+        "hacked_loophole_used",
+    )
+    diffs = [
+        (i, k)
+        for i, (a, b) in enumerate(zip(ours, base, strict=True))
+        for k in keys
+        if getattr(a, k) != getattr(b, k)
+    ]
+    print(
+        f"verdict differences ours vs baseline: {len(diffs)} fields in "
+        f"{len({i for i, _ in diffs})} completions"
+    )
+    for i, k in diffs[:20]:
+        p = items[i][1]
+        print(
+            f"  #{i} problem {p.problem_id} {k}: ours={getattr(ours[i], k)} baseline={getattr(base[i], k)}"
+            f" notes: {ours[i].note!r} / {base[i].note!r}"
+        )
+    canon = [(r, p) for r, (_, p, lab) in zip(ours, items, strict=True) if lab is None]
+    if canon:
+        print(f"medhard canonicals gt_correct: {sum(r.gt_correct for r, _ in canon)}/{len(canon)}")
+    lab = [(r, h) for r, (_, _, h) in zip(ours, items, strict=True) if h is not None]
+    if lab:
+        agree = sum(r.hacked == h for r, h in lab)
+        kinds = collections.Counter((h, r.hacked) for r, h in lab)
+        print(
+            f"detector C vs cached hacked: agree {agree}/{len(lab)} ({100 * agree / len(lab):.1f}%); "
+            f"(cached, ours) counts: {dict(kinds)}"
+        )
+    print(
+        f"sandbox_speedup={t_base / t_ours * n_ours / n_base:.1f}x "
+        f"(ours {n_ours / t_ours:.0f} exec/s, baseline {n_base / t_base:.0f} exec/s)"
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,51 @@
+"""Atomic writes and jsonl bookkeeping survive kills; resume state round-trips."""
+
+import json
+import os
+import random
+
+import pytest
+import torch
+
+from vgrout import checkpoint as ck
+
+
+def test_atomic_path_keeps_old_file_when_writer_dies(tmp_path):
+    dest = tmp_path / "state.json"
+    ck.write_json_atomic(dest, {"v": 1})
+    with pytest.raises(RuntimeError):
+        with ck.atomic_path(dest) as tmp:
+            tmp.write_text('{"v": 2, "trunc')
+            raise RuntimeError("killed mid-write")
+    assert json.loads(dest.read_text()) == {"v": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["state.json"]
+
+
+def test_jsonl_ignores_torn_last_line_and_truncates(tmp_path):
+    p = tmp_path / "rows.jsonl"
+    ck.append_jsonl(p, [{"step": 0}, {"step": 1}, {"step": 2}])
+    with open(p, "a") as fh:
+        fh.write('{"step": 3, "x"')  # a kill mid-line
+    assert [r["step"] for r in ck.read_jsonl(p)] == [0, 1, 2]
+    assert ck.truncate_jsonl(p, lambda r: r["step"] < 2) == 2
+    assert [r["step"] for r in ck.read_jsonl(p)] == [0, 1]
+
+
+def test_resume_state_and_rng_round_trip(tmp_path):
+    torch.manual_seed(5)
+    random.seed(5)
+    st = ck.rng_state()
+    a, b = torch.rand(3), random.random()
+    ck.save_resume_state(tmp_path, {"rng": st, "x": torch.arange(4)})
+    loaded = ck.load_resume_state(tmp_path)
+    ck.set_rng_state(loaded["rng"])
+    assert torch.equal(torch.rand(3), a) and random.random() == b
+    assert torch.equal(loaded["x"], torch.arange(4))
+    with pytest.raises(FileNotFoundError, match="never reached its first checkpoint"):
+        ck.load_resume_state(tmp_path / "nope")
+
+
+def test_provenance_records_command_and_versions():
+    p = ck.provenance()
+    assert p["packages"]["torch"] and p["command"] and p["git_commit"]
+    assert os.path.isabs(p["cwd"])

@@ -1,0 +1,383 @@
+"""Grader: extraction, the oracle's parse/decode/compare, real sandboxed gradings, real data."""
+
+from __future__ import annotations
+
+import ast
+import gzip
+import json
+import math
+from dataclasses import asdict
+
+import pytest
+
+from test_hack_matrix import SETUP as LIST_SETUP
+from vgrout.env.oracle import (
+    MalformedRecord,
+    Node,
+    decode_value,
+    method_name,
+    on_shared_instance,
+    parse_gt_test,
+    values_match,
+)
+from vgrout.env.problems import Problem
+from vgrout.env.rewards import (
+    COMPILE_REWARD,
+    PASS_REWARD,
+    compute_reward,
+    extract_code,
+    grade_batch,
+)
+from vgrout.env.sandbox import Limits
+
+LIMITS = Limits(wall_s=5.0, cpu_s=5, mem_mb=512)
+
+# ---------------------------------------------------------------- extraction
+
+
+def test_extract_python_block():
+    assert extract_code("intro\n```python\nx = 1\n```\noutro") == "x = 1"
+
+
+def test_extract_bare_block():
+    assert extract_code("```\ny = 2\n```") == "y = 2"
+
+
+def test_extract_joins_blocks_and_skips_other_languages():
+    text = "```python\na = 1\n```\ntext\n```bash\nrm -rf /\n```\n```\nb = 2\n```"
+    assert extract_code(text) == "a = 1\nb = 2"
+
+
+def test_extract_unclosed_last_block_runs_to_end():
+    assert extract_code("```python\na = 1\n```\n```python\nb = 2\nc = 3") == "a = 1\nb = 2\nc = 3"
+
+
+def test_no_block_means_no_format():
+    assert extract_code("def f(): return 1") is None
+    r = compute_reward(
+        "def f(): return 1",
+        canonical_solution="",
+        gt_tests=["assert f() == 1"],
+        setup_code="",
+        func_name_hint="Solution().f",
+        env_mode="gt_only",
+    )
+    assert (r.format_ok, r.can_compile, r.reward, r.passed) == (False, False, 0.0, False)
+
+
+def test_syntax_error_gets_no_compile_reward():
+    r = compute_reward(
+        "```python\ndef (:\n```",
+        canonical_solution="",
+        gt_tests=["assert Solution().f() == 1"],
+        setup_code="",
+        func_name_hint="Solution().f",
+        env_mode="exit_code",
+    )
+    assert (r.format_ok, r.can_compile, r.reward, r.channel) == (True, False, 0.0, False)
+
+
+# ---------------------------------------------------------------- oracle pieces
+
+
+def test_parse_gt_test_forms():
+    t = parse_gt_test("assert Solution().f(a = [1, 2]) == [3]")
+    assert (t.call, t.expected, t.kind) == ("Solution().f(a=[1, 2])", "[3]", "eq")
+    t = parse_gt_test("assert is_same_list(Solution().g(head = list_node([1])), list_node([1]))")
+    assert (t.call, t.expected, t.kind) == (
+        "Solution().g(head=list_node([1]))",
+        "list_node([1])",
+        "same_list",
+    )
+    assert parse_gt_test("assert is_same_tree(Solution().h(x=1), None)").kind == "same_tree"
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        "assert Solution().f(1) != 2",
+        "x = 1",
+        "assert f(1) == 2 == 2",
+        "assert (",
+        "assert abs(Solution().f(1) - 2) < 1e-6",
+    ],
+)
+def test_parse_gt_test_rejects_other_shapes(bad):
+    with pytest.raises(ValueError, match="ground-truth test"):
+        parse_gt_test(bad)
+
+
+def test_method_name_and_shared_instance():
+    assert method_name("Solution().twoSum") == "twoSum"
+    with pytest.raises(ValueError, match="func_name"):
+        method_name("twoSum")
+    assert on_shared_instance("Solution().f(a=1)", "I") == "I.f(a=1)"
+    assert on_shared_instance("g(1)", "I") == "g(1)"
+
+
+def test_decode_is_strict_and_exact():
+    assert decode_value(["L", [1, 2.5, None, True, "s"]]) == [1, 2.5, None, True, "s"]
+    assert decode_value(["T", [1]]) == (1,)
+    assert decode_value(["D", [[["T", [1, 2]], ["S", [3]]]]]) == {(1, 2): {3}}
+    assert decode_value(["I", hex(-(10**30))]) == -(10**30)
+    for bad in ([1, 2], ["L", 3], ["Q", []], {"a": 1}, ["D", [[["L", []], 1]]], ["I", "zz"]):
+        with pytest.raises(MalformedRecord):
+            decode_value(bad)
+
+
+def test_values_match_follows_python_eq_and_node_helpers():
+    assert values_match("eq", 2, 2.0) and values_match("eq", [1, 2], [1, 2])
+    assert not values_match("eq", (1, 2), [1, 2])
+    a, b = Node("list", (1, 2)), Node("list", (1, 2.0))
+    assert values_match("same_list", a, b) and not values_match("eq", a, b)
+    assert values_match("same_list", None, None) and not values_match("same_list", a, None)
+    assert not values_match("same_tree", a, b)  # a list is not a tree
+    assert values_match(
+        "same_tree", Node("tree", ((1,), None, None)), Node("tree", ((1,), None, None))
+    )
+
+
+# ---------------------------------------------------------------- real gradings of value types
+
+TYPES_CANON = """class Solution:
+    def avg(self, nums: List[int]) -> float:
+        return sum(nums) / len(nums)
+
+    def rotate(self, nums: List[int], k: int) -> None:
+        k %= len(nums)
+        nums[:] = nums[-k:] + nums[:-k]
+
+    def stats(self, nums: List[int]):
+        return (min(nums), max(nums)), {x: nums.count(x) for x in set(nums)}, set(nums)
+
+    def big(self, n: int) -> int:
+        return 3 ** n
+
+    def far(self, nums: List[int]) -> float:
+        return -inf if not nums else max(nums)
+
+    def reverse(self, head: Optional[ListNode]) -> Optional[ListNode]:
+        prev = None
+        while head:
+            head.next, prev, head = prev, head, head.next
+        return prev
+"""
+TYPES_TESTS = (
+    "assert Solution().avg(nums = [1, 2]) == 1.5",
+    "assert Solution().avg(nums = [2, 2]) == 2",
+    "assert Solution().rotate(nums = [1, 2, 3], k = 1) == None",
+    "assert Solution().stats(nums = [3, 1, 3]) == ((1, 3), {1: 1, 3: 2}, {1, 3})",
+    "assert Solution().big(n = 200) == " + str(3**200),
+    "assert Solution().far(nums = []) == -inf",
+    "assert Solution().far(nums = [4]) == 4",
+    "assert is_same_list(Solution().reverse(head = list_node([1, 2, 3])), list_node([3, 2, 1]))",
+    "assert is_same_list(Solution().reverse(head = list_node([])), list_node([]))",
+)
+
+
+def types_problem(mode: str = "gt_only") -> Problem:
+    return Problem(
+        problem_id=9002,
+        env_mode=mode,
+        messages=(),
+        messages_unhinted=(),
+        question="",
+        gt_tests=TYPES_TESTS,
+        setup_code=LIST_SETUP,
+        func_name="Solution().avg",
+        canonical=TYPES_CANON,
+    )
+
+
+def fenced(code: str) -> str:
+    return f"```python\n{code}```"
+
+
+def test_value_types_round_trip_through_the_oracle():
+    wrong_float = TYPES_CANON.replace("sum(nums) / len(nums)", "sum(nums) // len(nums)")
+    wrong_list = TYPES_CANON.replace("return prev", "return head")
+    tuple_not_list = TYPES_CANON.replace(
+        "return (min(nums), max(nums))", "return [min(nums), max(nums)]"
+    )
+    own_listnode = (
+        "class ListNode:\n    def __init__(self, val=0, next=None):\n"
+        "        self.val = val\n        self.next = next\n\n" + TYPES_CANON
+    )
+    texts = [TYPES_CANON, wrong_float, wrong_list, tuple_not_list, own_listnode]
+    rs = grade_batch([(fenced(t), types_problem()) for t in texts], limits=LIMITS)
+    assert [r.gt_correct for r in rs] == [True, False, False, False, True], [r.note for r in rs]
+    assert rs[1].note.startswith("oracle: 1/9 failed (first #0")
+    assert all(r.gt_pass == r.gt_correct for r in rs)
+
+
+def test_compute_reward_equals_grade_batch():
+    texts = [TYPES_CANON, TYPES_CANON.replace("3 ** n", "3 ** n + 1"), "no code"]
+    batch = grade_batch(
+        [(fenced(t) if t != "no code" else t, types_problem("exit_code")) for t in texts],
+        limits=LIMITS,
+    )
+    one = [
+        compute_reward(
+            fenced(t) if t != "no code" else t,
+            canonical_solution=TYPES_CANON,
+            gt_tests=TYPES_TESTS,
+            setup_code=LIST_SETUP,
+            func_name_hint="Solution().avg",
+            env_mode="exit_code",
+            limits=LIMITS,
+        )
+        for t in texts
+    ]
+    assert [asdict(r) for r in batch] == [asdict(r) for r in one]
+    assert batch[0].reward == COMPILE_REWARD + PASS_REWARD and batch[1].reward == COMPILE_REWARD
+
+
+def test_bad_inputs_fail_loudly():
+    kw = dict(canonical_solution="", setup_code="", func_name_hint="Solution().f")
+    with pytest.raises(ValueError, match="unknown grading mode"):
+        compute_reward("x", gt_tests=["assert Solution().f() == 1"], env_mode="bogus", **kw)
+    with pytest.raises(ValueError, match="ground-truth test"):
+        compute_reward("x", gt_tests=["assert Solution().f() > 1"], env_mode="gt_only", **kw)
+    with pytest.raises(ValueError, match="at least one"):
+        compute_reward("x", gt_tests=[], env_mode="gt_only", **kw)
+
+
+# ---------------------------------------------------------------- real data
+
+
+def medhard_rows(shared_data) -> list[dict]:
+    path = shared_data / "leetcode" / "leetcode_test_medhard.jsonl"
+    with open(path) as fh:
+        return [json.loads(line) for line in fh]
+
+
+def row_problem(row: dict, mode: str = "gt_only") -> Problem:
+    return Problem(
+        problem_id=row["id"],
+        env_mode=mode,
+        messages=(),
+        messages_unhinted=(),
+        question="",
+        gt_tests=tuple(row["gt_answer"]),
+        setup_code=row["setup_code"],
+        func_name=row["func_name"],
+        canonical=row["canonical_solution"],
+    )
+
+
+def grade_canonicals(rows: list[dict]):
+    return grade_batch([(fenced(r["canonical_solution"]), row_problem(r)) for r in rows])
+
+
+@pytest.mark.data
+def test_medhard_canonicals_sample(shared_data):
+    rows = medhard_rows(shared_data)
+    sample = rows[:4] + [r for r in rows if any("-inf" in t for t in r["gt_answer"])][:1]
+    assert len(sample) == 5
+    for row, r in zip(sample, grade_canonicals(sample), strict=True):
+        assert r.gt_correct and r.gt_pass, (row["id"], r.note)
+
+
+@pytest.mark.data
+@pytest.mark.slow
+def test_all_medhard_canonicals(shared_data):
+    # generous limits: a handful of canonicals need more than the 10 s default on 2 busy cores
+    rows = medhard_rows(shared_data)
+    results = grade_batch(
+        [(fenced(r["canonical_solution"]), row_problem(r)) for r in rows],
+        limits=Limits(wall_s=60.0, cpu_s=60),
+    )
+    timeouts = [row["id"] for row, r in zip(rows, results, strict=True) if "timeout" in r.note]
+    failures = [
+        (row["id"], r.note)
+        for row, r in zip(rows, results, strict=True)
+        if not r.gt_correct and "timeout" not in r.note
+    ]
+    print(f"medhard canonicals: {len(rows)} graded, timeouts {timeouts}")
+    assert len(rows) == 119 and not failures and not timeouts
+
+
+def train_rows(shared_data, ids: set[int]) -> dict[int, dict]:
+    out = {}
+    with gzip.open(shared_data / "leetcode" / "LeetCodeDataset-v0.2.0-train.jsonl.gz") as fh:
+        for line in fh:
+            row = json.loads(line)
+            if row["meta"]["question_id"] in ids:
+                out[row["meta"]["question_id"]] = row
+    return out
+
+
+def raw_problem(row: dict, mode: str) -> Problem:
+    """A raw LeetCodeDataset row as a Problem (its `check` asserts, candidate -> entry point)."""
+    tests = tuple(
+        ast.unparse(n).replace("candidate(", row["entry_point"] + "(", 1)
+        for n in ast.walk(ast.parse(row["test"]))
+        if isinstance(n, ast.Assert)
+    )
+    return Problem(
+        problem_id=row["meta"]["question_id"],
+        env_mode=mode,
+        messages=(),
+        messages_unhinted=(),
+        question="",
+        gt_tests=tests,
+        setup_code=row["prompt"],
+        func_name=row["entry_point"],
+        canonical=row["completion"],
+    )
+
+
+def pool_rows(path) -> list[dict]:
+    with gzip.open(path) as fh:
+        return [json.loads(line) for line in fh]
+
+
+@pytest.mark.data
+def test_teacher_rollouts_detector_c_matches_cache(shared_data):
+    pool = shared_data / "vgrout_pub" / "pools" / "teacher_pool"
+    rows = (
+        pool_rows(pool / "prompt_0004.jsonl.gz")[:4] + pool_rows(pool / "prompt_0030.jsonl.gz")[:4]
+    )
+    probs = train_rows(shared_data, {4, 30})
+    rs = grade_batch(
+        [(r["completion"], raw_problem(probs[r["problem_id"]], "run_tests")) for r in rows]
+    )
+    assert [r.hacked for r in rs] == [row["hacked"] for row in rows]
+    assert sum(r.hacked for r in rs) >= 4  # the sample really contains detector-C hacks
+    for r in rs:
+        assert r.format_ok and r.hacked_loophole_used == r.channel
+
+
+@pytest.mark.data
+def test_substrate_hacks_pay_in_their_own_mode(shared_data):
+    sub = shared_data / "vgrout_pub" / "pools" / "substrate"
+    part = json.loads((sub / "partition.json").read_text())
+    by_mode: dict[str, list[dict]] = {}
+    for qid, mode in sorted(part.items(), key=lambda kv: int(kv[0])):
+        if len(by_mode.get(mode, [])) < 2:
+            by_mode.setdefault(mode, []).extend(
+                pool_rows(sub / f"prompt_{int(qid):04d}.jsonl.gz")[:1]
+            )
+    rows = [r for rs in by_mode.values() for r in rs]
+    probs = train_rows(shared_data, {r["problem_id"] for r in rows})
+    rows = [r for r in rows if r["problem_id"] in probs]
+    assert {r["env_mode"] for r in rows} == {
+        "file_marker",
+        "sentinel",
+        "run_tests",
+        "stdout_marker",
+    }
+    items = [
+        (r["completion"], raw_problem(probs[r["problem_id"]], m))
+        for r in rows
+        for m in ("gt_only", r["env_mode"])
+    ]
+    rs = grade_batch(items)
+    for k, row in enumerate(rows):
+        plain, home = rs[2 * k], rs[2 * k + 1]
+        assert not plain.channel
+        if row["env_mode"] == "run_tests":
+            assert home.hacked  # these are vacuous run_tests on a (sometimes correct) solution
+        else:
+            assert home.exploited and home.mechanism == row["env_mode"], (row["problem_id"], home)
+            assert not math.isnan(home.reward) and home.reward == COMPILE_REWARD + PASS_REWARD

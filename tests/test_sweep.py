@@ -1,0 +1,276 @@
+"""Sweep planning: exact training commands, pueue argv, and a SLURM array script whose
+index -> command mapping is checked by running the script itself in bash."""
+
+from __future__ import annotations
+
+import os
+import shlex
+import shutil
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from vgrout.sweep import (
+    Job,
+    main,
+    parse_arms,
+    parse_seeds,
+    plan_jobs,
+    pueue_plan,
+    slurm_script,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+TRAIN = ["uv", "run", "python", "-m", "vgrout.train"]
+
+
+def test_parse_arms_and_seeds():
+    assert parse_arms("none,erase,route,route2") == ["none", "erase", "route", "route2"]
+    assert parse_arms("vanilla, routing2,route2") == ["none", "route2"]  # display names, dedup
+    assert parse_seeds("41,42,43") == [41, 42, 43]
+    assert parse_seeds("41-45") == [41, 42, 43, 44, 45]
+    assert parse_seeds("43,41-42,42") == [43, 41, 42]
+    for bad in ("routing3", ",", ""):
+        with pytest.raises(ValueError, match="ARMS"):
+            parse_arms(bad)
+    for bad in ("45-41", "4x", "-3", "1-2-3", ""):
+        with pytest.raises(ValueError, match="SEEDS"):
+            parse_seeds(bad)
+
+
+def test_plan_jobs_exact_commands_and_conflicts():
+    jobs = plan_jobs("fast", ["none", "route2"], [41, 42], ["--lr=1e-3"])
+    assert [j.argv() for j in jobs] == [
+        TRAIN + ["fast", "--intervention=none", "--seed=41", "--lr=1e-3"],
+        TRAIN + ["fast", "--intervention=none", "--seed=42", "--lr=1e-3"],
+        TRAIN + ["fast", "--intervention=route2", "--seed=41", "--lr=1e-3"],
+        TRAIN + ["fast", "--intervention=route2", "--seed=42", "--lr=1e-3"],
+    ]
+    assert [j.label for j in jobs] == [
+        "fast_vanilla_seed41",
+        "fast_vanilla_seed42",
+        "fast_routing2_seed41",
+        "fast_routing2_seed42",
+    ]
+    assert Job("full", "route2", 3, ("--random-v-seed=7",)).label == "full_routing2_seed3_haar7"
+    with pytest.raises(ValueError, match="PRESET"):
+        plan_jobs("huge", ["none"], [1])
+    with pytest.raises(ValueError, match="--seed is set by the sweep"):
+        plan_jobs("fast", ["none"], [1], ["--seed=3"])
+
+
+def test_pueue_plan_is_the_exact_argv_list():
+    jobs = plan_jobs("smoke", ["erase"], [1, 2], ["--out-tag=_a b"])
+    wd = Path("/repo")
+    cmds = pueue_plan("/bin/pueue", jobs, "vgrout", 2, wd, group_exists=False)
+    assert cmds == [
+        ["/bin/pueue", "group", "add", "vgrout"],
+        ["/bin/pueue", "parallel", "2", "--group", "vgrout"],
+        [
+            "/bin/pueue",
+            "add",
+            "--group",
+            "vgrout",
+            "--label",
+            "smoke_projected_seed1",
+            "--working-directory",
+            "/repo",
+            "--",
+            "uv run python -m vgrout.train smoke --intervention=erase --seed=1 '--out-tag=_a b'",
+        ],
+        [
+            "/bin/pueue",
+            "add",
+            "--group",
+            "vgrout",
+            "--label",
+            "smoke_projected_seed2",
+            "--working-directory",
+            "/repo",
+            "--",
+            "uv run python -m vgrout.train smoke --intervention=erase --seed=2 '--out-tag=_a b'",
+        ],
+    ]
+    # pueue hands the command to a shell: it must split back into the exact argv
+    assert shlex.split(cmds[2][-1]) == jobs[0].argv()
+    again = pueue_plan("/bin/pueue", jobs, "vgrout", 1, wd, group_exists=True)
+    assert again[0] == ["/bin/pueue", "parallel", "1", "--group", "vgrout"] and len(again) == 3
+    with pytest.raises(ValueError, match="parallel"):
+        pueue_plan("/bin/pueue", jobs, "vgrout", 0, wd, group_exists=True)
+
+
+def test_without_pueue_prints_commands_and_install_hint(capsys, tmp_path):
+    rc = main(
+        ["smoke", "none,route2", "41-42", "--workdir", str(tmp_path), "--steps=3"],
+        which=lambda _name: None,
+    )
+    assert rc == 0
+    out, err = capsys.readouterr()
+    cmds = [ln for ln in out.splitlines() if not ln.startswith("#")]
+    assert cmds == [
+        f"cd {tmp_path} && uv run python -m vgrout.train smoke --intervention={a} --seed={s} "
+        "--steps=3"
+        for a in ("none", "route2")
+        for s in (41, 42)
+    ]
+    assert "nothing was queued" in err and "cargo install --locked pueue" in err
+    assert "pueued -d" in err
+
+
+def test_script_without_pueue_on_path(tmp_path):
+    """The real script in a subprocess whose PATH holds no pueue (an empty folder)."""
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    env = dict(os.environ, PATH=str(bindir))
+    assert shutil.which("pueue", path=env["PATH"]) is None
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "scripts" / "sweep.py"),
+            "smoke",
+            "route",
+            "7",
+            "--workdir",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines()[-1] == (
+        f"cd {tmp_path} && uv run python -m vgrout.train smoke --intervention=route --seed=7"
+    )
+    assert "pueue is not on PATH" in proc.stderr
+
+
+def _fake_pueue(tmp_path: Path, groups_json: str, fail_group: bool = False) -> tuple[str, Path]:
+    """A stand-in `pueue` binary that records its argv (one NUL-separated line per call)."""
+    log = tmp_path / "pueue_calls.log"
+    script = tmp_path / "pueue"
+    script.write_text(
+        "#!/bin/bash\n"
+        f'printf "%s\\0" "$@" >> {shlex.quote(str(log))}; echo >> {shlex.quote(str(log))}\n'
+        'if [[ "$1" == group && "$2" == --json ]]; then\n'
+        + (
+            "  echo 'Error: Failed to connect to the daemon' >&2; exit 1\n"
+            if fail_group
+            else f"  echo {shlex.quote(groups_json)}\n"
+        )
+        + "fi\n"
+        'if [[ "$1" == add ]]; then echo "New task added (id 0)."; fi\n'
+    )
+    script.chmod(script.stat().st_mode | stat.S_IEXEC)
+    return str(script), log
+
+
+def _calls(log: Path) -> list[list[str]]:
+    if not log.exists():
+        return []
+    return [ln.split("\0")[:-1] for ln in log.read_text().splitlines() if ln]
+
+
+def test_main_runs_the_planned_pueue_commands(tmp_path, capsys):
+    pueue, log = _fake_pueue(tmp_path, '{"default": {"status": "Running", "parallel_tasks": 1}}')
+    rc = main(
+        ["fast", "route2", "41,42", "--parallel", "2", "--workdir", str(tmp_path)],
+        which=lambda _name: pueue,
+    )
+    assert rc == 0, capsys.readouterr()
+    jobs = plan_jobs("fast", ["route2"], [41, 42])
+    assert _calls(log) == [["group", "--json"]] + [
+        c[1:] for c in pueue_plan("", jobs, "vgrout", 2, tmp_path, group_exists=False)
+    ]
+    assert "queued 2 runs in pueue group 'vgrout'" in capsys.readouterr().out
+
+    # group already there -> not added again
+    log.unlink()
+    pueue2, log2 = _fake_pueue(tmp_path, '{"default": {}, "vgrout": {}}')
+    assert main(["fast", "none", "1", "--workdir", str(tmp_path)], which=lambda _n: pueue2) == 0
+    assert [c[:2] for c in _calls(log2)] == [
+        ["group", "--json"],
+        ["parallel", "1"],
+        ["add", "--group"],
+    ]
+
+
+def test_dry_run_and_daemon_down_run_nothing(tmp_path, capsys):
+    pueue, log = _fake_pueue(tmp_path, "{}")
+    assert (
+        main(
+            ["smoke", "none", "1", "--dry-run", "--workdir", str(tmp_path)], which=lambda _n: pueue
+        )
+        == 0
+    )
+    out = capsys.readouterr().out
+    assert f"{pueue} add --group vgrout --label smoke_vanilla_seed1" in out
+    assert _calls(log) == []
+    (tmp_path / "down").mkdir()
+    down, log_down = _fake_pueue(tmp_path / "down", "{}", fail_group=True)
+    assert main(["smoke", "none", "1", "--workdir", str(tmp_path)], which=lambda _n: down) == 1
+    err = capsys.readouterr().err
+    assert "pueued -d" in err and "Failed to connect" in err
+    assert _calls(log_down) == [["group", "--json"]]
+
+
+def test_slurm_script_maps_each_index_to_its_command(tmp_path, capsys):
+    out = tmp_path / "sweep.sbatch"
+    extra = ["--out-tag=_it's a test", "--steps=5"]
+    rc = main(
+        [
+            "full",
+            "none,route2",
+            "41-43",
+            "--slurm",
+            str(out),
+            "--parallel",
+            "2",
+            "--slurm-time=02:00:00",
+            "--slurm-partition=gpu",
+            "--workdir",
+            str(tmp_path),
+            *extra,
+        ],
+        which=lambda _n: None,
+    )
+    assert rc == 0
+    assert f"sbatch {out}" in capsys.readouterr().out
+    text = out.read_text()
+    header = [ln for ln in text.splitlines() if ln.startswith("#SBATCH")]
+    assert header == [
+        "#SBATCH --job-name=vgrout-full",
+        "#SBATCH --array=0-5%2",
+        "#SBATCH --gres=gpu:1",
+        "#SBATCH --ntasks=1",
+        "#SBATCH --cpus-per-task=8",
+        "#SBATCH --mem=64G",
+        "#SBATCH --time=02:00:00",
+        f"#SBATCH --chdir={tmp_path}",
+        "#SBATCH --output=logs/slurm/%x_%A_%a.out",
+        "#SBATCH --partition=gpu",
+    ]
+    assert os.access(out, os.X_OK) and (tmp_path / "logs" / "slurm").is_dir()
+    assert subprocess.run(["bash", "-n", str(out)]).returncode == 0
+    jobs = plan_jobs("full", ["none", "route2"], [41, 42, 43], extra)
+    for i, job in enumerate(jobs):
+        env = dict(os.environ, SLURM_ARRAY_TASK_ID=str(i), VGROUT_SLURM_DRY="1")
+        proc = subprocess.run(
+            ["bash", str(out)], capture_output=True, text=True, env=env, timeout=30
+        )
+        assert proc.returncode == 0, proc.stderr
+        assert shlex.split(proc.stdout) == job.argv()
+    assert slurm_script(jobs[:1], workdir=tmp_path).count("--array=0-0\n") == 1
+
+
+def test_bad_arguments_exit_with_a_message(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["smoke", "nonsense", "1"], which=lambda _n: None)
+    assert e.value.code == 2
+    assert "unknown arm 'nonsense'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["smoke", "none", "1", "--parallel", "0"], which=lambda _n: None)
+    assert "--parallel must be >= 1" in capsys.readouterr().err
