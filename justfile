@@ -30,3 +30,15 @@ train PRESET *ARGS:
 # Benchmark rows from raw LeetCodeDataset (`just build-data IN OUT`).
 build-data IN OUT *ARGS:
     uv run python -m vgrout.env.build --in {{IN}} --out {{OUT}} {{ARGS}}
+
+# Queue one training run per (arm, seed): pueue if installed (group `vgrout`), else print the commands; `--slurm FILE.sbatch` writes a SLURM array instead.
+sweep PRESET ARMS SEEDS *ARGS:
+    uv run python scripts/sweep.py {{PRESET}} {{ARMS}} {{SEEDS}} {{ARGS}}
+
+# Deployed hack/solve per (preset, arm, control) with 95% CIs: markdown to stdout, CSV to out/results/.
+results *ARGS:
+    uv run python scripts/results.py {{ARGS}}
+
+# Training-dynamics, per-mode and route2-gate PNGs to out/plots/.
+plots *ARGS:
+    uv run python scripts/plot_dynamics.py {{ARGS}}

@@ -152,6 +152,13 @@ def test_rollout_grads_off_by_default_and_checks_batch(tmp_path):
     assert all(k.per_rollout_grad is None for k in knobs.values())
     with A.rollout_grads(knobs, 3), pytest.raises(ValueError, match="rollout"):
         model(input_ids=ids)
+    # wrap-time switch: every grad-enabled forward records, rollout dim = batch dim
+    always = random_qwen3()
+    knobs2 = A.wrap_model(always, "rand-qwen3", cache_root=tmp_path / "svd", per_rollout_grads=True)
+    always(input_ids=ids).logits.sum().backward()
+    for k in knobs2.values():
+        assert k.per_rollout_grad.shape == (2, k.rank)
+        torch.testing.assert_close(k.per_rollout_grad.sum(0), k.delta_S.grad, rtol=1e-6, atol=1e-9)
 
 
 def test_merged_generation_matches_and_restores_bit_exactly(tmp_path):

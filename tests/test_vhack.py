@@ -229,6 +229,8 @@ def test_haar_control_round_trip_and_refresh_refuses(tmp_path):
 
 
 # ── end to end on the offline tiny Qwen3 ──────────────────────────────────────────────────
+# Marked slow: each pair costs two forward/backward passes through the 151k-token vocabulary
+# on CPU (about 30 s of CPU for the module on 2 cores, far more wall time on a busy machine).
 
 
 @pytest.fixture(scope="module")
@@ -259,6 +261,7 @@ def tiny_grads(tiny):
     return grads
 
 
+@pytest.mark.slow
 def test_pair_grads_ablate_quarantine_and_leave_no_trace(tiny, tiny_grads):
     model, tok, knobs = tiny
     pairs = _e2e_pairs()
@@ -287,6 +290,7 @@ def test_pair_grads_ablate_quarantine_and_leave_no_trace(tiny, tiny_grads):
                 k.delta_S_hack.zero_()
 
 
+@pytest.mark.slow
 def test_end_to_end_extraction_and_cache(tiny, tiny_grads, tmp_path):
     model, tok, knobs = tiny
     pairs = _e2e_pairs()

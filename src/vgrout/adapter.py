@@ -14,8 +14,10 @@ the two extra matmuls per Linear run at bf16 tensor-core speed and cost about as
 the weight itself. The knob leaves stay fp32; the diagonal scaling of the projected activations
 h = Vh x and the δS gradient Σ_tokens (∂L/∂z ⊙ h) are computed in fp32 and cast back to the
 activation dtype, so the optimizer sees fp32 gradients. Merging for generation forms
-W + U diag(δS + δS_hack) Vh in fp32 from the same (possibly bf16) U, Vh used for training, then
-rounds once to the weight dtype. The on-disk SVD cache is fp32.
+W + U diag(δS + δS_hack) Vh from the same (possibly bf16) U, Vh used for training, adds in fp32
+and rounds once to the weight dtype (for bf16 weights the rank-r product itself runs in bf16 with
+fp32 accumulation: its error is far below the rounding of W' to bf16). The on-disk SVD cache
+is fp32.
 
 Per-rollout gradients (route2): inside `rollout_grads`, the scaling step is a custom autograd
 function whose backward first sums (∂L/∂z ⊙ h) over each rollout's tokens, giving g_b ∈ R^r
@@ -423,7 +425,12 @@ def merged_for_generation(knobs: Mapping[str, SVDKnob] | Iterable[SVDKnob]) -> I
                 if not bool((s != 0).any()):
                     continue
                 original = k.base.weight.data
-                merged = (original.float() + k.delta_weight()).to(original.dtype)
+                if original.dtype == torch.float32:
+                    delta = k.delta_weight()
+                else:  # low-precision weights: the rank-r product runs on tensor cores; its
+                    # rounding error is tiny next to the final rounding of W' itself
+                    delta = (k.U * s.to(k.U.dtype)) @ k.Vh
+                merged = (original.float() + delta.float()).to(original.dtype)
                 swapped.append((k, original))
                 k.base.weight.data = merged
         yield

@@ -145,7 +145,7 @@ def provenance() -> dict:
             pass
     return {
         "argv": sys.argv,
-        "command": " ".join(sys.argv),
+        "command": " ".join(getattr(sys, "orig_argv", sys.argv)),
         "cwd": os.getcwd(),
         "git_commit": _git_commit(),
         "python": sys.version.split()[0],

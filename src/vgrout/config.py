@@ -75,7 +75,9 @@ class Config:
 
     # ── interventions ──
     preserve_magnitude: bool = True
-    """erase/route: rescale the edited gradient back to its original norm."""
+    """erase: rescale the edited gradient back to its original norm. (route never rescales: its
+    kept + routed parts must sum to the original gradient exactly, and the routed part must stay
+    in span(V); the reference loop's route rescale broke both.)"""
     gate_mode: GateMode = "one_sided"
     """one_sided removes only hack-ward coefficients (relu(V g)); no_gate removes the whole span;
     reverse removes only the anti-hack part."""

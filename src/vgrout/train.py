@@ -258,8 +258,9 @@ def apply_intervention(cfg: Config, knobs, dirs: Directions, acc: StepGrads, sta
             kept = res.kept
             diag.update(res.as_row())
     elif cfg.intervention == "route":
+        # route keeps kept + routed == g exactly, so it never rescales (preserve_magnitude is erase-only)
         res = proj.project_all(acc.total, dirs.v_hack, mode="route", gate_mode=cfg.gate_mode,
-                               overshoot=cfg.project_overshoot, preserve_magnitude=cfg.preserve_magnitude,
+                               overshoot=cfg.project_overshoot, preserve_magnitude=False,
                                grads_s=acc.student or None, grads_t=acc.teacher or None)
         kept, routed = res.kept, res.routed
         diag.update(res.as_row())
@@ -299,7 +300,8 @@ def nanmean(xs) -> float:
 
 def make_row(cfg: Config, step: int, groups: list[Group], lp_rows: list[float], loss: float, gn: float,
              diag: dict, acc: StepGrads, refr: str, ev: EvalResult | None, n_zerovar: int, n_skipped: int,
-             lr: float, timing: tuple[float, float, float, float], state: TrainState) -> dict:
+             lr: float, timing: tuple[float, float, float, float], state: TrainState,
+             run_modes: list[str]) -> dict:
     """One per-step row (the schema in docs/artifacts.md)."""
     cat = lambda attr: [x for g in groups for x in getattr(g, attr)]  # noqa: E731
     stud, abl = cat("is_student"), cat("is_ablated")
@@ -315,7 +317,7 @@ def make_row(cfg: Config, step: int, groups: list[Group], lp_rows: list[float], 
         for s, e in zip(g.is_student, g.exploited, strict=True):
             if s and e:
                 mode_hk[g.problem.env_mode] = mode_hk.get(g.problem.env_mode, 0) + 1
-    modes = sorted({g.problem.env_mode for g in groups} | set(state.mode_rollouts))
+    modes = run_modes
     n_prev = sum(r["N"] for r in state.rows)
     t_gen, t_fb, t_rew, sec = timing
     return {
@@ -464,7 +466,7 @@ def print_bluf(cfg: Config, state: TrainState, record: dict, run_dir: Path) -> N
     tot = lambda key, i: sum(r[key][i] for r in rows)  # noqa: E731
     n_s, n_t = tot("hack_s", 1), tot("hack_t", 1)
     rate = lambda key: tot(key, 0) / max(1, tot(key, 1))  # noqa: E731
-    print(f"\ncommand: {' '.join(sys.argv)}\nrun folder: {run_dir}\n")
+    print(f"\ncommand: {ck.provenance()['command']}\nrun folder: {run_dir}\n")
     print(markdown_table([{
         "arm": cfg.arm, "preset": cfg.preset_name, "model": cfg.model.split("/")[-1], "seed": cfg.seed,
         "steps": len(rows), "gens": sum(r["N"] for r in rows), "HACK_S": rate("hack_s"), "HACK_T": rate("hack_t"),
@@ -496,6 +498,8 @@ def print_bluf(cfg: Config, state: TrainState, record: dict, run_dir: Path) -> N
 def main(cfg: Config) -> int:
     t_start = time.time()
     cfg.validate()
+    # cheap checks first: a bad pool, data path or resume fails before any folder or model
+    inp = load_inputs(cfg)
     run_dir = make_run_dir(cfg)
     setup_logging(run_dir / "train.log", use_tqdm=sys.stdout.isatty())
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device)
@@ -512,7 +516,7 @@ def main(cfg: Config) -> int:
         ck.write_json_atomic(run_dir / f"resume_{datetime.now():%Y%m%dT%H%M%S}.json", {"provenance": ck.provenance()})
     write_status(run_dir, "running", -1, cfg.steps)
     try:
-        return _train(cfg, run_dir, device, t_start)
+        return _train(cfg, inp, run_dir, device, t_start)
     except TrainingDiverged as e:
         write_status(run_dir, "diverged", -1, cfg.steps, str(e))
         logger.error(str(e))
@@ -522,9 +526,7 @@ def main(cfg: Config) -> int:
         raise
 
 
-def _train(cfg: Config, run_dir: Path, device: torch.device, t_start: float) -> int:
-    # ── inputs first: a bad pool / data path fails before the model loads ──
-    inp = load_inputs(cfg)
+def _train(cfg: Config, inp: Inputs, run_dir: Path, device: torch.device, t_start: float) -> int:
     problems, pool = inp.problems, inp.pool
     g_s0, g_t0 = cfg.teacher_split
     logger.info(f"{len(problems)} training problems; modes: {sorted({p.env_mode for p in problems})}; "
@@ -585,7 +587,8 @@ def _train(cfg: Config, run_dir: Path, device: torch.device, t_start: float) -> 
             save_adapter(run_dir / f"adapter_{tag}.safetensors", knobs, model_id=cfg.model, metadata={
                 "step": str(state.step), "run_id": cfg.run_id, "arm": cfg.arm})
 
-    mode_codes = [MODE_CODE[m] for m in sorted({p.env_mode for p in problems})]
+    run_modes = sorted({p.env_mode for p in problems})
+    mode_codes = [MODE_CODE[m] for m in run_modes]
     cols = ["step", "rew", "rew_s", "gt_s", "hack_s", "hack_t", "lp_s", "lp_t", "loss", "gn"]
     if cfg.intervention in ("erase", "route", "route2"):
         cols += ["cos_pre", "cos_post"]
@@ -682,7 +685,7 @@ def _train(cfg: Config, run_dir: Path, device: torch.device, t_start: float) -> 
 
         # ── 5. row, rollouts, tripwire, checkpoints ──
         row = make_row(cfg, step, groups, lp_rows, loss_sum, gn, diag, acc, refr, ev, n_zerovar, n_skipped,
-                       sched.get_last_lr()[0], (t_gen, t_fb, t_rew, time.time() - t0), state)
+                       sched.get_last_lr()[0], (t_gen, t_fb, t_rew, time.time() - t0), state, run_modes)
         state.rows.append(row)
         table.emit(row)
         ck.append_jsonl(run_dir / "rows.jsonl", [ck_json(row)])
