@@ -168,3 +168,17 @@ def test_bad_knobs_fail_at_parse(inputs, tmp_path, flags, needle):
         main(parse_cli(base_args(inputs, tmp_path) + flags))
     assert needle in str(e.value)
     assert not (tmp_path / "runs").exists()
+
+
+def test_heldout_eval_set_is_recorded(inputs, tmp_path):
+    from _paths import shared_data_dir
+
+    data = shared_data_dir() / "leetcode" / "leetcode_test_medhard.jsonl"
+    args = base_args(inputs, tmp_path, "--intervention=none", "--steps=1", f"--eval-data-path={data}")
+    assert main(parse_cli(args)) == 0
+    rec = json.loads((only_run(tmp_path) / "per_mode_deploy.json").read_text())
+    assert rec["eval_set"] == "heldout" and set(rec["sets"]) == {"train", "heldout"}
+    held = rec["sets"]["heldout"]
+    assert str(data) in held["source"] and held["n"] == 2 * 4
+    assert rec["hack_deploy"] == held["hack_deploy"]
+    assert rec["sets"]["train"]["source"].startswith("first 2 training problems")

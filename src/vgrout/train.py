@@ -13,8 +13,10 @@ One optimizer step:
 
 from __future__ import annotations
 
+import json
 import math
 import os
+import signal
 import sys
 import time
 from contextlib import nullcontext
@@ -62,7 +64,11 @@ WARN_DROP, DIVERGE_DROP = 3.0, 5.0  # nats below the best teacher log-prob seen
 
 
 class TrainingDiverged(RuntimeError):
-    pass
+    """The teacher log-prob tripwire fired: the policy collapsed."""
+
+
+class Terminated(Exception):
+    """SIGTERM arrived (a queue or scheduler stopped the run)."""
 
 
 # ─────────────────────────────── inputs (cheap, validated before the model loads) ──
@@ -113,8 +119,6 @@ def make_run_dir(cfg: Config) -> Path:
         cfg_path = run_dir / ck.CONFIG_FILE
         if not cfg_path.exists():
             raise FileNotFoundError(f"--resume {run_dir}: {cfg_path} not found (not a vgrout run folder?)")
-        import json
-
         old = json.loads(cfg_path.read_text())["config"]
         diff = config_diff(old, cfg.to_dict())
         if diff:
@@ -133,9 +137,19 @@ def make_run_dir(cfg: Config) -> Path:
 
 
 def write_status(run_dir: Path, state: str, step: int, steps: int, error: str | None = None) -> None:
+    """status.json: running / paused / complete / failed / diverged / killed, and the last finished step."""
     ck.write_json_atomic(run_dir / "status.json", {
         "state": state, "step": step, "steps": steps,
         "updated": datetime.now().isoformat(timespec="seconds"), "error": error})
+
+
+def mark_ended(run_dir: Path, state: str, steps: int, error: str) -> None:
+    """Record an abnormal end, keeping the last finished step from the running status."""
+    try:
+        step = json.loads((run_dir / "status.json").read_text())["step"]
+    except (OSError, ValueError, KeyError):
+        step = -1
+    write_status(run_dir, state, step, steps, error)
 
 
 # ─────────────────────────────────────────────── per-step state ──
@@ -515,15 +529,26 @@ def main(cfg: Config) -> int:
     else:
         ck.write_json_atomic(run_dir / f"resume_{datetime.now():%Y%m%dT%H%M%S}.json", {"provenance": ck.provenance()})
     write_status(run_dir, "running", -1, cfg.steps)
+
+    def on_sigterm(signum, frame):  # pueue kill / scancel / timeout: record it, then stop
+        raise Terminated(f"signal {signum}")
+
+    old_handler = signal.signal(signal.SIGTERM, on_sigterm)
     try:
         return _train(cfg, inp, run_dir, device, t_start)
     except TrainingDiverged as e:
-        write_status(run_dir, "diverged", -1, cfg.steps, str(e))
+        mark_ended(run_dir, "diverged", cfg.steps, str(e))
         logger.error(str(e))
         return 3
+    except (Terminated, KeyboardInterrupt) as e:
+        mark_ended(run_dir, "killed", cfg.steps, f"{type(e).__name__}: {e}")
+        logger.error(f"stopped by {type(e).__name__}; resume with --resume {run_dir}")
+        return 143
     except BaseException as e:
-        write_status(run_dir, "failed", -1, cfg.steps, f"{type(e).__name__}: {e}")
+        mark_ended(run_dir, "failed", cfg.steps, f"{type(e).__name__}: {e}")
         raise
+    finally:
+        signal.signal(signal.SIGTERM, old_handler)
 
 
 def _train(cfg: Config, inp: Inputs, run_dir: Path, device: torch.device, t_start: float) -> int:
