@@ -42,3 +42,7 @@ results *ARGS:
 # Training-dynamics, per-mode and route2-gate PNGs to out/plots/.
 plots *ARGS:
     uv run python scripts/plot_dynamics.py {{ARGS}}
+
+# Sandbox throughput on real completions vs one fresh interpreter per execution (needs ../shared/data).
+bench-sandbox *ARGS:
+    uv run python benchmarks/bench_sandbox.py {{ARGS}}
