@@ -31,6 +31,10 @@ train PRESET *ARGS:
 build-data IN OUT *ARGS:
     uv run python -m vgrout.env.build --in {{IN}} --out {{OUT}} {{ARGS}}
 
+# The training split: medium/hard v0.2.0-train rows whose canonical passes -> out/data/.
+data DATA_DIR="../shared/data":
+    uv run python -m vgrout.env.build --in {{DATA_DIR}}/leetcode/LeetCodeDataset-v0.2.0-train.jsonl.gz --out out/data/leetcode_train_medhard.jsonl
+
 # Queue one training run per (arm, seed): pueue if installed (group `vgrout`), else print the commands; `--slurm FILE.sbatch` writes a SLURM array instead.
 sweep PRESET ARMS SEEDS *ARGS:
     uv run python scripts/sweep.py {{PRESET}} {{ARMS}} {{SEEDS}} {{ARGS}}
