@@ -2,6 +2,7 @@
 
 Prints, against the unwrapped model:
   gen_ratio         greedy `generate` (G rollouts) with the adapter merged, merge time included
+                    (gen_decode_ratio: the decode alone, inside one merge)
   train_ratio       one forward+backward of a G-rollout batch with all δS trainable, vs the plain
                     model whose only trainable parameter is one hidden-sized vector added to the
                     embeddings (so its backward also traverses every layer)
@@ -44,7 +45,7 @@ class Bench:
     prompt_len: int = 32
     completion_len: int = 32
     repeats: int = 3
-    threads: int = 2
+    threads: int = 1  # 1 keeps timings stable on a shared box (2 threads oversubscribe there)
     device: str = "cpu"
     dtype: str = "float32"  # bfloat16 on GPU
     mem_worker: str = ""  # internal: "plain" | "route2" runs one measured step and exits
@@ -54,10 +55,15 @@ def _model(cfg: Bench) -> nn.Module:
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
     config = Qwen3Config(
-        vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size,
-        intermediate_size=cfg.intermediate_size, num_hidden_layers=cfg.num_layers,
-        num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_kv_heads,
-        head_dim=cfg.hidden_size // cfg.num_heads, tie_word_embeddings=True, use_cache=False,
+        vocab_size=cfg.vocab_size,
+        hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads,
+        num_key_value_heads=cfg.num_kv_heads,
+        head_dim=cfg.hidden_size // cfg.num_heads,
+        tie_word_embeddings=True,
+        use_cache=False,
         attn_implementation="sdpa",
     )
     torch.manual_seed(0)
@@ -170,8 +176,10 @@ def main(cfg: Bench) -> None:
         A.wrap_model(copy.deepcopy(plain), "bench-qwen3", cache_root=cache_root)
         t_load = time.perf_counter() - t0
         n_knob = sum(k.rank for k in knobs.values())
-        print(f"svd: {len(knobs)} modules, {n_knob:,} δS; cold build {t_cold:.2f}s, "
-              f"cache load {t_load:.2f}s")
+        print(
+            f"svd: {len(knobs)} modules, {n_knob:,} δS; cold build {t_cold:.2f}s, "
+            f"cache load {t_load:.2f}s"
+        )
         _randomise(knobs)
         ids, adv = _batch(cfg)
         prompt = ids[:, : cfg.prompt_len]
@@ -179,21 +187,33 @@ def main(cfg: Bench) -> None:
         # generation: plain vs adapter (merge + decode + restore)
         def gen(model: nn.Module) -> None:
             with torch.no_grad():
-                model.generate(prompt, attention_mask=torch.ones_like(prompt),
-                               max_new_tokens=cfg.completion_len, min_new_tokens=cfg.completion_len,
-                               do_sample=False, use_cache=True, pad_token_id=151643)
+                model.generate(
+                    prompt,
+                    attention_mask=torch.ones_like(prompt),
+                    max_new_tokens=cfg.completion_len,
+                    min_new_tokens=cfg.completion_len,
+                    do_sample=False,
+                    use_cache=True,
+                    pad_token_id=151643,
+                )
 
         def gen_adapter() -> None:
             with A.merged_for_generation(knobs):
                 gen(wrapped)
 
         t_gen_plain, t_gen_adapter = _timed(cfg, lambda: gen(plain), gen_adapter)
-        print(f"generate G={cfg.group} x {cfg.completion_len} new: plain {t_gen_plain:.3f}s, "
-              f"adapter(merged) {t_gen_adapter:.3f}s")
+        with A.merged_for_generation(knobs):  # decode alone, merge already done
+            t_gen_plain2, t_gen_decode = _timed(cfg, lambda: gen(plain), lambda: gen(wrapped))
+        print(
+            f"generate G={cfg.group} x {cfg.completion_len} new: plain {t_gen_plain:.3f}s, "
+            f"adapter (merge+decode+restore) {t_gen_adapter:.3f}s; decode only: plain "
+            f"{t_gen_plain2:.3f}s vs merged {t_gen_decode:.3f}s"
+        )
 
         # training step: plain (hidden-sized trainable vector at the embeddings) vs adapter
-        bias = nn.Parameter(torch.zeros(cfg.hidden_size, device=cfg.device,
-                                        dtype=getattr(torch, cfg.dtype)))
+        bias = nn.Parameter(
+            torch.zeros(cfg.hidden_size, device=cfg.device, dtype=getattr(torch, cfg.dtype))
+        )
         for p in plain.parameters():
             p.requires_grad_(False)
         plain.get_input_embeddings().register_forward_hook(lambda m, i, out: out + bias)
@@ -211,17 +231,20 @@ def main(cfg: Bench) -> None:
             with A.rollout_grads(knobs, cfg.group):
                 _loss(wrapped, ids, adv, cfg.completion_len).backward()
 
-        t_tr_plain, t_tr_adapter, t_tr_route2 = _timed(cfg, step_plain, step_adapter,
-                                                       step_route2)
-        print(f"fwd+bwd G={cfg.group} x {ids.shape[1]} tokens: plain {t_tr_plain:.3f}s, "
-              f"adapter {t_tr_adapter:.3f}s, adapter+route2 {t_tr_route2:.3f}s")
+        t_tr_plain, t_tr_adapter, t_tr_route2 = _timed(cfg, step_plain, step_adapter, step_route2)
+        print(
+            f"fwd+bwd G={cfg.group} x {ids.shape[1]} tokens: plain {t_tr_plain:.3f}s, "
+            f"adapter {t_tr_adapter:.3f}s, adapter+route2 {t_tr_route2:.3f}s"
+        )
 
         # memory, each variant in a fresh process
         if cfg.device == "cpu":
             m_plain = _run_mem_worker(cfg, "plain", cache_root)
             m_route2 = _run_mem_worker(cfg, "route2", cache_root)
-            print(f"peak RSS growth of one fwd+bwd (fresh subprocess, VmHWM): adapter "
-                  f"{m_plain:.1f} MiB, adapter+route2 {m_route2:.1f} MiB")
+            print(
+                f"peak RSS growth of one fwd+bwd (fresh subprocess, VmHWM): adapter "
+                f"{m_plain:.1f} MiB, adapter+route2 {m_route2:.1f} MiB"
+            )
         else:
             m_plain = m_route2 = float("nan")
             for name, fn in (("plain", step_adapter), ("route2", step_route2)):
@@ -232,12 +255,15 @@ def main(cfg: Bench) -> None:
                 torch.cuda.synchronize()
                 peak = (torch.cuda.max_memory_allocated() - base) / 2**20
                 m_plain, m_route2 = (peak, m_route2) if name == "plain" else (m_plain, peak)
-            print(f"peak CUDA allocation growth of one fwd+bwd: adapter {m_plain:.1f} MiB, "
-                  f"adapter+route2 {m_route2:.1f} MiB")
+            print(
+                f"peak CUDA allocation growth of one fwd+bwd: adapter {m_plain:.1f} MiB, "
+                f"adapter+route2 {m_route2:.1f} MiB"
+            )
 
     print(f"svd_cold_s={t_cold:.2f}")
     print(f"svd_load_s={t_load:.2f}")
     print(f"route2_time_ratio={t_tr_route2 / t_tr_adapter:.2f}x")
+    print(f"gen_decode_ratio={t_gen_decode / t_gen_plain2:.2f}x")
     print(f"gen_ratio={t_gen_adapter / t_gen_plain:.2f}x")
     print(f"train_ratio={t_tr_adapter / t_tr_plain:.2f}x")
     print(f"route2_mem_ratio={m_route2 / m_plain:.2f}x")

@@ -30,8 +30,9 @@ def _wrapped(tmp_path: Path, seed: int = 0, model_id: str = "rand-qwen3", **kw):
     return model, plain, knobs
 
 
-def _randomise(knobs, seed: int = 2, std: float = 0.3, hack: bool = True,
-               zero_frac: float = 0.0) -> None:
+def _randomise(
+    knobs, seed: int = 2, std: float = 0.3, hack: bool = True, zero_frac: float = 0.0
+) -> None:
     """Random nonzero δS (and δS_hack); `zero_frac` of δS axes are left exactly 0."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -79,7 +80,14 @@ def test_wraps_only_block_linears_and_freezes_base(tmp_path):
     assert len(knobs) == 2 * 7
     assert all(".layers." in n for n in knobs)
     assert {n.rsplit(".", 1)[1] for n in knobs} == {
-        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "o_proj",
+        "gate_proj",
+        "up_proj",
+        "down_proj",
+    }
     assert isinstance(model.lm_head, nn.Linear) and not isinstance(model.lm_head, A.SVDKnob)
     trainable = {id(p) for p in model.parameters() if p.requires_grad}
     assert trainable == {id(p) for p in A.knob_params(knobs) + A.hack_params(knobs)}
@@ -135,7 +143,9 @@ def test_per_rollout_grads_are_exact(tmp_path, zero_frac):
     zero_axes_checked = 0
     for b in range(G):
         model.zero_grad(set_to_none=True)
-        _grpo_like_loss(model(input_ids=ids[b:b + 1]).logits, ids[b:b + 1], adv[b:b + 1]).backward()
+        _grpo_like_loss(
+            model(input_ids=ids[b : b + 1]).logits, ids[b : b + 1], adv[b : b + 1]
+        ).backward()
         for n, k in knobs.items():
             assert _rel(per[n][b], k.delta_S.grad) <= 1e-5, (b, n)
             on_zero = k.delta_S.detach() == 0
@@ -229,12 +239,12 @@ def test_zero_delta_and_reference_logprobs(tmp_path):
     mask = torch.ones_like(ids)
     start = 5
     ref = A.ref_logprobs_via_zero_delta(model, knobs, ids, mask, start)
-    plain_lp = torch.log_softmax(_logits(plain, ids)[:, start - 1:-1], -1)
+    plain_lp = torch.log_softmax(_logits(plain, ids)[:, start - 1 : -1], -1)
     plain_lp = plain_lp.gather(-1, ids[:, start:, None]).squeeze(-1)
     assert ref.shape == (3, 12 - start) and not ref.requires_grad
     assert (ref - plain_lp).abs().max() <= 1e-5
     # the adapted model really differs, so this is not vacuous
-    adapted = A.token_logprobs(_logits(model, ids)[:, start - 1:-1], ids[:, start:])
+    adapted = A.token_logprobs(_logits(model, ids)[:, start - 1 : -1], ids[:, start:])
     assert (adapted - plain_lp).abs().max() > 1e-3
     with pytest.raises(RuntimeError), A.zero_delta(knobs):
         assert all(torch.all(k.delta_S == 0) for k in knobs.values())
@@ -275,8 +285,9 @@ def test_svd_cache_reused_and_corruption_rebuilt(tmp_path):
     assert A.SVD_STATS.computed - computed == 1
     assert any("down_proj" in m and "rebuilding" in m for m in messages)
     assert victim.stat().st_size == len(data)
-    assert torch.equal(knobs3["model.layers.1.mlp.down_proj"].S,
-                       knobs["model.layers.1.mlp.down_proj"].S)
+    assert torch.equal(
+        knobs3["model.layers.1.mlp.down_proj"].S, knobs["model.layers.1.mlp.down_proj"].S
+    )
     assert not list(cache_dir.glob(".*tmp"))  # atomic writes leave no temp files
 
     # same model id, different weights: every entry's checksum mismatches -> rebuilt
@@ -294,8 +305,7 @@ def test_save_load_round_trip_and_mismatches(tmp_path):
     _, _, knobs = _wrapped(tmp_path)
     _randomise(knobs, hack=True)
     path = tmp_path / "ckpt" / "adapter.safetensors"
-    A.save_adapter(path, knobs, model_id="rand-qwen3", include_hack=True,
-                   metadata={"step": "25"})
+    A.save_adapter(path, knobs, model_id="rand-qwen3", include_hack=True, metadata={"step": "25"})
     A.save_adapter(tmp_path / "deploy.safetensors", knobs, model_id="rand-qwen3")
     assert [p.name for p in path.parent.iterdir()] == ["adapter.safetensors"]
 
@@ -312,8 +322,9 @@ def test_save_load_round_trip_and_mismatches(tmp_path):
     assert all(torch.equal(deploy[n].delta_S, knobs[n].delta_S) for n in knobs)
 
     with pytest.raises(ValueError, match="no δS_hack"):
-        A.load_adapter(tmp_path / "deploy.safetensors", deploy, model_id="rand-qwen3",
-                       include_hack=True)
+        A.load_adapter(
+            tmp_path / "deploy.safetensors", deploy, model_id="rand-qwen3", include_hack=True
+        )
     with pytest.raises(ValueError, match="other-model"):
         A.load_adapter(path, fresh, model_id="other-model")
     _, _, wider = _wrapped(tmp_path, model_id="wide", hidden_size=48, num_heads=4)

@@ -18,8 +18,8 @@ def test_cli_overrides_and_run_id():
     c = parse_cli(["fast", "--intervention=route2", "--lr=1e-2", "--seed=7", "--out-tag=_x"])
     assert (c.intervention, c.lr, c.seed) == ("route2", 1e-2, 7)
     assert c.run_id == "fast_routing2_seed7_x"
-    c = parse_cli(["smoke", "--intervention=none", "--route2-random-v-seed=3"])
-    assert c.random_v_seed == 3 and c.run_id == "smoke_vanilla_seed41_haar3"
+    c = parse_cli(["smoke", "--intervention=erase", "--route2-random-v-seed=3"])
+    assert c.random_v_seed == 3 and c.run_id == "smoke_projected_seed41_haar3"
 
 
 @pytest.mark.parametrize("args,needle", [

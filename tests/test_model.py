@@ -51,30 +51,45 @@ def test_tokenizer_reproduces_cached_teacher_prompt_ids(tiny):
         assert len(ids) == row["plen"]
         # completion_ids (right-padded with <|endoftext|>) decode back to the completion text
         comp = [i for i in row["completion_ids"] if i != tok.pad_token_id]
-        assert tok.decode(comp, skip_special_tokens=True) == row["completion"].removesuffix(
-            "<|im_end|>") or tok.decode(comp) == row["completion"]
+        assert (
+            tok.decode(comp, skip_special_tokens=True)
+            == row["completion"].removesuffix("<|im_end|>")
+            or tok.decode(comp) == row["completion"]
+        )
 
 
 @pytest.mark.data
 def test_chat_template_reproduces_cached_prompt_text(tiny):
     _, tok = tiny
     for row in _teacher_rows():
-        text = tok.apply_chat_template(row["problem_messages"], add_generation_prompt=True,
-                                       enable_thinking=False, tokenize=False)
+        text = tok.apply_chat_template(
+            row["problem_messages"],
+            add_generation_prompt=True,
+            enable_thinking=False,
+            tokenize=False,
+        )
         assert text == row["prompt"], row["problem_id"]
 
 
 def test_special_tokens_and_vocab_match_qwen3(tiny):
     model, tok = tiny
-    expected = {"<|endoftext|>": 151643, "<|im_start|>": 151644, "<|im_end|>": 151645,
-                "<tool_call>": 151657, "<|fim_prefix|>": 151659, "<think>": 151667,
-                "</think>": 151668}
+    expected = {
+        "<|endoftext|>": 151643,
+        "<|im_start|>": 151644,
+        "<|im_end|>": 151645,
+        "<tool_call>": 151657,
+        "<|fim_prefix|>": 151659,
+        "<think>": 151667,
+        "</think>": 151668,
+    }
     for text, idx in expected.items():
         assert tok.convert_tokens_to_ids(text) == idx
         assert tok(text, add_special_tokens=False)["input_ids"] == [idx]
     assert len(tok) == 151669
     assert tok.eos_token == "<|im_end|>" and tok.pad_token == "<|endoftext|>"
-    assert model.config.vocab_size == 151936 and model.get_input_embeddings().num_embeddings == 151936
+    assert (
+        model.config.vocab_size == 151936 and model.get_input_embeddings().num_embeddings == 151936
+    )
     assert model.config.use_cache is False and model.dtype == torch.float32
     assert model.config._attn_implementation == "sdpa"
     # plain text round-trips through the byte-level BPE, unicode included
@@ -85,14 +100,19 @@ def test_special_tokens_and_vocab_match_qwen3(tiny):
 def test_chat_template_turns_and_thinking_switch(tiny):
     _, tok = tiny
     msgs = [{"role": "system", "content": "S"}, {"role": "user", "content": "U"}]
-    no_think = tok.apply_chat_template(msgs, add_generation_prompt=True, enable_thinking=False,
-                                       tokenize=False)
-    assert no_think == ("<|im_start|>system\nS<|im_end|>\n<|im_start|>user\nU<|im_end|>\n"
-                        "<|im_start|>assistant\n<think>\n\n</think>\n\n")
+    no_think = tok.apply_chat_template(
+        msgs, add_generation_prompt=True, enable_thinking=False, tokenize=False
+    )
+    assert no_think == (
+        "<|im_start|>system\nS<|im_end|>\n<|im_start|>user\nU<|im_end|>\n"
+        "<|im_start|>assistant\n<think>\n\n</think>\n\n"
+    )
     think = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
     assert think.endswith("<|im_start|>assistant\n") and "<think>" not in think
-    history = msgs + [{"role": "assistant", "content": "<think>\nr\n</think>\n\nA"},
-                      {"role": "user", "content": "U2"}]
+    history = msgs + [
+        {"role": "assistant", "content": "<think>\nr\n</think>\n\nA"},
+        {"role": "user", "content": "U2"},
+    ]
     text = tok.apply_chat_template(history, tokenize=False)
     assert "<|im_start|>assistant\nA<|im_end|>\n<|im_start|>user\nU2<|im_end|>\n" in text
 
@@ -113,10 +133,15 @@ def test_tiny_build_is_reused_and_deterministic(tiny_dir, tmp_path):
 
 def test_tiny_generates_with_its_tokenizer(tiny):
     model, tok = tiny
-    enc = tok.apply_chat_template([{"role": "user", "content": "hi"}], add_generation_prompt=True,
-                                  enable_thinking=False, return_tensors="pt", return_dict=True)
+    enc = tok.apply_chat_template(
+        [{"role": "user", "content": "hi"}],
+        add_generation_prompt=True,
+        enable_thinking=False,
+        return_tensors="pt",
+        return_dict=True,
+    )
     out = model.generate(**enc, max_new_tokens=4, do_sample=False, use_cache=True)
-    new = out[0, enc["input_ids"].shape[1]:]
+    new = out[0, enc["input_ids"].shape[1] :]
     assert 1 <= new.numel() <= 4 and int(new.max()) < 151936
     assert torch.equal(out[0, : enc["input_ids"].shape[1]], enc["input_ids"][0])
 

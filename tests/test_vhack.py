@@ -291,6 +291,18 @@ def test_pair_grads_ablate_quarantine_and_leave_no_trace(tiny, tiny_grads):
 
 
 @pytest.mark.slow
+def test_batched_pair_grads_equal_one_pair_at_a_time(tiny, tiny_grads):
+    """The batched path (right-padded, per-rollout gradients) equals per-pair backwards."""
+    model, tok, knobs = tiny
+    seq = vhack.pair_grads(model, tok, knobs, _e2e_pairs(), "cpu", batch_size=1)
+    odd = vhack.pair_grads(model, tok, knobs, _e2e_pairs(), "cpu", batch_size=3)  # a ragged last chunk
+    for key, g in seq.items():
+        scale = float(g.abs().max())
+        torch.testing.assert_close(tiny_grads[key], g, rtol=1e-4, atol=1e-5 * scale)
+        torch.testing.assert_close(odd[key], g, rtol=1e-4, atol=1e-5 * scale)
+
+
+@pytest.mark.slow
 def test_end_to_end_extraction_and_cache(tiny, tiny_grads, tmp_path):
     model, tok, knobs = tiny
     pairs = _e2e_pairs()

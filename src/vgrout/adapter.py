@@ -205,8 +205,9 @@ def _atomic_save(tensors: dict[str, Tensor], path: Path, metadata: dict[str, str
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp,
-                  metadata=metadata)
+        save_file(
+            {k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata
+        )
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -232,7 +233,9 @@ def _read_svd_entry(path: Path, expect: dict[str, str]) -> tuple[Tensor, Tensor,
     d_out, d_in = json.loads(expect["shape"])
     r = min(d_out, d_in)
     if U.shape != (d_out, r) or S.shape != (r,) or Vh.shape != (r, d_in):
-        logger.warning(f"SVD cache {path}: tensor shapes do not match {expect['shape']}; rebuilding")
+        logger.warning(
+            f"SVD cache {path}: tensor shapes do not match {expect['shape']}; rebuilding"
+        )
         return None
     if not (torch.isfinite(U).all() and torch.isfinite(S).all() and torch.isfinite(Vh).all()):
         logger.warning(f"SVD cache {path}: non-finite values; rebuilding")
@@ -240,8 +243,9 @@ def _read_svd_entry(path: Path, expect: dict[str, str]) -> tuple[Tensor, Tensor,
     return U, S, Vh
 
 
-def svd_cached(weight: Tensor, model_id: str, module_name: str,
-               cache_dir: Path) -> tuple[Tensor, Tensor, Tensor]:
+def svd_cached(
+    weight: Tensor, model_id: str, module_name: str, cache_dir: Path
+) -> tuple[Tensor, Tensor, Tensor]:
     """Thin fp32 SVD (U, S, Vh) of `weight`, from `cache_dir/<module_name>.safetensors` when a
     valid entry exists, else computed on the weight's device and written atomically.
 
@@ -284,8 +288,13 @@ def _block_linears(model: nn.Module) -> list[tuple[str, nn.Linear]]:
     return found
 
 
-def wrap_model(model: nn.Module, model_id: str, *, cache_root: Path = Path("svd_cache"),
-               per_rollout_grads: bool = False) -> dict[str, SVDKnob]:
+def wrap_model(
+    model: nn.Module,
+    model_id: str,
+    *,
+    cache_root: Path = Path("svd_cache"),
+    per_rollout_grads: bool = False,
+) -> dict[str, SVDKnob]:
     """Freeze `model` and replace each block Linear by an SVDKnob; return {name: knob} in
     model order. SVDs come from `cache_root/<model_slug(model_id)>/`.
 
@@ -332,8 +341,10 @@ def hack_params(knobs: Mapping[str, SVDKnob] | Iterable[SVDKnob]) -> list[nn.Par
 
 def _refuse_if_merged(knobs: list[SVDKnob], what: str) -> None:
     if any(k._merged for k in knobs):
-        raise RuntimeError(f"{what} inside merged_for_generation(): the merged weights would "
-                           "ignore it. Enter it before merging.")
+        raise RuntimeError(
+            f"{what} inside merged_for_generation(): the merged weights would "
+            "ignore it. Enter it before merging."
+        )
 
 
 @contextmanager
@@ -393,17 +404,27 @@ def token_logprobs(logits: Tensor, targets: Tensor) -> Tensor:
     return torch.stack(rows)
 
 
-def ref_logprobs_via_zero_delta(model: nn.Module, knobs: Mapping[str, SVDKnob] | Iterable[SVDKnob],
-                                input_ids: Tensor, attention_mask: Tensor | None,
-                                completion_start: int) -> Tensor:
+def ref_logprobs_via_zero_delta(
+    model: nn.Module,
+    knobs: Mapping[str, SVDKnob] | Iterable[SVDKnob],
+    input_ids: Tensor,
+    attention_mask: Tensor | None,
+    completion_start: int,
+) -> Tensor:
     """No-grad per-token log-probs of input_ids[:, completion_start:] under the base model
     (all knobs zero), [B, T - completion_start] fp32."""
     n_comp = input_ids.shape[1] - completion_start
     if completion_start < 1 or n_comp < 1:
-        raise ValueError(f"completion_start={completion_start} must lie in [1, {input_ids.shape[1]})")
+        raise ValueError(
+            f"completion_start={completion_start} must lie in [1, {input_ids.shape[1]})"
+        )
     with torch.no_grad(), zero_delta(knobs):
-        logits = model(input_ids=input_ids, attention_mask=attention_mask,
-                       logits_to_keep=n_comp + 1, use_cache=False).logits[:, :-1]
+        logits = model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            logits_to_keep=n_comp + 1,
+            use_cache=False,
+        ).logits[:, :-1]
         return token_logprobs(logits, input_ids[:, completion_start:])
 
 
@@ -442,8 +463,9 @@ def merged_for_generation(knobs: Mapping[str, SVDKnob] | Iterable[SVDKnob]) -> I
 
 
 @contextmanager
-def rollout_grads(knobs: Mapping[str, SVDKnob] | Iterable[SVDKnob],
-                  n_rollouts: int) -> Iterator[None]:
+def rollout_grads(
+    knobs: Mapping[str, SVDKnob] | Iterable[SVDKnob], n_rollouts: int
+) -> Iterator[None]:
     """Forwards run inside record per-rollout δS gradients: after each backward,
     knob.per_rollout_grad is [n_rollouts, r] (one row per batch row) and its row sum is that
     backward's contribution to delta_S.grad. Each backward overwrites the previous value."""
@@ -466,8 +488,14 @@ def rollout_grads(knobs: Mapping[str, SVDKnob] | Iterable[SVDKnob],
 _RESERVED_META = {"schema", "model", "dtype", "shapes", "include_hack"}
 
 
-def save_adapter(path: str | Path, knobs: Mapping[str, SVDKnob], *, model_id: str,
-                 include_hack: bool = False, metadata: dict[str, str] | None = None) -> None:
+def save_adapter(
+    path: str | Path,
+    knobs: Mapping[str, SVDKnob],
+    *,
+    model_id: str,
+    include_hack: bool = False,
+    metadata: dict[str, str] | None = None,
+) -> None:
     """Write δS (and δS_hack if asked) as fp32 safetensors, atomically, with metadata:
     schema, model, dtype, shapes ({module: r}), include_hack, plus caller metadata."""
     ks = _knob_list(knobs)
@@ -491,8 +519,9 @@ def save_adapter(path: str | Path, knobs: Mapping[str, SVDKnob], *, model_id: st
     _atomic_save(tensors, Path(path), meta)
 
 
-def load_adapter(path: str | Path, knobs: Mapping[str, SVDKnob], *, model_id: str,
-                 include_hack: bool = False) -> dict[str, str]:
+def load_adapter(
+    path: str | Path, knobs: Mapping[str, SVDKnob], *, model_id: str, include_hack: bool = False
+) -> dict[str, str]:
     """Copy saved δS (and δS_hack if asked) into `knobs`; validate schema, model id, module
     set and shapes first (nothing is modified on error). Returns the file's metadata."""
     path = Path(path)
@@ -508,16 +537,20 @@ def load_adapter(path: str | Path, knobs: Mapping[str, SVDKnob], *, model_id: st
     if meta.get("schema") != ADAPTER_SCHEMA:
         raise ValueError(f"{path}: schema {meta.get('schema')!r}, expected {ADAPTER_SCHEMA!r}")
     if meta.get("model") != model_id:
-        raise ValueError(f"{path}: adapter was trained on model {meta.get('model')!r}, "
-                         f"not {model_id!r}; load it onto the model it came from")
+        raise ValueError(
+            f"{path}: adapter was trained on model {meta.get('model')!r}, "
+            f"not {model_id!r}; load it onto the model it came from"
+        )
     want = {k.name: k.rank for k in ks}
     have = json.loads(meta.get("shapes", "{}"))
     if have != want:
         missing = sorted(want.keys() - have.keys())[:3]
         extra = sorted(have.keys() - want.keys())[:3]
         wrong = sorted(n for n in want.keys() & have.keys() if want[n] != have[n])[:3]
-        raise ValueError(f"{path}: adapter modules/shapes do not match the wrapped model "
-                         f"(missing {missing}, unexpected {extra}, rank differs {wrong})")
+        raise ValueError(
+            f"{path}: adapter modules/shapes do not match the wrapped model "
+            f"(missing {missing}, unexpected {extra}, rank differs {wrong})"
+        )
     if include_hack and meta.get("include_hack") != "true":
         raise ValueError(f"{path}: has no δS_hack tensors (saved with include_hack=False)")
     prefixes = ["delta_S"] + (["delta_S_hack"] if include_hack else [])

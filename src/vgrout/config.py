@@ -43,24 +43,31 @@ class Config:
     model: str = "Qwen/Qwen3-4B"
     """HF hub name, local directory, or `tiny-qwen3` (the offline random Qwen3 with the real vocab)."""
     steps: int = 100
+    """Optimizer steps in the run (the LR schedule spans exactly this many)."""
     group: int = 6
     """G: rollouts per prompt (student + teacher); the GRPO advantage is relative within it."""
     max_new: int = 1024
     """Max new tokens per generated completion."""
     n_problems: int = 992
+    """Training problems drawn (seed-fixed shuffle of the data, first N kept; fewer if the data
+    or the teacher pool has fewer)."""
     beta: float = 0.0
     """K3 KL coefficient; > 0 computes reference log-probs with the adapter zeroed (no second model)."""
     prompts_per_step: int = 8
     """P: prompts per optimizer step; gradients accumulate over them (raises the chance a group has
     reward variance)."""
     lr: float = 7e-5
+    """AdamW learning rate (peak, after warmup)."""
     adam_beta1: float = 0.9
+    """AdamW β₁."""
     adam_beta2: float = 0.99
+    """AdamW β₂."""
 
     # ── optimisation (benchmark defaults) ──
     clip: float = 0.2
     """PPO ratio clip ε (the ratio is 1 at a single inner step; the clip form is kept)."""
     weight_decay: float = 0.1
+    """AdamW decoupled weight decay, applied to δS and δS_hack."""
     warmup_frac: float = 0.1
     """Linear warmup over this fraction of the steps, then cosine decay to 0."""
     grad_clip: float = 10.0
@@ -68,10 +75,13 @@ class Config:
     unbiased: bool = True
     """Dr.GRPO: no 1/|o| length normalisation and no /σ_R; --no-unbiased gives standard GRPO."""
     seed: int = 41
+    """Seeds torch, the problem draw (seed) and the teacher-row draw (seed + 1); part of the run id."""
     max_seq_len: int = 2048
     """Prompts with prompt_len + max_new above this are skipped (counted)."""
     temperature: float = 0.7
+    """Sampling temperature for student rollouts and every eval."""
     top_k: int = 20
+    """Top-k sampling cut-off for student rollouts and every eval."""
 
     # ── interventions ──
     preserve_magnitude: bool = True
@@ -100,13 +110,18 @@ class Config:
     vhack_pairs_path: Path | None = None
     """Pairs for extraction and refresh (`.json` pairset or `.md[#section]`); None = built-in pairs."""
     v_hack_extract_top_k: int = 12
+    """Singular vectors extracted per module (the cache file holds this many;
+    v_hack_k slices it at load)."""
     v_hack_k: int = 5
-    """Load-time slice of the extracted top-k (k=1 is the mean-difference direction)."""
+    """Load-time slice of the extracted top-k (k=1 keeps only the top singular direction of the
+    per-pair differences)."""
     v_hack_tau_axis: float = 0.0
     """Extract-time: drop axes with S_i/S_0 below this."""
     v_hack_drop_bottom_frac: float = 0.25
     """Global noise floor: drop this bottom quantile of singular values over all modules."""
     v_hack_n_heldout: int = 2
+    """The last N pairs are kept out of the extraction; the log reports whether they
+    project hack-ward."""
     vhack_refresh_every: int = 5
     """Re-extract the directions against the current model (quarantine ablated) every N steps; 0 = never."""
 
@@ -134,10 +149,14 @@ class Config:
     eval_ablate_every: int = 5
     """Deploy eval (quarantine ablated for route/route2) every N steps, for every arm; 0 = off."""
     eval_n_prompts: int = 8
+    """Problems in the deploy eval (the first N training problems; also the size of the
+    held-out eval set); each gets G samples."""
     eval_data_path: Path | None = None
     """Held-out problems (e.g. the benchmark's test split) for the final eval (and the periodic
-    one with eval_heldout_periodic); hinted per mode like training."""
+    one with --eval-heldout-periodic); hinted per mode like training, never trained on."""
     eval_heldout_periodic: bool = False
+    """Run the periodic deploy eval on the held-out set (needs --eval-data-path)
+    instead of the training subset."""
     save_eval_ckpts: bool = True
     """Save the deploy adapter at every deploy eval, so a run can be re-scored later."""
 
@@ -145,14 +164,18 @@ class Config:
     cos_pre_split_every: int = 1
     """Split each backward into student/teacher passes every N steps (cos_pre_s / cos_pre_t)."""
     ckpt_every: int = 25
+    """Save resume.pt and a deploy adapter adapter_stepNNNN.safetensors every N steps."""
     out_tag: str = ""
+    """Suffix appended to the run id (and so to the run folder name)."""
     out_root: Path = Path("out")
+    """Root of all outputs: runs under <out_root>/runs/, directions cache under <out_root>/vhack/."""
     resume: Path | None = None
     """Continue a killed run from its last checkpoint (a directory under out/runs/)."""
     stop_after_steps: int | None = None
     """Checkpoint and exit after this many steps in this invocation (time-limited job slots);
     continue later with --resume."""
     device: str = "auto"
+    """auto = CUDA when available, else CPU; or any torch device string."""
 
     # ── derived ──
     @property
@@ -208,6 +231,10 @@ class Config:
             errs.append("--teacher-modes needs --teacher-pool-dir (with a partition.json)")
         if self.cos_pre_split_every < 1:
             errs.append(f"--cos-pre-split-every must be >= 1 (got {self.cos_pre_split_every})")
+        if self.random_v_seed is not None and self.intervention == "none":
+            errs.append("--random-v-seed is a control for erase/route/route2; the vanilla arm has no directions")
+        if self.eval_heldout_periodic and self.eval_data_path is None:
+            errs.append("--eval-heldout-periodic needs --eval-data-path")
         if self.ckpt_every < 1:
             errs.append(f"--ckpt-every must be >= 1 (got {self.ckpt_every})")
         if self.beta < 0:

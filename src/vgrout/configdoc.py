@@ -32,33 +32,7 @@ _SECTION_RE = re.compile(r"^\s*#\s*─+\s*(.+?)\s*─+\s*$")
 
 # Meanings for knobs whose field has no docstring in config.py. A docstring, once added,
 # takes precedence over the entry here (move the text into config.py and delete it here).
-FALLBACK_NOTES: dict[str, str] = {
-    "steps": "Optimizer steps in the run (the LR schedule spans exactly this many).",
-    "n_problems": "Training problems drawn (seed-fixed shuffle of the data, first N kept; "
-    "fewer if the data or the teacher pool has fewer).",
-    "lr": "AdamW learning rate (peak, after warmup).",
-    "adam_beta1": "AdamW β₁.",
-    "adam_beta2": "AdamW β₂.",
-    "weight_decay": "AdamW decoupled weight decay, applied to δS and δS_hack.",
-    "seed": "Seeds torch, the problem draw (seed) and the teacher-row draw (seed + 1); part of "
-    "the run id.",
-    "temperature": "Sampling temperature for student rollouts and every eval.",
-    "top_k": "Top-k sampling cut-off for student rollouts and every eval.",
-    "v_hack_extract_top_k": "Singular vectors extracted per module (the cache file holds this "
-    "many; `v_hack_k` slices it at load).",
-    "v_hack_n_heldout": "The last N pairs are kept out of the extraction; the log reports "
-    "whether they project hack-ward.",
-    "eval_n_prompts": "Problems in the deploy eval (the first N training problems; also the "
-    "size of the held-out eval set); each gets G samples.",
-    "eval_heldout_periodic": "Declared but not read by the training loop at the time of "
-    "writing: the periodic deploy eval always uses the training subset.",
-    "ckpt_every": "Save resume.pt and a deploy adapter `adapter_stepNNNN.safetensors` every N "
-    "steps.",
-    "out_tag": "Suffix appended to the run id (and so to the run folder name).",
-    "out_root": "Root of all outputs: runs under `<out_root>/runs/`, directions cache under "
-    "`<out_root>/vhack/`.",
-    "device": "`auto` = CUDA when available, else CPU; or any torch device string.",
-}
+FALLBACK_NOTES: dict[str, str] = {}  # every knob documents itself in config.py
 
 INTRO = """\
 Every knob of `vgrout.train`, its default in each preset, and what it does. Pass knobs after

@@ -144,20 +144,34 @@ def _build_qwen_tokenizer():
     for offset, (text, _) in enumerate(QWEN3_ADDED_TOKENS):
         got = tok.convert_tokens_to_ids(text)
         if got != QWEN3_FIRST_ADDED_ID + offset:
-            raise RuntimeError(f"{text} landed at id {got}, expected {QWEN3_FIRST_ADDED_ID + offset}")
+            raise RuntimeError(
+                f"{text} landed at id {got}, expected {QWEN3_FIRST_ADDED_ID + offset}"
+            )
     return tok
 
 
-def _tiny_params(seed: int, hidden_size: int, num_layers: int, num_heads: int,
-                 num_kv_heads: int, intermediate_size: int) -> dict[str, int]:
+def _tiny_params(
+    seed: int,
+    hidden_size: int,
+    num_layers: int,
+    num_heads: int,
+    num_kv_heads: int,
+    intermediate_size: int,
+) -> dict[str, int]:
     if hidden_size % num_heads or num_heads % num_kv_heads:
         raise ValueError(
             f"tiny-qwen3: hidden_size={hidden_size} must divide by num_heads={num_heads}, "
             f"which must divide by num_kv_heads={num_kv_heads}"
         )
-    return {"schema": _BUILD_SCHEMA, "seed": seed, "hidden_size": hidden_size,
-            "num_layers": num_layers, "num_heads": num_heads, "num_kv_heads": num_kv_heads,
-            "intermediate_size": intermediate_size}
+    return {
+        "schema": _BUILD_SCHEMA,
+        "seed": seed,
+        "hidden_size": hidden_size,
+        "num_layers": num_layers,
+        "num_heads": num_heads,
+        "num_kv_heads": num_kv_heads,
+        "intermediate_size": intermediate_size,
+    }
 
 
 def _is_valid_build(path: Path, params: dict[str, int]) -> bool:
@@ -189,12 +203,14 @@ def build_tiny_qwen3(
     """
     from transformers import GenerationConfig, Qwen3Config, Qwen3ForCausalLM
 
-    params = _tiny_params(seed, hidden_size, num_layers, num_heads, num_kv_heads,
-                          intermediate_size)
+    params = _tiny_params(seed, hidden_size, num_layers, num_heads, num_kv_heads, intermediate_size)
     if out_dir is None:
         defaults = _tiny_params(0, 64, 2, 4, 2, 128)
-        name = TINY_QWEN3 if params == defaults else (
-            f"{TINY_QWEN3}-h{hidden_size}-l{num_layers}-i{intermediate_size}-s{seed}")
+        name = (
+            TINY_QWEN3
+            if params == defaults
+            else (f"{TINY_QWEN3}-h{hidden_size}-l{num_layers}-i{intermediate_size}-s{seed}")
+        )
         out_dir = models_dir() / name
     out_dir = Path(out_dir)
     if _is_valid_build(out_dir, params):
@@ -226,8 +242,13 @@ def build_tiny_qwen3(
             torch.manual_seed(seed)
             model = Qwen3ForCausalLM(config)
         model.generation_config = GenerationConfig(
-            bos_token_id=151643, eos_token_id=[151645, 151643], pad_token_id=151643,
-            do_sample=True, temperature=0.6, top_k=20, top_p=0.95,
+            bos_token_id=151643,
+            eos_token_id=[151645, 151643],
+            pad_token_id=151643,
+            do_sample=True,
+            temperature=0.6,
+            top_k=20,
+            top_p=0.95,
         )
         model.save_pretrained(tmp)
         _build_qwen_tokenizer().save_pretrained(tmp)

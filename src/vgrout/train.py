@@ -340,7 +340,7 @@ def make_row(cfg: Config, step: int, groups: list[Group], lp_rows: list[float], 
         "N": len(rew), "gt_s": frac(corr, stud), "gt_t": frac(corr, teach),
         "hack_s": frac(expl, stud), "hack_t": frac(expl, teach),
         **{f"hk_{MODE_CODE[m]}": mode_hk.get(m, 0) for m in modes},
-        "hack_s_E": frac(fe, stud), "hack_s_D": frac(fd, stud),
+        "hack_s_C": frac(fc, stud), "hack_s_E": frac(fe, stud), "hack_s_D": frac(fd, stud),
         "hack_s_A": frac(in_a, stud), "hack_s_B": frac(in_b, stud),
         "lp_s": nanmean([x for x, s in zip(lp_rows, stud, strict=True) if s]),
         "lp_t": nanmean([x for x, s in zip(lp_rows, stud, strict=True) if not s]),
@@ -497,7 +497,8 @@ def print_bluf(cfg: Config, state: TrainState, record: dict, run_dir: Path) -> N
             "deploy_hack": record["by_mode"].get(m, {}).get("deploy_hack", math.nan),
         } for m, n in sorted(state.mode_rollouts.items())]))
     half_a = cfg.half_a or "-"
-    print(f"\nper-mechanism (student, n={n_s}): E={rate('hack_s_E'):.3f} C={rate('hack_s'):.3f} "
+    print(f"\nper-mechanism (student, n={n_s}): exploited={rate('hack_s'):.3f} detectors "
+          f"E={rate('hack_s_E'):.3f} C={rate('hack_s_C'):.3f} "
           f"D={rate('hack_s_D'):.3f} | half_A={half_a} A={rate('hack_s_A'):.3f} B={rate('hack_s_B'):.3f} "
           f"(teacher rows n={n_t})\n")
     drop = {"gen", "fb", "t_rew", "sec", "N", "split", "hk_dep", "sv_dep", "ref_eq"}
@@ -704,7 +705,8 @@ def _train(cfg: Config, inp: Inputs, run_dir: Path, device: torch.device, t_star
             refr = dirs.refresh(model, tok, knobs, step)
         ev = None
         if cfg.eval_ablate_every > 0 and (step % cfg.eval_ablate_every == 0 or step == cfg.steps - 1):
-            ev = evaluate(model, tok, knobs, inp.eval_train, sampling, n_samples=cfg.group,
+            ev_set = inp.eval_heldout if (cfg.eval_heldout_periodic and inp.eval_heldout) else inp.eval_train
+            ev = evaluate(model, tok, knobs, ev_set, sampling, n_samples=cfg.group,
                           deploy=True, max_seq_len=cfg.max_seq_len)
             logger.debug(f"step {step} deploy eval: hack={ev.hack:.3f} solve={ev.solve:.3f} n={ev.n}")
 

@@ -32,7 +32,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from .adapter import SVDKnob, ablate_quarantine, token_logprobs
+from .adapter import SVDKnob, ablate_quarantine, rollout_grads, token_logprobs
 from .model import model_slug
 from .pairs import Pair, pairs_fingerprint_text
 
@@ -76,16 +76,53 @@ def _reinforce_grad(
     return list(torch.autograd.grad(loss, params))
 
 
+def _batched_reinforce_grads(
+    model: nn.Module, knobs: Sequence[SVDKnob], seqs: Sequence[tuple[list[int], list[int]]],
+    device: torch.device,
+) -> list[Tensor]:
+    """Per-sequence δS gradients of -(1/n_i) Σ log p(completion_i) for a batch, one backward.
+
+    Sequences are right-padded (causal attention: real tokens never see the padding, so no
+    mask is needed); hidden states are gathered at each row's completion positions before
+    the LM head, so no logits are computed for prompts or padding. The adapter's per-rollout
+    gradients give each row's gradient exactly: row i equals `_reinforce_grad` on pair i alone
+    (up to fp reassociation). Returns one [B, r] fp32 CPU tensor per knob.
+    """
+    B = len(seqs)
+    lens = [len(p) + len(c) for p, c in seqs]
+    L, Lc = max(lens), max(len(c) for _, c in seqs)
+    ids = torch.zeros((B, L), dtype=torch.long)
+    pos = torch.zeros((B, Lc), dtype=torch.long)  # hidden position predicting each completion token
+    tgt = torch.zeros((B, Lc), dtype=torch.long)
+    mask = torch.zeros((B, Lc))
+    for i, (p, c) in enumerate(seqs):
+        ids[i, : len(p) + len(c)] = torch.tensor(p + c)
+        pos[i, : len(c)] = torch.arange(len(p) - 1, len(p) + len(c) - 1)
+        tgt[i, : len(c)] = torch.tensor(c)
+        mask[i, : len(c)] = 1.0
+    ids, pos, tgt, mask = ids.to(device), pos.to(device), tgt.to(device), mask.to(device)
+    with rollout_grads(knobs, B):
+        hidden = model.get_decoder()(input_ids=ids, use_cache=False).last_hidden_state
+        sel = hidden.gather(1, pos.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
+        logits = model.get_output_embeddings()(sel)
+        lp = token_logprobs(logits, tgt)
+        loss = -((lp * mask).sum(1) / mask.sum(1)).sum()
+        torch.autograd.grad(loss, [k.delta_S for k in knobs])
+        return [k.per_rollout_grad.detach().float().cpu() for k in knobs]
+
+
 def pair_grads(
     model: nn.Module, tok, knobs: Mapping[str, SVDKnob], pairs: Sequence[Pair],
-    device: str | torch.device,
+    device: str | torch.device, *, batch_size: int = 8,
 ) -> dict[str, Tensor]:
     """Per-pair δS gradients of reinforcing each completion: {"hack/<m>", "clean/<m>"} ->
     fp32 CPU [n_pairs, r].
 
-    Runs in eval mode with the quarantine ablated (δS_hack = 0); gradients are taken with
-    autograd.grad, so no `.grad` (hence no optimizer state) is touched; train/eval mode,
-    δS_hack and per-rollout recording are restored afterwards.
+    Runs in eval mode with the quarantine ablated (δS_hack = 0), `batch_size` pairs per
+    forward/backward (per-row gradients from the adapter's per-rollout recording);
+    gradients are taken with autograd.grad, so no `.grad` (hence no optimizer state) is
+    touched; train/eval mode, δS_hack and per-rollout recording are restored afterwards.
+    `batch_size=1` is the plain one-pair-at-a-time path.
     """
     if not pairs:
         raise ValueError("pair_grads: no pairs given")
@@ -97,19 +134,28 @@ def pair_grads(
         raise RuntimeError("pair_grads: every δS must require grad (the knobs are frozen?)")
     out = {f"{side}/{n}": torch.zeros(len(pairs), knobs[n].rank) for side in ("hack", "clean")
            for n in names}
+    seqs: dict[str, list[tuple[list[int], list[int]]]] = {"hack": [], "clean": []}
+    for p in pairs:
+        prompt_ids = _encode(tok, p.prompt)
+        for side, text in (("hack", p.hack), ("clean", p.clean)):
+            comp = _encode(tok, text)
+            if not comp or not prompt_ids:
+                raise ValueError(f"pair {p.name!r}: empty prompt or {side} completion")
+            seqs[side].append((prompt_ids, comp))
     was_training = model.training
     model.eval()
     try:
         with ablate_quarantine(ks), _no_rollout_recording(ks), torch.enable_grad():
-            for i, p in enumerate(pairs):
-                prompt_ids = _encode(tok, p.prompt)
-                for side, text in (("hack", p.hack), ("clean", p.clean)):
-                    comp = _encode(tok, text)
-                    if not comp or not prompt_ids:
-                        raise ValueError(f"pair {p.name!r}: empty prompt or {side} completion")
-                    grads = _reinforce_grad(model, params, prompt_ids, comp, dev)
+            for side in ("hack", "clean"):
+                for s in range(0, len(pairs), batch_size):
+                    chunk = seqs[side][s : s + batch_size]
+                    if batch_size == 1:
+                        grads = [g.detach().float().cpu()[None] for g in
+                                 _reinforce_grad(model, params, *chunk[0], dev)]
+                    else:
+                        grads = _batched_reinforce_grads(model, ks, chunk, dev)
                     for n, g in zip(names, grads, strict=True):
-                        out[f"{side}/{n}"][i] = g.detach().float().cpu()
+                        out[f"{side}/{n}"][s : s + len(chunk)] = g
     finally:
         model.train(was_training)
     return out
