@@ -50,3 +50,7 @@ plots *ARGS:
 # Sandbox throughput on real completions vs one fresh interpreter per execution (needs ../shared/data).
 bench-sandbox *ARGS:
     uv run python benchmarks/bench_sandbox.py {{ARGS}}
+
+# Regenerate docs/config.md from the Config dataclasses (a test fails when it is stale).
+docs:
+    uv run python scripts/gen_config_docs.py
