@@ -54,3 +54,11 @@ bench-sandbox *ARGS:
 # Regenerate docs/config.md from the Config dataclasses (a test fails when it is stale).
 docs:
     uv run python scripts/gen_config_docs.py
+
+# Teacher pool: G graded rollouts per problem (e.g. `just pregen-teacher 300 Qwen/Qwen3-4B --data-path out/data/leetcode_train_medhard.jsonl`).
+pregen-teacher N MODEL="Qwen/Qwen3-4B" *ARGS:
+    uv run python -m vgrout.pregen --n-problems {{N}} --model {{MODEL}} {{ARGS}}
+
+# Multi-loophole substrate: build (--templates | --from-pool DIR | --generate --model M) or check (--validate DIR).
+substrate *ARGS:
+    uv run python -m vgrout.substrate {{ARGS}}

@@ -24,6 +24,9 @@ from pathlib import Path
 import torch
 
 RESUME_FILE = "resume.pt"
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+FILE_MODE = 0o666 & ~_UMASK
 CONFIG_FILE = "config.json"
 
 
@@ -34,6 +37,7 @@ def atomic_path(dest: Path, suffix: str = ""):
     dest.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".tmp_{dest.name}.", suffix=suffix)
     os.close(fd)
+    os.chmod(tmp, FILE_MODE)  # mkstemp makes 0600; results should be readable like any file
     try:
         yield Path(tmp)
         os.replace(tmp, dest)

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from .checkpoint import FILE_MODE
 from .env.modes import EnvMode, check_mode
 
 REQUIRED_FIELDS: dict[str, type | tuple[type, ...]] = {
@@ -156,6 +157,7 @@ def write_pool_file(root: Path, problem_id: int, rows: Sequence[dict]) -> Path:
         validate_row(r, f"row {i} for problem {problem_id}")
     dest = root / pool_file_name(problem_id)
     fd, tmp = tempfile.mkstemp(dir=root, prefix=".tmp_", suffix=".jsonl.gz")
+    os.chmod(tmp, FILE_MODE)
     try:
         with os.fdopen(fd, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb") as gz:
             for r in rows:
@@ -170,6 +172,7 @@ def write_pool_file(root: Path, problem_id: int, rows: Sequence[dict]) -> Path:
 def write_json_atomic(path: Path, obj: object) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp_", suffix=".json")
+    os.chmod(tmp, FILE_MODE)
     try:
         with os.fdopen(fd, "w") as fh:
             json.dump(obj, fh, indent=2)
