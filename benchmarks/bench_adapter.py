@@ -127,19 +127,27 @@ def _proc_status_kb(field: str) -> int:
 
 
 def _mem_worker(cfg: Bench, cache_root: Path) -> None:
-    """One measured fwd+bwd in this fresh process; prints the peak-RSS growth in MiB."""
+    """One measured fwd+bwd (after a warm-up one) in this fresh process; prints the peak-RSS
+    growth over the RSS just before it, in MiB."""
     model = _model(cfg)
     knobs = A.wrap_model(model, "bench-qwen3", cache_root=cache_root)
     _randomise(knobs)
     ids, adv = _batch(cfg)
+
+    def step() -> None:
+        model.zero_grad(set_to_none=True)
+        if cfg.mem_worker == "route2":
+            with A.rollout_grads(knobs, cfg.group):
+                _loss(model, ids, adv, cfg.completion_len).backward()
+            assert all(k.per_rollout_grad is not None for k in knobs.values())
+        else:
+            _loss(model, ids, adv, cfg.completion_len).backward()
+
+    step()  # warm-up: the allocator settles (first-touch pages, malloc thresholds)
+    model.zero_grad(set_to_none=True)
     Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
     base = _proc_status_kb("VmRSS")
-    if cfg.mem_worker == "route2":
-        with A.rollout_grads(knobs, cfg.group):
-            _loss(model, ids, adv, cfg.completion_len).backward()
-        assert all(k.per_rollout_grad is not None for k in knobs.values())
-    else:
-        _loss(model, ids, adv, cfg.completion_len).backward()
+    step()
     peak = _proc_status_kb("VmHWM")
     print(json.dumps({"peak_growth_mib": (peak - base) / 1024}))
 

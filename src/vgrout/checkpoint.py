@@ -15,44 +15,16 @@ import platform
 import random
 import subprocess
 import sys
-import tempfile
 from collections.abc import Callable
-from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
 
 import torch
 
+from .atomic import atomic_path, write_json_atomic, write_text_atomic  # noqa: F401 (re-exported)
+
 RESUME_FILE = "resume.pt"
-_UMASK = os.umask(0)
-os.umask(_UMASK)
-FILE_MODE = 0o666 & ~_UMASK
 CONFIG_FILE = "config.json"
-
-
-@contextmanager
-def atomic_path(dest: Path, suffix: str = ""):
-    """Yield a temp path beside `dest`; on success it replaces `dest` atomically."""
-    dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".tmp_{dest.name}.", suffix=suffix)
-    os.close(fd)
-    os.chmod(tmp, FILE_MODE)  # mkstemp makes 0600; results should be readable like any file
-    try:
-        yield Path(tmp)
-        os.replace(tmp, dest)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def write_text_atomic(dest: Path, text: str) -> None:
-    with atomic_path(dest) as tmp:
-        tmp.write_text(text)
-
-
-def write_json_atomic(dest: Path, obj: object) -> None:
-    write_text_atomic(dest, json.dumps(obj, indent=2, default=str) + "\n")
 
 
 def save_resume_state(run_dir: Path, state: dict) -> Path:

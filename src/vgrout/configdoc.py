@@ -15,9 +15,7 @@ from __future__ import annotations
 import ast
 import dataclasses
 import inspect
-import os
 import re
-import tempfile
 import types
 import typing
 from dataclasses import dataclass
@@ -25,6 +23,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from . import config as config_mod
+from .atomic import atomic_path
 from .config import PRESETS, Config
 
 REGEN_COMMAND = "uv run python scripts/gen_config_docs.py"
@@ -244,12 +243,6 @@ def render() -> str:
 
 def write_atomic(path: Path, text: str) -> None:
     """Write `text` to `path` via a temp file in the same folder and os.replace."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".tmp_{path.name}.")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as fh:
+    with atomic_path(path) as tmp:
+        with open(tmp, "w", encoding="utf-8", newline="\n") as fh:
             fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

@@ -16,15 +16,13 @@ from __future__ import annotations
 
 import gzip
 import json
-import os
-import tempfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from .checkpoint import FILE_MODE
+from .atomic import atomic_path, write_json_atomic  # noqa: F401 (re-exported)
 from .env.modes import EnvMode, check_mode
 
 REQUIRED_FIELDS: dict[str, type | tuple[type, ...]] = {
@@ -156,30 +154,10 @@ def write_pool_file(root: Path, problem_id: int, rows: Sequence[dict]) -> Path:
     for i, r in enumerate(rows):
         validate_row(r, f"row {i} for problem {problem_id}")
     dest = root / pool_file_name(problem_id)
-    fd, tmp = tempfile.mkstemp(dir=root, prefix=".tmp_", suffix=".jsonl.gz")
-    os.chmod(tmp, FILE_MODE)
-    try:
-        with os.fdopen(fd, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb") as gz:
-            for r in rows:
-                gz.write((json.dumps(r) + "\n").encode())
-        os.replace(tmp, dest)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(dest, suffix=".jsonl.gz") as tmp, gzip.open(tmp, "wb") as gz:
+        for r in rows:
+            gz.write((json.dumps(r) + "\n").encode())
     return dest
-
-
-def write_json_atomic(path: Path, obj: object) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp_", suffix=".json")
-    os.chmod(tmp, FILE_MODE)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(obj, fh, indent=2)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def sample_rows(rows: Sequence[dict], n: int, gen: torch.Generator) -> list[dict]:

@@ -35,10 +35,8 @@ import argparse
 import dataclasses
 import hashlib
 import json
-import os
 import shlex
 import sys
-import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -47,6 +45,7 @@ from typing import Literal
 
 from loguru import logger
 
+from .atomic import write_text_atomic
 from .env.modes import ENV_MODES, EnvMode, check_mode
 from .env.problems import Problem, load_partition, load_problems
 from .pool import pool_file_name, read_pool_file, write_json_atomic, write_pool_file
@@ -180,17 +179,6 @@ def clean_stray_temp_files(out: Path) -> list[Path]:
     return stray
 
 
-def _write_text_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=TMP_PREFIX, suffix=".md")
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _read_manifest(out: Path) -> dict | None:
     path = out / MANIFEST
     if not path.exists():
@@ -284,7 +272,7 @@ def _sync_folder(out: Path, manifest: dict) -> dict[str, str]:
             part[str(rows[0]["problem_id"])] = rows[0]["env_mode"]
     write_json_atomic(out / MANIFEST, manifest)
     write_json_atomic(out / "partition.json", part)
-    _write_text_atomic(out / REPORT, render_report(out, manifest))
+    write_text_atomic(out / REPORT, render_report(out, manifest))
     return part
 
 

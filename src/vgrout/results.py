@@ -23,9 +23,7 @@ import csv
 import io
 import json
 import math
-import os
 import sys
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -33,6 +31,7 @@ from pathlib import Path
 
 from tabulate import tabulate
 
+from .atomic import atomic_path
 from .env.modes import ENV_MODES
 
 DEPLOY_SCHEMA = "vgrout.per_mode_deploy/1"
@@ -577,15 +576,9 @@ def csv_text(groups: Sequence[GroupStats]) -> str:
 
 def write_text_atomic(dest: Path, text: str) -> None:
     """Write `text` to `dest` via a temp file in the same folder and os.replace."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".tmp_{dest.name}.")
-    try:
-        with os.fdopen(fd, "w", newline="") as f:
+    with atomic_path(dest) as tmp:
+        with open(tmp, "w", newline="") as f:
             f.write(text)
-        os.replace(tmp, dest)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def write_csv(groups: Sequence[GroupStats], out_dir: Path, stamp: str | None = None) -> Path:

@@ -18,8 +18,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -33,6 +31,7 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from .adapter import SVDKnob, ablate_quarantine, rollout_grads, token_logprobs
+from .atomic import atomic_path
 from .model import model_slug
 from .pairs import Pair, pairs_fingerprint_text
 
@@ -441,15 +440,8 @@ def save_directions(
         "pairs_source": pairs_source,
         "heldout": json.dumps(d.heldout),
     })
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp_", suffix=".safetensors")
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=meta)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path, suffix=".safetensors") as tmp:
+        save_file(tensors, str(tmp), metadata=meta)
     return path
 
 

@@ -17,7 +17,6 @@ import json
 import os
 import random
 import re
-import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +24,7 @@ from typing import Any
 
 from loguru import logger
 
+from ..atomic import atomic_path
 from .modes import ENV_MODES, HINT_PHRASE, HINTS, EnvMode, check_mode
 
 
@@ -274,22 +274,14 @@ def write_rows(path: str | Path, rows: Iterable[Mapping[str, Any]]) -> int:
 
     Gzip-compresses when the name ends in .gz. Returns the number of rows written.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     n = 0
-    try:
-        with os.fdopen(fd, "wb") as raw:
-            fh = gzip.GzipFile(fileobj=raw, mode="wb") if path.name.endswith(".gz") else raw
-            for row in rows:
-                fh.write((json.dumps(row, ensure_ascii=False) + "\n").encode("utf-8"))
-                n += 1
-            if fh is not raw:
-                fh.close()
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp, open(tmp, "wb") as raw:
+        fh = gzip.GzipFile(fileobj=raw, mode="wb") if Path(path).name.endswith(".gz") else raw
+        for row in rows:
+            fh.write((json.dumps(row, ensure_ascii=False) + "\n").encode("utf-8"))
+            n += 1
+        if fh is not raw:
+            fh.close()
     return n
 
 

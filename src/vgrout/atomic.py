@@ -1,0 +1,52 @@
+"""Atomic file writes: every artifact is written to a temp file beside it, then renamed.
+
+A process killed at any instant leaves either the old file or the new one, never a torn
+one. Torch-free, so the environment package can use it too.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+FILE_MODE = 0o666 & ~_UMASK  # what a plain open() would create (mkstemp makes 0600)
+
+
+@contextmanager
+def atomic_path(dest: str | Path, suffix: str = "") -> Iterator[Path]:
+    """Yield a temp path in dest's folder; when the block succeeds it replaces `dest`.
+
+    Invariant: `dest` is never observed half-written; on an exception the temp file is
+    removed and `dest` is untouched.
+    """
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".tmp_{dest.name}.", suffix=suffix)
+    os.close(fd)
+    os.chmod(tmp, FILE_MODE)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, dest)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_bytes_atomic(dest: str | Path, data: bytes) -> None:
+    with atomic_path(dest) as tmp:
+        tmp.write_bytes(data)
+
+
+def write_text_atomic(dest: str | Path, text: str) -> None:
+    with atomic_path(dest) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
+def write_json_atomic(dest: str | Path, obj: object, *, indent: int | None = 2) -> None:
+    write_text_atomic(dest, json.dumps(obj, indent=indent, default=str) + "\n")
