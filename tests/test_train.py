@@ -182,3 +182,27 @@ def test_heldout_eval_set_is_recorded(inputs, tmp_path):
     assert str(data) in held["source"] and held["n"] == 2 * 4
     assert rec["hack_deploy"] == held["hack_deploy"]
     assert rec["sets"]["train"]["source"].startswith("first 2 training problems")
+
+
+def test_teacher_off_step_and_teacher_modes(inputs, tmp_path):
+    """Teacher rows stop at teacher_off_step (G_s grows to G); teacher_modes keeps other modes on-policy."""
+    a = tmp_path / "off"
+    assert main(parse_cli(base_args(inputs, a, "--intervention=none", "--steps=2", "--teacher-off-step=1",
+                                    "--eval-ablate-every=0"))) == 0
+    rows = read_jsonl(only_run(a) / "rows.jsonl")
+    assert (rows[0]["hack_t"][1], rows[0]["gt_s"][1]) == (1, 3)
+    assert (rows[1]["hack_t"][1], rows[1]["gt_s"][1]) == (0, 4)
+    b = tmp_path / "modes"
+    assert main(parse_cli(base_args(inputs, b, "--intervention=none", "--steps=6", "--teacher-modes", "sentinel",
+                                    "--eval-ablate-every=0"))) == 0
+    recs = read_jsonl(only_run(b) / "rows.jsonl")
+    rollouts = read_jsonl(only_run(b) / "rollouts.jsonl")
+    by_step = {}
+    for r in rollouts:
+        by_step.setdefault(r["step"], r["env_mode"])
+    seen = set()
+    for r in recs:
+        has_teacher = r["hack_t"][1] > 0
+        assert has_teacher == (by_step[r["step"]] == "sentinel"), (r["step"], by_step[r["step"]])
+        seen.add(has_teacher)
+    assert seen == {True, False}, "the seeded draw must hit both a sentinel and another mode"

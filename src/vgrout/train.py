@@ -642,7 +642,7 @@ def _train(cfg: Config, inp: Inputs, run_dir: Path, device: torch.device, t_star
             state.g_t_active = False
             logger.info(f"step {step}: teacher off (teacher_off_step={cfg.teacher_off_step}); pure on-policy from here")
         g_t = g_t0 if (pool is not None and state.g_t_active) else 0
-        g_s = cfg.group - g_t if g_t > 0 else (cfg.group if pool is None else g_s0)
+        g_s = cfg.group - g_t
 
         # ── 1. rollouts: pick P problems, generate students, mix in teacher rows, grade ──
         tg = time.perf_counter()
