@@ -280,6 +280,8 @@ class SmokeConfig(Config):
     v_hack_extract_top_k: int = 4
     v_hack_k: int = 2
     v_hack_n_heldout: int = 2
+    vhack_refresh_every: int = 10  # 3 refreshes: the path runs, at a third of the cost
+    eval_ablate_every: int = 10  # deploy evals at steps 0, 10, 20 and 29
     eval_n_prompts: int = 4
     device: str = "cpu"
 
