@@ -62,3 +62,11 @@ pregen-teacher N MODEL="Qwen/Qwen3-4B" *ARGS:
 # Multi-loophole substrate: build (--templates | --from-pool DIR | --generate --model M) or check (--validate DIR).
 substrate *ARGS:
     uv run python -m vgrout.substrate {{ARGS}}
+
+# Adapter cost vs the plain model (generation, train step, route2 memory, SVD cache) on a mid-size random Qwen3.
+bench-adapter *ARGS:
+    uv run python benchmarks/bench_adapter.py {{ARGS}}
+
+# Every benchmark (sandbox, adapter) plus the timed smoke run of all four arms.
+bench: bench-sandbox bench-adapter
+    for arm in none erase route route2; do uv run python -m vgrout.train smoke --intervention=$arm | tail -1; done
