@@ -6,8 +6,8 @@ Prints, against the unwrapped model:
   train_ratio       one forward+backward of a G-rollout batch with all δS trainable, vs the plain
                     model whose only trainable parameter is one hidden-sized vector added to the
                     embeddings (so its backward also traverses every layer)
-  route2_mem_ratio  peak-RSS growth of one fwd+bwd under rollout_grads vs a plain adapter
-                    fwd+bwd, each in a fresh subprocess (VmHWM reset via /proc/self/clear_refs)
+  route2_mem_ratio  peak memory growth of one fwd+bwd under rollout_grads vs a plain adapter
+                    fwd+bwd, each in a fresh subprocess (live C-heap bytes sampled after every aten op)
 and the SVD cold-build and cache-load times.
 
 Run: `uv run python benchmarks/bench_adapter.py` (`--help` for sizes).
@@ -16,6 +16,7 @@ Run: `uv run python benchmarks/bench_adapter.py` (`--help` for sizes).
 from __future__ import annotations
 
 import copy
+import ctypes
 import json
 import os
 import subprocess
@@ -28,6 +29,7 @@ from pathlib import Path
 import torch
 import tyro
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from vgrout import adapter as A
 from vgrout.model import QWEN3_VOCAB_SIZE
@@ -119,16 +121,40 @@ def _timed(cfg: Bench, *fns) -> list[float]:
     return best
 
 
-def _proc_status_kb(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise RuntimeError(f"/proc/self/status has no {field}")
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in (
+        "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks",
+        "keepcost")]
+
+
+def _heap_bytes() -> int:
+    """Bytes the C heap has handed out right now (malloc'd small blocks + mmap'd large ones)."""
+    libc = ctypes.CDLL("libc.so.6")
+    libc.mallinfo2.restype = _MallInfo2
+    m = libc.mallinfo2()
+    return int(m.uordblks + m.hblkhd)
+
+
+class _PeakHeap(TorchDispatchMode):
+    """Samples the C heap after every aten op (forward and backward) and keeps the maximum.
+
+    On CPU, torch tensors live on the C heap, so this is the peak of live tensor memory at
+    op granularity; unlike peak RSS it does not depend on what the allocator kept cached.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.peak = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        self.peak = max(self.peak, _heap_bytes())
+        return out
 
 
 def _mem_worker(cfg: Bench, cache_root: Path) -> None:
-    """One measured fwd+bwd (after a warm-up one) in this fresh process; prints the peak-RSS
-    growth over the RSS just before it, in MiB."""
+    """One measured fwd+bwd (after a warm-up one) in this fresh process; prints the peak
+    growth of live heap memory over the level just before it, in MiB (CUDA: peak allocated)."""
     model = _model(cfg)
     knobs = A.wrap_model(model, "bench-qwen3", cache_root=cache_root)
     _randomise(knobs)
@@ -143,13 +169,21 @@ def _mem_worker(cfg: Bench, cache_root: Path) -> None:
         else:
             _loss(model, ids, adv, cfg.completion_len).backward()
 
-    step()  # warm-up: the allocator settles (first-touch pages, malloc thresholds)
+    step()  # warm-up
     model.zero_grad(set_to_none=True)
-    Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
-    base = _proc_status_kb("VmRSS")
-    step()
-    peak = _proc_status_kb("VmHWM")
-    print(json.dumps({"peak_growth_mib": (peak - base) / 1024}))
+    if cfg.device.startswith("cuda"):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        step()
+        torch.cuda.synchronize()
+        growth = torch.cuda.max_memory_allocated() - base
+    else:
+        base = _heap_bytes()
+        with _PeakHeap() as mode:
+            step()
+        growth = mode.peak - base
+    print(json.dumps({"peak_growth_mib": growth / 2**20}))
 
 
 def _run_mem_worker(cfg: Bench, kind: str, cache_root: Path) -> float:
@@ -250,7 +284,7 @@ def main(cfg: Bench) -> None:
             m_plain = _run_mem_worker(cfg, "plain", cache_root)
             m_route2 = _run_mem_worker(cfg, "route2", cache_root)
             print(
-                f"peak RSS growth of one fwd+bwd (fresh subprocess, VmHWM): adapter "
+                f"peak live-heap growth of one fwd+bwd (fresh subprocess, sampled per aten op): adapter "
                 f"{m_plain:.1f} MiB, adapter+route2 {m_route2:.1f} MiB"
             )
         else:
