@@ -338,8 +338,9 @@ def _candidates(spec: BuildSpec, rows_by_id: Mapping[int, dict], src: str, tok_m
 def build_substrate(spec: BuildSpec, command: str = "", *, loaded: tuple | None = None
                     ) -> Validation:
     """Build the substrate described by `spec` (see the module docstring) and validate it."""
+    from .atomic import write_text_atomic
     from .model import load_model_and_tokenizer
-    from .pregen import _device, _write_text_atomic
+    from .pregen import _device
     from .rollout import encode, eos_ids, render_prompt
 
     t0 = time.time()
@@ -389,7 +390,7 @@ def build_substrate(spec: BuildSpec, command: str = "", *, loaded: tuple | None 
     write_json_atomic(out / "partition.json", {str(k): v for k, v in sorted(chosen.items())})
     v = validate_substrate(out, spec.data_path, check)
     per_mode = {m: sum(1 for x in chosen.values() if x == m) for m in spec.modes}
-    _write_text_atomic(out / "report.md",
+    write_text_atomic(out / "report.md",
         f"# substrate\n\n- modes: {', '.join(spec.modes)}; {spec.n_per_mode} problems each "
         f"({per_mode})\n- rows: {n_rows} valid single-mode hacks (checked against "
         f"{', '.join(check)})\n- source: {spec.source}"
