@@ -2,7 +2,14 @@
 
 import pytest
 
-from vgrout.config import FastConfig, FullConfig, SmokeConfig, config_diff, config_from_dict, parse_cli
+from vgrout.config import (
+    FastConfig,
+    FullConfig,
+    SmokeConfig,
+    config_diff,
+    config_from_dict,
+    parse_cli,
+)
 
 
 def test_presets_follow_the_design_table():

@@ -7,9 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from vgrout.pool import PoolError, completion_token_ids, load_pool, sample_rows, write_pool_file
-
 from _paths import shared_data_dir
+from vgrout.pool import PoolError, completion_token_ids, load_pool, sample_rows, write_pool_file
 
 
 def _row(**kw):

@@ -77,7 +77,7 @@ def test_each_arm_end_to_end(inputs, tmp_path, arm, capsys):
     rec = json.loads((run / "per_mode_deploy.json").read_text())
     assert rec["schema"] == "vgrout.per_mode_deploy/1" and rec["arm"] == cfg["arm"]
     assert rec["eval_set"] == "train" and rec["eval_n"] == 2 * 4
-    for m, v in rec["by_mode"].items():
+    for v in rec["by_mode"].values():
         assert {"train_hack", "deploy_hack", "train_solve", "deploy_solve", "n", "in_dist"} <= set(v)
         assert 0.0 <= v["deploy_hack"] <= 1.0
     # the quarantine rule: exactly zero without a quarantine, moved with one
