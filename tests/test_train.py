@@ -206,3 +206,19 @@ def test_teacher_off_step_and_teacher_modes(inputs, tmp_path):
         assert has_teacher == (by_step[r["step"]] == "sentinel"), (r["step"], by_step[r["step"]])
         seen.add(has_teacher)
     assert seen == {True, False}, "the seeded draw must hit both a sentinel and another mode"
+
+
+def test_cli_reports_input_errors_without_traceback(tmp_path):
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "vgrout.train", "smoke", "--mix-ratio=2",
+                          f"--out-root={tmp_path}"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2
+    assert "vgrout.train: error: invalid config" in out.stderr and "--mix-ratio" in out.stderr
+    assert "Traceback" not in out.stderr
+    missing = subprocess.run([sys.executable, "-m", "vgrout.train", "smoke",
+                              f"--teacher-pool-dir={tmp_path / 'nope'}", f"--out-root={tmp_path}"],
+                             capture_output=True, text=True, timeout=120)
+    assert missing.returncode == 2 and "does not exist" in missing.stderr
+    assert not (tmp_path / "runs").exists()

@@ -299,7 +299,8 @@ class FastConfig(Config):
     lr: float = 3e-3
     adam_beta1: float = 0.5
     adam_beta2: float = 0.9
-    teacher_pool_dir: Path | None = Path("out/pools/substrate")
+    data_path: Path | None = Path("out/data/leetcode_train_medhard.jsonl")  # `just data`
+    teacher_pool_dir: Path | None = Path("out/pools/substrate")  # `just substrate`
     vhack_pairs_path: Path | None = Path("out/pairsets/prog_wide.json")
 
 
@@ -314,6 +315,7 @@ class FullConfig(Config):
     n_problems: int = 992
     beta: float = 1e-3
     prompts_per_step: int = 43
+    data_path: Path | None = Path("out/data/leetcode_train_medhard.jsonl")  # `just data`
 
 
 PRESETS: dict[str, type[Config]] = {"smoke": SmokeConfig, "fast": FastConfig, "full": FullConfig}

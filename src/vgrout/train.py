@@ -510,12 +510,19 @@ def print_bluf(cfg: Config, state: TrainState, record: dict, run_dir: Path) -> N
 # ─────────────────────────────────────────────── main ──
 
 
-def main(cfg: Config) -> int:
-    t_start = time.time()
+def prepare(cfg: Config) -> tuple[Inputs, Path]:
+    """Cheap checks first: a bad knob, pool, data path or resume fails before any folder or model."""
     cfg.validate()
-    # cheap checks first: a bad pool, data path or resume fails before any folder or model
     inp = load_inputs(cfg)
-    run_dir = make_run_dir(cfg)
+    return inp, make_run_dir(cfg)
+
+
+def main(cfg: Config) -> int:
+    return run(cfg, *prepare(cfg))
+
+
+def run(cfg: Config, inp: Inputs, run_dir: Path) -> int:
+    t_start = time.time()
     setup_logging(run_dir / "train.log", use_tqdm=sys.stdout.isatty())
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device)
     torch.manual_seed(cfg.seed)
@@ -749,7 +756,14 @@ def _train(cfg: Config, inp: Inputs, run_dir: Path, device: torch.device, t_star
 
 
 def cli() -> None:
-    sys.exit(main(parse_cli()))
+    """Command-line entry: input errors print one line (exit 2), not a traceback."""
+    try:
+        cfg = parse_cli()
+        inp, run_dir = prepare(cfg)
+    except (ValueError, OSError) as e:
+        print(f"vgrout.train: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    sys.exit(run(cfg, inp, run_dir))
 
 
 if __name__ == "__main__":
