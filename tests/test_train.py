@@ -222,3 +222,17 @@ def test_cli_reports_input_errors_without_traceback(tmp_path):
                              capture_output=True, text=True, timeout=120)
     assert missing.returncode == 2 and "does not exist" in missing.stderr
     assert not (tmp_path / "runs").exists()
+
+
+def test_pool_graded_in_another_mode_is_refused(inputs, tmp_path):
+    """Without a partition, problems take --env-mode; a row cached for another mode is an error."""
+    pool = tmp_path / "pool"
+    row = {"completion": "x", "completion_ids": [1], "reward": 3.5, "hacked": True, "gt_pass": False,
+           "fmt_ok": True, "env_mode": "run_tests"}
+    from vgrout.env.problems import load_problems
+
+    pid = load_problems(1, ["sentinel"], 0)[0].problem_id
+    write_pool_file(pool, pid, [row])
+    args = base_args(inputs, tmp_path / "out") + [f"--teacher-pool-dir={pool}", "--env-modes", "sentinel"]
+    with pytest.raises(ValueError, match="graded in mode 'run_tests' but problem"):
+        main(parse_cli(args))

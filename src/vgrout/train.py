@@ -100,6 +100,8 @@ def load_inputs(cfg: Config) -> Inputs:
                 f"no overlap between the {before} training problems and the teacher pool {pool.root} "
                 f"({len(pool.rows)} prompts). Build the pool for this problem set (same ids) or drop --teacher-pool-dir.")
         logger.info(f"teacher pool restriction: {len(problems)}/{before} problems have cached teacher rows")
+    if pool is not None:
+        check_pool_modes(pool, problems)
     eval_train = problems[: cfg.eval_n_prompts]
     eval_heldout = None
     if cfg.eval_data_path is not None:
@@ -108,6 +110,18 @@ def load_inputs(cfg: Config) -> Inputs:
         train_ids = {p.problem_id for p in problems}
         eval_heldout = [p for p in eval_heldout if p.problem_id not in train_ids]
     return Inputs(problems, pool, eval_train, eval_heldout)
+
+
+def check_pool_modes(pool: TeacherPool, problems: list[Problem]) -> None:
+    """A cached teacher reward is only valid in the mode it was graded in: refuse a mismatch."""
+    for p in problems:
+        for i, r in enumerate(pool.rows.get(p.problem_id, [])):
+            m = r.get("env_mode")
+            if m is not None and m != p.env_mode:
+                raise ValueError(
+                    f"{pool.files.get(p.problem_id, pool.root)}: row {i} was graded in mode {m!r} but problem "
+                    f"{p.problem_id} trains in {p.env_mode!r}; its cached reward would be wrong. Use the pool's "
+                    f"partition.json (or --env-mode={m}) or rebuild the pool for this mode.")
 
 
 # ─────────────────────────────────────────────── run folder and resume ──
@@ -209,7 +223,7 @@ def group_backward(cfg: Config, model, knobs, g: Group, rewards: torch.Tensor, p
     ref = ref_logprobs_via_zero_delta(model, knobs, ids, None, plen) if cfg.beta > 0 else None
     per_rollout = cfg.intervention == "route2" or acc.split
     with rollout_grads(knobs, g.size) if per_rollout else nullcontext():
-        logits = model(input_ids=ids, logits_to_keep=lc + 1).logits[:, :-1]
+        logits = model(input_ids=ids, use_cache=False, logits_to_keep=lc + 1).logits[:, :-1]
         logp = grpo.per_token_logps(logits, ids[:, plen:])
         del logits
         adv = grpo.group_advantages(rewards, unbiased=cfg.unbiased)
@@ -702,6 +716,7 @@ def _train(cfg: Config, inp: Inputs, run_dir: Path, device: torch.device, t_star
         # ── 3. intervene on the accumulated gradient, clip, step ──
         diag = apply_intervention(cfg, knobs, dirs, acc, state)
         gn = float(torch.nn.utils.clip_grad_norm_(params + hparams, cfg.grad_clip))
+        lr = sched.get_last_lr()[0]  # the rate this step's update used
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
@@ -719,7 +734,7 @@ def _train(cfg: Config, inp: Inputs, run_dir: Path, device: torch.device, t_star
 
         # ── 5. row, rollouts, tripwire, checkpoints ──
         row = make_row(cfg, step, groups, lp_rows, loss_sum, gn, diag, acc, refr, ev, n_zerovar, n_skipped,
-                       sched.get_last_lr()[0], (t_gen, t_fb, t_rew, time.time() - t0), state, run_modes)
+                       lr, (t_gen, t_fb, t_rew, time.time() - t0), state, run_modes)
         state.rows.append(row)
         table.emit(row)
         ck.append_jsonl(run_dir / "rows.jsonl", [ck_json(row)])

@@ -545,11 +545,12 @@ def basis_overlap(old: Mapping[str, Tensor], new: Mapping[str, Tensor]) -> float
     Unit vectors [r] are treated as 1-row bases."""
     vals = []
     for m in sorted(set(old) & set(new)):
-        a = old[m] if old[m].ndim == 2 else old[m][None]
-        b = new[m] if new[m].ndim == 2 else new[m][None]
+        # CPU float64: the old basis may live on the run's GPU, a fresh extraction on the CPU
+        a = (old[m] if old[m].ndim == 2 else old[m][None]).detach().double().cpu()
+        b = (new[m] if new[m].ndim == 2 else new[m][None]).detach().double().cpu()
         if a.shape[0] == 0:
             continue
-        vals.append(float((b.double() @ a.double().T).pow(2).sum()) / a.shape[0])
+        vals.append(float((b @ a.T).pow(2).sum()) / a.shape[0])
     return sum(vals) / len(vals) if vals else float("nan")
 
 
