@@ -182,7 +182,7 @@ def test_save_load_round_trip_and_mismatches(tmp_path):
                                    knobs=MODS)
     assert all(v.shape[0] == 2 for v in sliced.v_hack.values())
 
-    with pytest.raises(vhack.DirectionsError, match="extracted on model 'tiny-qwen3'"):
+    with pytest.raises(vhack.DirectionsError, match="made for model 'tiny-qwen3', not 'Qwen/Qwen3-4B'"):
         vhack.load_directions(p, model_id="Qwen/Qwen3-4B", k_use=2, drop_bottom_frac=0,
                               knobs=MODS)
     with pytest.raises(vhack.DirectionsError, match="do not fit rank 257"):

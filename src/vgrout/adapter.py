@@ -29,9 +29,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
-import tempfile
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -44,6 +42,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
+from .atomic import atomic_path
 from .model import model_slug
 
 SVD_SCHEMA = "vgrout.svd/1"
@@ -201,17 +200,33 @@ def weight_checksum(weight: Tensor) -> str:
 
 
 def _atomic_save(tensors: dict[str, Tensor], path: Path, metadata: dict[str, str]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    with atomic_path(path, suffix=".safetensors") as tmp:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+
+
+def read_checked_safetensors(
+    path: str | Path, *, schema: str, model_id: str, what: str, error: type[Exception] = ValueError,
+) -> tuple[dict[str, str], dict[str, Tensor]]:
+    """Read a vgrout safetensors file and check its schema and model id before anything uses it.
+
+    Raises FileNotFoundError when absent, `error` (naming the file) when unreadable, of another
+    schema, or made for another model.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} file {path} does not exist")
     try:
-        save_file(
-            {k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata
-        )
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        with safe_open(str(path), framework="pt") as f:
+            meta = dict(f.metadata() or {})
+            tensors = {key: f.get_tensor(key) for key in f.keys()}  # noqa: SIM118
+    except Exception as e:  # noqa: BLE001
+        raise error(f"{path}: not a readable safetensors {what} file ({e})") from e
+    if meta.get("schema") != schema:
+        raise error(f"{path}: schema {meta.get('schema')!r}, expected {schema!r}")
+    if meta.get("model") != model_id:
+        raise error(f"{path}: this {what} was made for model {meta.get('model')!r}, not {model_id!r}; "
+                    "use the file made for this model (or re-create it)")
+    return meta, tensors
 
 
 def _read_svd_entry(path: Path, expect: dict[str, str]) -> tuple[Tensor, Tensor, Tensor] | None:
@@ -525,22 +540,8 @@ def load_adapter(
     """Copy saved δS (and δS_hack if asked) into `knobs`; validate schema, model id, module
     set and shapes first (nothing is modified on error). Returns the file's metadata."""
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"adapter file {path} does not exist")
     ks = _knob_list(knobs)
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = dict(f.metadata() or {})
-            tensors = {key: f.get_tensor(key) for key in f.keys()}  # noqa: SIM118
-    except Exception as e:  # noqa: BLE001
-        raise ValueError(f"{path}: not a readable safetensors adapter ({e})") from e
-    if meta.get("schema") != ADAPTER_SCHEMA:
-        raise ValueError(f"{path}: schema {meta.get('schema')!r}, expected {ADAPTER_SCHEMA!r}")
-    if meta.get("model") != model_id:
-        raise ValueError(
-            f"{path}: adapter was trained on model {meta.get('model')!r}, "
-            f"not {model_id!r}; load it onto the model it came from"
-        )
+    meta, tensors = read_checked_safetensors(path, schema=ADAPTER_SCHEMA, model_id=model_id, what="adapter")
     want = {k.name: k.rank for k in ks}
     have = json.loads(meta.get("shapes", "{}"))
     if have != want:

@@ -26,11 +26,16 @@ from typing import Any
 
 import torch
 from loguru import logger
-from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from .adapter import SVDKnob, ablate_quarantine, rollout_grads, token_logprobs
+from .adapter import (
+    SVDKnob,
+    ablate_quarantine,
+    read_checked_safetensors,
+    rollout_grads,
+    token_logprobs,
+)
 from .atomic import atomic_path
 from .model import model_slug
 from .pairs import Pair, pairs_fingerprint_text
@@ -453,21 +458,8 @@ def load_directions(
     {m: r}), and apply `postprocess(k_use, drop_bottom_frac)` to v_hack (v_grad is kept for
     every module)."""
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"directions file {path} does not exist")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = dict(f.metadata() or {})
-            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
-    except Exception as e:  # noqa: BLE001
-        raise DirectionsError(f"{path}: not a readable safetensors file ({e})") from e
-    if meta.get("schema") != SCHEMA:
-        raise DirectionsError(f"{path}: schema {meta.get('schema')!r}, expected {SCHEMA!r}")
-    if meta.get("model") != model_id:
-        raise DirectionsError(
-            f"{path}: directions were extracted on model {meta.get('model')!r}, not "
-            f"{model_id!r}; re-extract (drop the explicit path) or pass the right file"
-        )
+    meta, tensors = read_checked_safetensors(path, schema=SCHEMA, model_id=model_id, what="directions",
+                                             error=DirectionsError)
     want = {m: (k.rank if isinstance(k, SVDKnob) else int(k)) for m, k in knobs.items()}
     V, S, G = {}, {}, {}
     for key, t in tensors.items():
