@@ -174,8 +174,10 @@ def test_heldout_eval_set_is_recorded(inputs, tmp_path):
     from _paths import shared_data_dir
 
     data = shared_data_dir() / "leetcode" / "leetcode_test_medhard.jsonl"
-    args = base_args(inputs, tmp_path, "--intervention=none", "--steps=1", f"--eval-data-path={data}")
+    args = base_args(inputs, tmp_path, "--intervention=none", "--steps=1", f"--eval-data-path={data}",
+                     "--eval-heldout-periodic")
     assert main(parse_cli(args)) == 0
+    assert "step 0 deploy eval [heldout]" in (only_run(tmp_path) / "train.log").read_text()
     rec = json.loads((only_run(tmp_path) / "per_mode_deploy.json").read_text())
     assert rec["eval_set"] == "heldout" and set(rec["sets"]) == {"train", "heldout"}
     held = rec["sets"]["heldout"]
@@ -236,3 +238,14 @@ def test_pool_graded_in_another_mode_is_refused(inputs, tmp_path):
     args = base_args(inputs, tmp_path / "out") + [f"--teacher-pool-dir={pool}", "--env-modes", "sentinel"]
     with pytest.raises(ValueError, match="graded in mode 'run_tests' but problem"):
         main(parse_cli(args))
+
+
+@pytest.mark.parametrize("flag,needle", [
+    ("--data-path=/nonexistent/rows.jsonl", "just data"),
+    ("--vhack-pairs-path=/nonexistent/pairs.json", "built-in pairs"),
+    ("--eval-data-path=/nonexistent/test.jsonl", "leetcode_test_medhard"),
+])
+def test_missing_input_files_name_the_fix(inputs, tmp_path, flag, needle):
+    with pytest.raises(FileNotFoundError, match=needle):
+        main(parse_cli(base_args(inputs, tmp_path, "--intervention=route2", flag)))
+    assert not (tmp_path / "runs").exists()

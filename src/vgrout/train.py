@@ -84,6 +84,19 @@ class Inputs:
 
 def load_inputs(cfg: Config) -> Inputs:
     """Problems, teacher pool and eval sets; every error here names the file or knob."""
+    hints = {
+        "data_path": "build the benchmark rows with `just data` (or point --data-path at a .jsonl)",
+        "eval_data_path": "e.g. ../shared/data/leetcode/leetcode_test_medhard.jsonl",
+        "vhack_pairs_path": "e.g. ../shared/data/vgrout_pub/pairsets/prog_wide_clean.json, or drop the flag "
+                            "for the built-in pairs",
+        "v_hack_path": "drop the flag to extract (and cache) directions for this model",
+    }
+    for knob, hint in hints.items():
+        if cfg.intervention == "none" and knob in ("vhack_pairs_path", "v_hack_path"):
+            continue  # vanilla has no directions
+        path = getattr(cfg, knob)
+        if path is not None and not Path(str(path).split("#")[0]).exists():
+            raise FileNotFoundError(f"--{knob.replace('_', '-')} {path} does not exist: {hint}")
     pool = load_pool(cfg.teacher_pool_dir) if cfg.teacher_pool_dir is not None else None
     partition = pool.partition if pool is not None else None
     modes = list(cfg.env_modes) if cfg.env_modes else [cfg.env_mode]
@@ -727,10 +740,11 @@ def _train(cfg: Config, inp: Inputs, run_dir: Path, device: torch.device, t_star
             refr = dirs.refresh(model, tok, knobs, step)
         ev = None
         if cfg.eval_ablate_every > 0 and (step % cfg.eval_ablate_every == 0 or step == cfg.steps - 1):
-            ev_set = inp.eval_heldout if (cfg.eval_heldout_periodic and inp.eval_heldout) else inp.eval_train
-            ev = evaluate(model, tok, knobs, ev_set, sampling, n_samples=cfg.group,
-                          deploy=True, max_seq_len=cfg.max_seq_len)
-            logger.debug(f"step {step} deploy eval: hack={ev.hack:.3f} solve={ev.solve:.3f} n={ev.n}")
+            held = cfg.eval_heldout_periodic and bool(inp.eval_heldout)
+            ev = evaluate(model, tok, knobs, inp.eval_heldout if held else inp.eval_train, sampling,
+                          n_samples=cfg.group, deploy=True, max_seq_len=cfg.max_seq_len)
+            logger.debug(f"step {step} deploy eval [{'heldout' if held else 'train'}]: "
+                         f"hack={ev.hack:.3f} solve={ev.solve:.3f} n={ev.n}")
 
         # ── 5. row, rollouts, tripwire, checkpoints ──
         row = make_row(cfg, step, groups, lp_rows, loss_sum, gn, diag, acc, refr, ev, n_zerovar, n_skipped,
