@@ -129,6 +129,18 @@ def _removed_part(
     return overshoot * (c_use @ _as(V, g)), c_use
 
 
+def _diag(g: Tensor, g_new: Tensor, removed: Tensor, c_use: Tensor, V: Tensor) -> ProjDiag:
+    """Diagnostics of one erase/route application (g_new: what the deployed knob receives)."""
+    return ProjDiag(
+        cos_pre=cos_pre(g, V),
+        cos_post=cos_pre(g_new, V),
+        frac_fired=float((c_use != 0).float().mean()) if c_use.numel() else 0.0,
+        norm_pre=float(g.norm()),
+        norm_post=float(g_new.norm()),
+        norm_removed=float(removed.norm()),
+    )
+
+
 def erase(
     g: Tensor,
     V: Tensor,
@@ -153,15 +165,7 @@ def erase(
         n_new = g_new.norm()
         if float(n_new) > 0.0:
             g_new = g_new * (g.norm() / n_new)
-    diag = ProjDiag(
-        cos_pre=cos_pre(g, V),
-        cos_post=cos_pre(g_new, V),
-        frac_fired=float((c_use != 0).float().mean()) if c_use.numel() else 0.0,
-        norm_pre=float(g.norm()),
-        norm_post=float(g_new.norm()),
-        norm_removed=float(removed.norm()),
-    )
-    return g_new, removed, diag
+    return g_new, removed, _diag(g, g_new, removed, c_use, V)
 
 
 def route(
@@ -188,15 +192,7 @@ def route(
         )
     routed, c_use = _removed_part(g, V, gate_mode, overshoot)
     kept = g - routed
-    diag = ProjDiag(
-        cos_pre=cos_pre(g, V),
-        cos_post=cos_pre(kept, V),
-        frac_fired=float((c_use != 0).float().mean()) if c_use.numel() else 0.0,
-        norm_pre=float(g.norm()),
-        norm_post=float(kept.norm()),
-        norm_removed=float(routed.norm()),
-    )
-    return kept, routed, diag
+    return kept, routed, _diag(g, kept, routed, c_use, V)
 
 
 def _nanmean(xs: Iterable[float]) -> float:

@@ -670,6 +670,7 @@ def _train(cfg: Config, inp: Inputs, run_dir: Path, device: torch.device, t_star
     bar = tqdm(range(state.step, cfg.steps), initial=state.step, total=cfg.steps,
                desc=f"{cfg.arm} {cfg.preset_name}", disable=not sys.stdout.isatty(), mininterval=30)
     steps_this_run = 0
+    encoded: dict[int, tuple[str, list[int]]] = {}
     for step in bar:
         t0 = time.time()
         if cfg.teacher_off_step is not None and step >= cfg.teacher_off_step and state.g_t_active:
@@ -684,8 +685,10 @@ def _train(cfg: Config, inp: Inputs, run_dir: Path, device: torch.device, t_star
         n_skipped = 0
         for _ in range(cfg.prompts_per_step):
             prob = problems[int(torch.randint(0, len(problems), (1,), generator=problem_rng))]
-            prompt = render_prompt(tok, prob)
-            ids = encode(tok, prompt)
+            if prob.problem_id not in encoded:  # each problem's prompt is rendered and tokenised once
+                text = render_prompt(tok, prob)
+                encoded[prob.problem_id] = (text, encode(tok, text))
+            prompt, ids = encoded[prob.problem_id]
             if len(ids) + cfg.max_new > cfg.max_seq_len:
                 n_skipped += 1
                 continue
