@@ -8,11 +8,12 @@ import pytest
 import torch
 
 from vgrout import checkpoint as ck
+from vgrout.atomic import write_json_atomic
 
 
 def test_atomic_path_keeps_old_file_when_writer_dies(tmp_path):
     dest = tmp_path / "state.json"
-    ck.write_json_atomic(dest, {"v": 1})
+    write_json_atomic(dest, {"v": 1})
     with pytest.raises(RuntimeError):
         with ck.atomic_path(dest) as tmp:
             tmp.write_text('{"v": 2, "trunc')

@@ -7,9 +7,10 @@ from pathlib import Path
 
 import pytest
 
+from vgrout.atomic import write_json_atomic
 from vgrout.env.problems import load_problems
 from vgrout.model import load_model_and_tokenizer
-from vgrout.pool import load_pool, write_json_atomic, write_pool_file
+from vgrout.pool import load_pool, write_pool_file
 from vgrout.smoke_pool import template_hack
 from vgrout.substrate import (
     DEFAULT_MODES,

@@ -44,8 +44,9 @@ def write_bytes_atomic(dest: str | Path, data: bytes) -> None:
 
 
 def write_text_atomic(dest: str | Path, text: str) -> None:
-    with atomic_path(dest) as tmp:
-        tmp.write_text(text, encoding="utf-8")
+    """Write `text` verbatim (no newline translation, so CSV "\r\n" survives) as UTF-8."""
+    with atomic_path(dest) as tmp, open(tmp, "w", encoding="utf-8", newline="") as fh:
+        fh.write(text)
 
 
 def write_json_atomic(dest: str | Path, obj: object, *, indent: int | None = 2) -> None:

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from .atomic import atomic_path, write_json_atomic, write_text_atomic  # noqa: F401 (re-exported)
+from .atomic import atomic_path
 
 RESUME_FILE = "resume.pt"
 CONFIG_FILE = "config.json"

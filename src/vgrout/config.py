@@ -290,15 +290,17 @@ class SmokeConfig(Config):
 class FastConfig(Config):
     """Qwen3-4B, 60 steps, aggressive Adam: a ~15-minute iteration loop on one GPU."""
 
-    model: str = "Qwen/Qwen3-4B"
-    steps: int = 60
-    group: int = 8
-    max_new: int = 512
-    n_problems: int = 200
-    prompts_per_step: int = 4
+    # aggressive Adam so a short run moves far enough to show the hack emerging
     lr: float = 3e-3
     adam_beta1: float = 0.5
     adam_beta2: float = 0.9
+    # the design table's row: model, steps, G, max_new, problems, P
+    model: str = "Qwen/Qwen3-4B"
+    steps: int = 60
+    group: int = 8  # G=8 with mix 0.125 -> 7 student + 1 teacher rollout per prompt
+    max_new: int = 512
+    n_problems: int = 200
+    prompts_per_step: int = 4
     data_path: Path | None = Path("out/data/leetcode_train_medhard.jsonl")  # `just data`
     teacher_pool_dir: Path | None = Path("out/pools/substrate")  # `just substrate`
     vhack_pairs_path: Path | None = Path("out/pairsets/prog_wide.json")
@@ -308,12 +310,13 @@ class FastConfig(Config):
 class FullConfig(Config):
     """Qwen3-4B at paper scale: 43 prompts x G=6 = 258 generations per step, KL β=1e-3."""
 
+    beta: float = 1e-3  # the benchmark's KL weight (one extra reference forward per group)
+    # the design table's row: model, steps, G, max_new, problems, P
     model: str = "Qwen/Qwen3-4B"
     steps: int = 200
     group: int = 6
     max_new: int = 1024
-    n_problems: int = 992
-    beta: float = 1e-3
+    n_problems: int = 992  # every filtered medium/hard training problem
     prompts_per_step: int = 43
     data_path: Path | None = Path("out/data/leetcode_train_medhard.jsonl")  # `just data`
 

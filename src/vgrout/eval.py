@@ -9,10 +9,8 @@ paid but the strict oracle says wrong) as hack and `gt_correct` as solve.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 
-from .adapter import ablate_quarantine
 from .env.problems import Problem
 from .env.rewards import grade_batch
 from .rollout import SamplingConfig, encode, render_prompt, sample
@@ -67,8 +65,7 @@ def evaluate(
             if len(ids) + sampling.max_new <= max_seq_len:
                 kept.append(p)
                 prompts.append(ids)
-        with ablate_quarantine(knobs) if deploy else nullcontext():
-            comps = sample(model, tok, knobs, prompts, [n_samples] * len(prompts), sampling)
+        comps = sample(model, tok, knobs, prompts, [n_samples] * len(prompts), sampling, ablate=deploy)
         items = [
             (tok.decode(c, skip_special_tokens=True), p)
             for p, cs in zip(kept, comps, strict=True)

@@ -285,7 +285,7 @@ def pair_to_json(p: Pair) -> dict:
 
 def save_pairs_json(path: str | Path, pairs: Sequence[Pair]) -> Path:
     """Write `pairs` as a JSON pairset atomically (a temp file in the same dir, then rename)."""
-    from .pool import write_json_atomic
+    from .atomic import write_json_atomic
 
     path = Path(path)
     write_json_atomic(path, [pair_to_json(p) for p in pairs])

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from .atomic import atomic_path, write_json_atomic  # noqa: F401 (re-exported)
+from .atomic import atomic_path
 from .env.modes import EnvMode, check_mode
 
 REQUIRED_FIELDS: dict[str, type | tuple[type, ...]] = {

@@ -45,10 +45,10 @@ from typing import Literal
 
 from loguru import logger
 
-from .atomic import write_text_atomic
+from .atomic import write_json_atomic, write_text_atomic
 from .env.modes import ENV_MODES, EnvMode, check_mode
 from .env.problems import Problem, load_partition, load_problems
-from .pool import pool_file_name, read_pool_file, write_json_atomic, write_pool_file
+from .pool import pool_file_name, read_pool_file, write_pool_file
 
 MANIFEST = "pregen.json"
 REPORT = "report.md"

@@ -31,7 +31,7 @@ from pathlib import Path
 
 from tabulate import tabulate
 
-from .atomic import atomic_path
+from .atomic import write_text_atomic
 from .env.modes import ENV_MODES
 
 DEPLOY_SCHEMA = "vgrout.per_mode_deploy/1"
@@ -572,13 +572,6 @@ def csv_text(groups: Sequence[GroupStats]) -> str:
         row["note"] = g.note
         w.writerow(row)
     return buf.getvalue()
-
-
-def write_text_atomic(dest: Path, text: str) -> None:
-    """Write `text` to `dest` via a temp file in the same folder and os.replace."""
-    with atomic_path(dest) as tmp:
-        with open(tmp, "w", newline="") as f:
-            f.write(text)
 
 
 def write_csv(groups: Sequence[GroupStats], out_dir: Path, stamp: str | None = None) -> Path:

@@ -183,7 +183,7 @@ def add_teacher_rows(group: Group, rows: Sequence[dict], tok, stop: Sequence[int
 def grade_students(groups: Sequence[Group], *, workers: int | None = None) -> None:
     """Grade every student completion of every group in one concurrent sandbox batch.
 
-    Student rows lead each group, so results are written in front of any teacher rows.
+    Call before `add_teacher_rows`: the per-row verdict lists are filled in row order.
     """
     items, where = [], []
     for gi, g in enumerate(groups):
@@ -196,12 +196,14 @@ def grade_students(groups: Sequence[Group], *, workers: int | None = None) -> No
     for (gi, _), res in zip(where, results, strict=True):
         per_group.setdefault(gi, []).append(res)
     for gi, g in enumerate(groups):
+        if g.results:
+            raise RuntimeError("grade_students must run before teacher rows are added")
         rs = per_group.get(gi, [])
-        g.rewards[:0] = [r.reward for r in rs]
-        g.gt_correct[:0] = [r.gt_correct for r in rs]
-        g.exploited[:0] = [r.exploited for r in rs]
-        g.format_ok[:0] = [r.format_ok for r in rs]
-        g.flag_C[:0] = [r.hacked for r in rs]
-        g.flag_D[:0] = [r.hacked_wrong_tests for r in rs]
-        g.flag_E[:0] = [r.hacked_loophole_used for r in rs]
-        g.results[:0] = list(rs)
+        g.rewards += [r.reward for r in rs]
+        g.gt_correct += [r.gt_correct for r in rs]
+        g.exploited += [r.exploited for r in rs]
+        g.format_ok += [r.format_ok for r in rs]
+        g.flag_C += [r.hacked for r in rs]
+        g.flag_D += [r.hacked_wrong_tests for r in rs]
+        g.flag_E += [r.hacked_loophole_used for r in rs]
+        g.results += list(rs)

@@ -16,10 +16,11 @@ import json
 import time
 from pathlib import Path
 
+from .atomic import write_json_atomic
 from .env.modes import ENV_MODES, EnvMode
 from .env.problems import Problem, load_problems
 from .env.rewards import grade_batch
-from .pool import write_json_atomic, write_pool_file
+from .pool import write_pool_file
 
 DEFAULT_OUT = Path("out/pools/smoke")
 

@@ -40,13 +40,13 @@ from pathlib import Path
 
 from loguru import logger
 
+from .atomic import write_json_atomic, write_text_atomic
 from .env.modes import LOOPHOLE_MODES, EnvMode, check_mode
 from .env.problems import Problem, iter_jsonl, load_rows, row_to_problem
 from .pool import (
     PoolError,
     load_partition,
     load_pool,
-    write_json_atomic,
     write_pool_file,
 )
 from .pregen import pool_row
@@ -338,7 +338,6 @@ def _candidates(spec: BuildSpec, rows_by_id: Mapping[int, dict], src: str, tok_m
 def build_substrate(spec: BuildSpec, command: str = "", *, loaded: tuple | None = None
                     ) -> Validation:
     """Build the substrate described by `spec` (see the module docstring) and validate it."""
-    from .atomic import write_text_atomic
     from .model import load_model_and_tokenizer
     from .pregen import _device
     from .rollout import encode, eos_ids, render_prompt

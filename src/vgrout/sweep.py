@@ -24,8 +24,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from .atomic import write_text_atomic
 from .config import ARM_NAMES, PRESETS
-from .results import write_text_atomic
 
 DEFAULT_GROUP = "vgrout"
 PUEUE_INSTALL_HINT = (

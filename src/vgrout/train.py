@@ -40,9 +40,10 @@ from .adapter import (  # noqa: E402
     save_adapter,
     wrap_model,
 )
+from .atomic import write_json_atomic  # noqa: E402
 from .config import Config, config_diff, parse_cli  # noqa: E402
 from .directions import RunDirections as Directions  # noqa: E402
-from .env.modes import MODE_CODE, STDOUT_MARKER  # noqa: E402,F401
+from .env.modes import MODE_CODE  # noqa: E402
 from .env.problems import Problem, load_problems  # noqa: E402
 from .eval import EvalResult, evaluate  # noqa: E402
 from .model import load_model_and_tokenizer  # noqa: E402
@@ -165,7 +166,7 @@ def make_run_dir(cfg: Config) -> Path:
 
 def write_status(run_dir: Path, state: str, step: int, steps: int, error: str | None = None) -> None:
     """status.json: running / paused / complete / failed / diverged / killed, and the last finished step."""
-    ck.write_json_atomic(run_dir / "status.json", {
+    write_json_atomic(run_dir / "status.json", {
         "state": state, "step": step, "steps": steps,
         "updated": datetime.now().isoformat(timespec="seconds"), "error": error})
 
@@ -422,9 +423,6 @@ def track_modes(state: TrainState, step: int, groups: list[Group]) -> None:
             if e:
                 state.mode_hacks[m] = state.mode_hacks.get(m, 0) + 1
                 state.mode_first_step.setdefault(m, step)
-    recs = rollout_records(step, groups[:1])
-    if recs:
-        state.last_sample = {"step": step, "reward": recs[0]["reward"], "text": recs[0]["text"]}
 
 
 def check_divergence(state: TrainState, row: dict, step: int) -> None:
@@ -497,7 +495,7 @@ def final_eval(cfg: Config, model, tok, knobs, inp: Inputs, sampling: SamplingCo
         "hack_deploy": head["hack_deploy"], "solve_deploy": head["solve_deploy"],
         "by_mode": head["by_mode"], "sets": out_sets, "delta_s_hack_norm": hack_norm,
     }
-    ck.write_json_atomic(run_dir / "per_mode_deploy.json", record)
+    write_json_atomic(run_dir / "per_mode_deploy.json", record)
     return record
 
 
@@ -557,12 +555,12 @@ def run(cfg: Config, inp: Inputs, run_dir: Path) -> int:
     logger.info(f"preset={cfg.preset_name} arm={cfg.arm} model={cfg.model} steps={cfg.steps} G={cfg.group} "
                 f"P={cfg.prompts_per_step} max_new={cfg.max_new} beta={cfg.beta} seed={cfg.seed} device={device}")
     if cfg.resume is None:
-        ck.write_json_atomic(run_dir / ck.CONFIG_FILE, {
+        write_json_atomic(run_dir / ck.CONFIG_FILE, {
             "config": cfg.to_dict(), "provenance": ck.provenance(), "run_id": cfg.run_id,
             "preset": cfg.preset_name, "arm": cfg.arm, "seed": cfg.seed,
             "started": datetime.now().isoformat(timespec="seconds")})
     else:
-        ck.write_json_atomic(run_dir / f"resume_{datetime.now():%Y%m%dT%H%M%S}.json", {"provenance": ck.provenance()})
+        write_json_atomic(run_dir / f"resume_{datetime.now():%Y%m%dT%H%M%S}.json", {"provenance": ck.provenance()})
     write_status(run_dir, "running", -1, cfg.steps)
 
     def on_sigterm(signum, frame):  # pueue kill / scancel / timeout: record it, then stop
@@ -701,17 +699,15 @@ def _train(cfg: Config, inp: Inputs, run_dir: Path, device: torch.device, t_star
         prompts = [p[2] for p in picks]
         live = sample(model, tok, knobs, prompts, [g_s - n_abl] * len(picks), sampling)
         abl = sample(model, tok, knobs, prompts, [n_abl] * len(picks), sampling, ablate=True)
-        groups = []
-        for (prob, prompt, ids, trows), cs, ca in zip(picks, live, abl, strict=True):
-            comps = cs + ca
-            g = Group(prob, prompt, ids, comps, [tok.decode(c, skip_special_tokens=True) for c in comps],
-                      [True] * len(comps), [False] * len(cs) + [True] * len(ca))
-            add_teacher_rows(g, trows, tok, stop_ids)
-            groups.append(g)
+        groups = [Group(prob, prompt, ids, cs + ca, [tok.decode(c, skip_special_tokens=True) for c in cs + ca],
+                        [True] * len(cs + ca), [False] * len(cs) + [True] * len(ca))
+                  for (prob, prompt, ids, _), cs, ca in zip(picks, live, abl, strict=True)]
         t_gen = time.perf_counter() - tg
         tr = time.perf_counter()
-        grade_students(groups)
+        grade_students(groups)  # students lead each group; cached teacher rows follow
         t_rew = time.perf_counter() - tr
+        for g, (_, _, _, trows) in zip(groups, picks, strict=True):
+            add_teacher_rows(g, trows, tok, stop_ids)
 
         # ── 2. Dr.GRPO loss and backward, group by group (gradients accumulate) ──
         tf = time.perf_counter()
@@ -755,8 +751,11 @@ def _train(cfg: Config, inp: Inputs, run_dir: Path, device: torch.device, t_star
         state.rows.append(row)
         table.emit(row)
         ck.append_jsonl(run_dir / "rows.jsonl", [ck_json(row)])
-        ck.append_jsonl(run_dir / "rollouts.jsonl", rollout_records(step, groups))
+        recs = rollout_records(step, groups)
+        ck.append_jsonl(run_dir / "rollouts.jsonl", recs)
         track_modes(state, step, groups)
+        if recs:  # the newest student generation, shown if the run diverges and at the end
+            state.last_sample = {"step": step, "reward": recs[0]["reward"], "text": recs[0]["text"]}
         check_divergence(state, row, step)
         state.step = step + 1
         steps_this_run += 1
