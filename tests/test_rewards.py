@@ -234,6 +234,22 @@ def test_compute_reward_equals_grade_batch():
     assert batch[0].reward == COMPILE_REWARD + PASS_REWARD and batch[1].reward == COMPILE_REWARD
 
 
+def test_backends_grade_alike(monkeypatch):
+    """The fork-server hands the harness its setup code and call expressions precompiled
+    (`__vgrout_compiled__`); the reference backend does not, so there the harness compiles
+    them itself. Every verdict, channel and note must be the same either way, in every mode."""
+    wrong = TYPES_CANON.replace("3 ** n", "3 ** n + 1")
+    early_exit = "import os\nos._exit(0)\n" + TYPES_CANON
+    texts = [fenced(t) for t in (TYPES_CANON, wrong, early_exit)] + ["```python\ndef f(:\n```"]
+    modes = ("gt_only", "exit_code", "sentinel", "run_tests", "stdout_marker", "file_marker")
+    items = [(t, types_problem(m)) for m in modes for t in texts]
+    fork = grade_batch(items, limits=LIMITS, relative_time=None)
+    monkeypatch.setenv("VGROUT_SANDBOX_BACKEND", "subprocess")
+    ref = grade_batch(items, limits=LIMITS, relative_time=None)
+    assert [asdict(r) for r in fork] == [asdict(r) for r in ref]
+    assert [r.gt_correct for r in fork[:4]] == [True, False, False, False]
+
+
 def test_relative_time_limit_is_clamped_and_monotone():
     pol = RelativeTime(factor=10.0, floor_s=1.0, ceiling_s=10.0)
     assert [pol.limit_s(t) for t in (0.0, 0.05, 0.1, 0.35, 2.0)] == [1.0, 1.0, 1.0, 3.5, 10.0]

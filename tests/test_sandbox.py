@@ -9,40 +9,41 @@ import time
 
 import pytest
 
+from _procs import alive, children_of, idle_worker_problems, pids_with_uid
 from vgrout.env import _sandbox_pool as pool_mod
 from vgrout.env import _sandbox_worker as wire
 from vgrout.env.sandbox import REPORT_FD, Job, Limits, Outcome, run_job, run_jobs
 
 FAST = Limits(wall_s=2.0, cpu_s=2, mem_mb=256, fsize_mb=1, nofile=32, nproc=16, output_bytes=10_000)
-BACKENDS = ["forkserver", "subprocess"]
 ISOLATED = os.geteuid() == 0 and os.uname().sysname == "Linux"
+# "forkserver_plain": the fork-server with its job zygote switched off (VGROUT_SANDBOX_ZYGOTE=0),
+# the level a machine without root or namespaces gets: one plain fork of the worker per job
+BACKENDS = ["forkserver", "forkserver_plain", "subprocess"]
 
 
-def sandbox_uid_pids() -> list[int]:
-    """Processes running as one of this pool's sandbox uids (there must be none between calls)."""
-    uids = pool_mod.get_pool(2).uids
-    found = []
-    for d in os.listdir("/proc"):
-        if d.isdigit():
-            try:
-                with open(f"/proc/{d}/status") as fh:
-                    uid = next(int(ln.split()[1]) for ln in fh if ln.startswith("Uid:"))
-            except (OSError, StopIteration):
-                continue
-            if uid in uids:
-                found.append(int(d))
-    return found
+@pytest.fixture
+def backend(request, monkeypatch):
+    name = request.param
+    if name != "forkserver_plain":
+        yield name
+        return
+    monkeypatch.setenv("VGROUT_SANDBOX_ZYGOTE", "0")
+    pool_mod.shutdown()
+    try:
+        pool = pool_mod.get_pool(2)
+        assert not pool.level["pidns"] and not pool.level["ipcns"], pool.describe()
+        assert any("VGROUT_SANDBOX_ZYGOTE=0" in n for n in pool.notes), pool.describe()
+        if ISOLATED:
+            assert pool.level["uid_switch"] and pool.level["seccomp"] and pool.level["mountns"]
+        yield "forkserver"
+        for w in pool.worker_pids:
+            assert children_of(w) == []  # each job was reaped, nothing it started is left
+    finally:
+        monkeypatch.delenv("VGROUT_SANDBOX_ZYGOTE")
+        pool_mod.shutdown()  # later tests get the zygote pool again
 
 
-def children_of(pid: int) -> list[int]:
-    kids = []
-    for tid in os.listdir(f"/proc/{pid}/task"):
-        with open(f"/proc/{pid}/task/{tid}/children") as fh:
-            kids += [int(x) for x in fh.read().split()]
-    return kids
-
-
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
 def test_io_report_files_and_exit_codes(backend):
     jobs = [
         Job(
@@ -68,7 +69,7 @@ def test_io_report_files_and_exit_codes(backend):
     assert e.stdout == "__main__\n"
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
 def test_bounds_give_clear_statuses(backend):
     jobs = [
         Job("while True: pass", limits=Limits(wall_s=0.6, cpu_s=5, mem_mb=256)),
@@ -86,7 +87,7 @@ def test_bounds_give_clear_statuses(backend):
     assert mem.status == "memory" and not mem.ok
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
 def test_results_keep_input_order(backend):
     jobs = [
         Job(f"import time; time.sleep({0.05 * (i % 3)}); print({i})", limits=FAST)
@@ -97,7 +98,7 @@ def test_results_keep_input_order(backend):
     assert run_jobs([], backend=backend) == []
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
 def test_programs_compile_like_a_fresh_interpreter(backend):
     """No compiler flags leak from the sandbox's own modules (they use lazy annotations):
     an annotation naming an undefined name raises at def time, in the program and in
@@ -124,6 +125,23 @@ def test_compile_cache_keeps_runs_independent():
     assert run_jobs([Job(big, limits=FAST)], workers=1)[0].stdout == "1\n"
 
 
+def test_shared_code_is_compiled_once_per_worker_and_handed_over():
+    """A job's shared_code reaches the program compiled, as the same object for every job
+    of a worker (compiled once, inherited by each fork); a text that does not compile is
+    left out, and the reference backend hands over nothing (programs then compile)."""
+    good, bad = ("40 + 2", "<t>", "eval"), ("1 +", "<b>", "eval")
+    prog = (
+        "pre = __vgrout_compiled__\nc = pre[('40 + 2', '<t>', 'eval')]\n"
+        "print(eval(c), c.co_filename, id(c), list(pre) == [('40 + 2', '<t>', 'eval')])"
+    )
+    outs = run_jobs([Job(prog, limits=FAST, shared_code=(good, bad))] * 4, workers=1)
+    assert all(o.ok for o in outs), outs[0]
+    assert len({o.stdout for o in outs}) == 1 and outs[0].stdout.startswith("42 <t> ")
+    assert outs[0].stdout.endswith(" True\n")
+    ref = run_job(Job("print('__vgrout_compiled__' in globals())", shared_code=(good,)), backend="subprocess")
+    assert ref.stdout == "False\n"
+
+
 def test_unknown_backend_is_a_clear_error():
     with pytest.raises(ValueError, match="VGROUT_SANDBOX_BACKEND"):
         run_job(Job("pass"), backend="docker")  # type: ignore[arg-type]
@@ -147,18 +165,29 @@ def test_forkserver_isolation_is_complete_here():
         "print(sorted(os.environ))\n"
         "print(os.listdir('.'), len([p for p in os.listdir('/proc') if p.isdigit()]))\n"
         "open('mine', 'w').write('x')\n"
-        "for p in ('/tmp/x', os.path.expanduser('~/x'), '/etc/x'):\n"
-        "    try: open(p, 'w'); print('WROTE', p)\n"
+        "for p in ('/tmp/x', os.path.expanduser('~/x'), '/etc/x', '..', '/tmp'):\n"
+        "    try: open(os.path.join(p, 'x') if os.path.isdir(p) else p, 'w'); print('WROTE', p)\n"
         "    except OSError as e: print('blocked', e.errno)\n"
+        "for f in ('environ', 'mem', 'maps', 'fd'):\n"
+        "    try: (os.listdir if f == 'fd' else open)('/proc/1/' + f); print('READ', f)\n"
+        "    except OSError as e: print('denied', e.errno)\n"
+        "print(open('/proc/1/cmdline', 'rb').read().decode().split('\\0')[-3:-1])\n"
     )
     a, b = run_jobs([Job(probe, limits=FAST), Job(probe, limits=FAST)], workers=1)
-    uid, gid, pid, fds = a.stdout.splitlines()[0].split(" ", 3)
-    assert int(uid) in pool.uids and int(gid) in pool.uids and pid == "1"
+    lines = a.stdout.splitlines()
+    uid, gid, pid, fds = lines[0].split(" ", 3)
+    assert int(uid) in pool.uids and int(gid) in pool.uids and int(pid) > 1  # 1 is the zygote
     assert fds == "['0', '1', '2', '3', '4']"  # 4 is listdir's own handle on /proc/self/fd
-    assert a.stdout.splitlines()[1] == "['HOME', 'LANG', 'PATH', 'PYTHONHASHSEED']"
-    assert a.stdout.splitlines()[2] == "[] 1"  # fresh scratch every job; only itself in /proc
-    assert b.stdout == a.stdout and "WROTE" not in a.stdout
-    assert a.stdout.count("blocked") == 3
+    assert lines[1] == "['HOME', 'LANG', 'PATH', 'PYTHONHASHSEED']"
+    assert lines[2] == "[] 2"  # fresh scratch every job; in /proc only the zygote and itself
+    assert "WROTE" not in a.stdout and a.stdout.count("blocked") == 5  # not even beside scratch
+    # the root zygote is not dumpable: nothing of its memory, environment or fds is readable,
+    # and its command line holds only its bootstrap and a socket number (settings and code
+    # come on the socket)
+    assert a.stdout.count("denied") == 4 and "READ" not in a.stdout
+    boot, fd = eval(a.stdout[a.stdout.rindex("\n[") :])
+    assert boot == wire.ZYGOTE_BOOT and fd.isdigit(), boot
+    assert b.stdout == a.stdout.replace(f"{pid} ", f"{b.stdout.split()[2]} ", 1)
 
 
 @pytest.mark.skipif(not ISOLATED, reason="full isolation needs root on Linux")
@@ -166,15 +195,17 @@ def test_workers_respawn_and_nothing_leaks():
     pool = pool_mod.get_pool(2)
     run_jobs([Job("pass", limits=FAST)] * 4, workers=2)
     victim = pool.worker_pids[0]
+    (zygote,) = children_of(victim)
     os.kill(victim, signal.SIGKILL)
     outs = run_jobs([Job("print(1)", limits=FAST) for _ in range(6)], workers=2)
     # the job that met the dead worker may be a sandbox_error; afterwards it is replaced
     assert sum(o.stdout == "1\n" for o in outs) >= 5
     assert victim not in pool.worker_pids
     assert all(o.ok for o in run_jobs([Job("print(1)", limits=FAST)] * 4, workers=2))
+    assert not alive(zygote)  # its zygote died with it (parent-death signal)
     for w in pool.worker_pids:
-        assert children_of(w) == []
-    assert sandbox_uid_pids() == []
+        assert idle_worker_problems(w) == []
+    assert pids_with_uid(pool.uids) == []
 
 
 @pytest.mark.skipif(not ISOLATED, reason="full isolation needs root on Linux")

@@ -12,10 +12,12 @@ from __future__ import annotations
 import os
 import secrets
 import socket
+import time
 from pathlib import Path
 
 import pytest
 
+from _procs import idle_worker_problems, pids_with_uid
 from vgrout.env import _sandbox_pool as pool_mod
 from vgrout.env.sandbox import Job, Limits, run_jobs
 
@@ -205,29 +207,13 @@ def snapshot(env: dict) -> dict:
     }
 
 
-def sandbox_procs(pool) -> list[int]:
-    out = []
-    for d in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            with open(f"/proc/{d}/status") as fh:
-                uid = next(int(ln.split()[1]) for ln in fh if ln.startswith("Uid:"))
-        except (OSError, StopIteration):
-            continue
-        if uid in pool.uids:
-            out.append(int(d))
-    return out
-
-
 def assert_contained(env: dict, before: dict, outs) -> None:
     pool = env["pool"]
     assert pool.worker_pids == env["workers_before"], "a worker died"
     for w in pool.worker_pids:
         assert os.path.exists(f"/proc/{w}")
-        for tid in os.listdir(f"/proc/{w}/task"):
-            assert open(f"/proc/{w}/task/{tid}/children").read().split() == [], (
-                "job outlived its call"
-            )
-    assert sandbox_procs(pool) == [], "a sandbox-uid process outlived the call"
+        assert idle_worker_problems(w) == []
+    assert pids_with_uid(pool.uids) == [], "a sandbox-uid process outlived the call"
     assert snapshot(env) == before, "something outside scratch changed"
     for s in env["listeners"]:
         with pytest.raises(BlockingIOError):
@@ -253,8 +239,6 @@ def test_adversarial_program_in_raw_sandbox(env, name):
     assert not raw_verdict(out), out
     assert out.status in ("exited", "signaled", "timeout", "memory", "output_limit"), out
     if name == "double_fork_daemon":
-        import time
-
         time.sleep(3.5)  # give the would-be daemon time to act, had it survived
     assert_contained(env, before, [out])
 
@@ -297,3 +281,73 @@ def test_adversarial_program_through_compute_reward(env, name):
     )
     assert not r.gt_correct, r
     assert_contained(env, before, [])
+
+
+# A stash job tries every way it can think of to leave something for the job after it on
+# the same worker (say a plain-grader run, which sees the expected values, handing them to
+# the strict oracle's run of the same completion); the next job looks in all those places.
+STASH = (
+    "import ctypes, os, socket, time\n"
+    "libc = ctypes.CDLL(None, use_errno=True)\n"
+    "KEY, CREAT = 0x5647, 0o1000\n"
+    "print('shm', libc.shmget(KEY, 4096, CREAT | 0o666), 'msg', libc.msgget(KEY, CREAT | 0o666),\n"
+    "      'sem', libc.semget(KEY, 1, CREAT | 0o666))\n"
+    "try: print('mq', libc.mq_open(b'/vgstash', os.O_CREAT | os.O_RDWR, 0o666, None))\n"
+    "except AttributeError: print('mq', -1)\n"
+    "open('stash.txt', 'w').write(TOKEN); os.chmod('.', 0o777)\n"
+    "for p in ('../stash.txt', '/tmp/stash.txt', '/dev/shm/stash.txt', '/dev/mqueue/stash'):\n"
+    "    try: open(p, 'w').write(TOKEN); print('WROTE', p)\n"
+    "    except OSError: pass\n"
+    "if os.fork() == 0:\n"
+    "    os.setsid()\n"
+    "    if os.fork() == 0:\n"
+    "        s = socket.socket(socket.AF_UNIX); s.bind('\\0vgstash'); s.listen(4); s.setblocking(False)\n"
+    "        end = time.time() + 4\n"
+    "        while time.time() < end:\n"
+    "            for d in os.listdir('..'):\n"
+    "                try: open(os.path.join('..', d, 'stash.txt'), 'w').write(TOKEN)\n"
+    "                except OSError: pass\n"
+    "            try: s.accept()[0].send(TOKEN.encode())\n"
+    "            except OSError: pass\n"
+    "            time.sleep(0.01)\n"
+    "    os._exit(0)\n"
+    "time.sleep(0.2)\n"
+)
+LOOK = (
+    "import ctypes, os, socket, time\n"
+    "time.sleep(0.5)\n"
+    "libc = ctypes.CDLL(None, use_errno=True)\n"
+    "KEY = 0x5647\n"
+    "print('shm', libc.shmget(KEY, 0, 0), 'msg', libc.msgget(KEY, 0), 'sem', libc.semget(KEY, 0, 0))\n"
+    "try: print('mq', libc.mq_open(b'/vgstash', os.O_RDONLY))\n"
+    "except AttributeError: print('mq', -1)\n"
+    "for d in ('.', '..', '/tmp', '/dev/shm'):\n"
+    "    for root, _, files in os.walk(d):\n"
+    "        for f in files:\n"
+    "            try: print('FOUND', root, f, open(os.path.join(root, f)).read(64))\n"
+    "            except OSError as e: print('seen', root, f, e.errno)\n"
+    "s = socket.socket(socket.AF_UNIX)\n"
+    "try: s.connect('\\0vgstash'); print('FOUND socket', s.recv(64))\n"
+    "except OSError: print('no socket')\n"
+    "print('procs', sorted(int(p) for p in os.listdir('/proc') if p.isdigit()))\n"
+)
+
+
+def test_nothing_passes_from_one_job_to_the_next(env):
+    """Jobs on one worker share its zygote's namespaces one after another: the next job
+    finds no IPC object, file, socket or process of the one before."""
+    env["workers_before"] = list(env["pool"].worker_pids)
+    before = snapshot(env)
+    token = "stash-" + secrets.token_hex(6)
+    head = f"TOKEN = {token!r}\n"
+    stash, look = run_jobs([Job(head + STASH, limits=LIM), Job(head + LOOK, limits=LIM)], workers=1)
+    assert stash.ok and look.ok, (stash, look)
+    assert stash.stdout.splitlines()[:2] == ["shm -1 msg -1 sem -1", "mq -1"], stash.stdout
+    assert "WROTE" not in stash.stdout
+    assert look.stdout.splitlines()[:2] == ["shm -1 msg -1 sem -1", "mq -1"], look.stdout
+    assert token not in look.stdout and "FOUND" not in look.stdout, look.stdout
+    assert "no socket" in look.stdout, look.stdout
+    procs = look.stdout.splitlines()[-1]
+    assert procs.startswith("procs [1, ") and procs.count(",") == 1, procs  # the zygote and itself
+    time.sleep(4)  # had the daemon survived, it would have written by now
+    assert_contained(env, before, [look])

@@ -13,7 +13,6 @@ import atexit
 import collections
 import dataclasses
 import importlib.util
-import json
 import os
 import queue
 import selectors
@@ -109,17 +108,7 @@ class _Worker:
         ours, theirs = socket.socketpair()
         try:
             self.proc = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-I",
-                    "-S",
-                    _WORKER_FILE,
-                    str(theirs.fileno()),
-                    str(uid_for(idx)),
-                    _seccomp_dir(),
-                    json.dumps(masks),
-                    json.dumps(keeps),
-                ],
+                [sys.executable, "-I", "-S", _WORKER_FILE, str(theirs.fileno())],
                 pass_fds=(theirs.fileno(),),
                 env=_CLEAN_ENV,
                 cwd="/",
@@ -132,7 +121,16 @@ class _Worker:
             theirs.close()
         self.sock = ours
         ours.settimeout(60.0)
+        cfg = {
+            "uid": uid_for(idx),
+            "seccomp_dir": _seccomp_dir(),
+            "masks": masks,
+            "keeps": keeps,
+            "zygote": os.environ.get("VGROUT_SANDBOX_ZYGOTE", "1") != "0",
+        }
         try:
+            # settings travel on the socket, not argv: jobs can read their zygote's cmdline
+            ours.sendall(wire.pack(cfg, []))
             hello = wire.recv_frame(ours)
         except OSError as e:
             self.close()
@@ -151,9 +149,14 @@ class _Worker:
 
     def send(self, job) -> None:
         """Queue one job on the worker (it runs them in order, one at a time)."""
+        enc = lambda t: t.encode("utf-8", "surrogateescape")  # noqa: E731
         msg = wire.pack(
-            {"limits": dataclasses.asdict(job.limits), "read_files": list(job.read_files)},
-            [job.code.encode("utf-8", "surrogateescape"), bytes(job.stdin)],
+            {
+                "limits": dataclasses.asdict(job.limits),
+                "read_files": list(job.read_files),
+                "shared": [[name, mode] for _, name, mode in job.shared_code],
+            },
+            [enc(job.code), bytes(job.stdin), *(enc(src) for src, _, _ in job.shared_code)],
         )
         self.sock.settimeout(job.limits.wall_s + GRACE_S)
         self.sock.sendall(msg)

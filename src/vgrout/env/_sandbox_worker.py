@@ -1,79 +1,54 @@
-"""Fork-server worker of the sandbox, plus the wire format both sides share.
+"""Fork-server worker of the sandbox (the trainer side is `_sandbox_pool`).
 
-This file is imported by the trainer (for `pack`/`unpack`) and also run on its own as
-`python -I -S _sandbox_worker.py SOCK_FD UID SECCOMP_DIR MASKS KEEPS`: a long-lived,
-stdlib-only interpreter that pays start-up and the common imports once, enters its own
-network / mount namespaces once, and then, per job, clones one child that becomes PID 1
-of fresh PID / mount / IPC / UTS namespaces, drops to an unprivileged uid, loads a
-seccomp deny-list and runs the program. Killing that PID 1 tears the whole job down.
+Run as `python -I -S _sandbox_worker.py SOCK_FD` (its settings come in the first frame,
+not on the command line, so no job can read them from /proc): a long-lived, stdlib-only
+interpreter that enters its own network / mount namespaces once (a read-only view of the
+filesystem with homes, the repo and the data hidden) and then serves jobs one at a time.
 
-Where a mechanism is unavailable (not root, no namespaces) it degrades and reports the
-level it actually reached in its hello message; the trainer logs it once.
+Jobs run under a *zygote* (`_sandbox_zygote`): PID 1 of its own PID / mount / IPC / UTS
+namespaces, with no_new_privs and the seccomp deny-list loaded once, a fresh and small
+interpreter. Per job the zygote forks one child, which drops to the worker's
+unprivileged uid (in a fresh scratch directory, with rlimits) and runs the program; when
+that child exits, the zygote SIGKILLs every other process in its namespace and reaps it
+before it reports, so nothing a job started survives into the next one. Jobs never
+overlap, cannot signal or trace the root zygote, cannot create SysV or POSIX IPC objects
+(denied by seccomp) and see only their own scratch directory, so nothing one job leaves
+behind is there for the next. A job that runs out of time or output is ended by killing
+the zygote itself, which takes the whole namespace with it; the next job gets a new one.
+
+Where a mechanism is unavailable (not root, no namespaces) it degrades to one plain fork
+of the worker per job and reports the level it actually reached in its hello message;
+the trainer logs it once.
 """
 
 from __future__ import annotations
 
 import ctypes
-import json
+import gc
 import os
 import platform
 import selectors
+import shutil
 import signal
 import socket
 import stat
-import struct
 import sys
 import time
 
-# ----------------------------------------------------------------------------- wire format
-# A frame is: 8-byte big-endian payload length, then the payload. A payload is: 4-byte
-# header length, a JSON header (which carries `sizes`, the byte length of each blob),
-# then the blobs back to back. No pickle: the trainer never unpickles worker output.
+try:
+    from . import _sandbox_zygote as zy
+except ImportError:  # run as a script (-I leaves its folder off sys.path): load the sibling
+    import importlib.util
 
+    _spec = importlib.util.spec_from_file_location(
+        "_sandbox_zygote", os.path.join(os.path.dirname(os.path.abspath(__file__)), "_sandbox_zygote.py")
+    )
+    zy = importlib.util.module_from_spec(_spec)
+    _spec.loader.exec_module(zy)
 
-def pack(header: dict, blobs: list[bytes]) -> bytes:
-    """Encode one frame; `unpack(pack(h, b)[8:])` returns `(h | {"sizes": ...}, b)`."""
-    head = json.dumps({**header, "sizes": [len(b) for b in blobs]}).encode()
-    payload = b"".join([struct.pack(">I", len(head)), head, *blobs])
-    return struct.pack(">Q", len(payload)) + payload
-
-
-def unpack(payload: bytes) -> tuple[dict, list[bytes]]:
-    """Decode a payload (a frame without its 8-byte length)."""
-    (hlen,) = struct.unpack(">I", payload[:4])
-    header = json.loads(payload[4 : 4 + hlen])
-    blobs, at = [], 4 + hlen
-    for n in header["sizes"]:
-        blobs.append(payload[at : at + n])
-        at += n
-    if at != len(payload):
-        raise ValueError(f"sandbox frame: {len(payload) - at} trailing bytes")
-    return header, blobs
-
-
-def recv_exact(sock: socket.socket, n: int) -> bytes | None:
-    """Read exactly n bytes, or None on a clean EOF before the first byte."""
-    buf = bytearray()
-    while len(buf) < n:
-        chunk = sock.recv(min(n - len(buf), 1 << 20))
-        if not chunk:
-            if buf:
-                raise EOFError("sandbox frame cut short")
-            return None
-        buf += chunk
-    return bytes(buf)
-
-
-def recv_frame(sock: socket.socket) -> tuple[dict, list[bytes]] | None:
-    head = recv_exact(sock, 8)
-    if head is None:
-        return None
-    (n,) = struct.unpack(">Q", head)
-    body = recv_exact(sock, n)
-    if body is None:
-        raise EOFError("sandbox frame cut short")
-    return unpack(body)
-
+# the wire format (both ends of every socket) and the job side live in `_sandbox_zygote`
+pack, unpack, recv_exact, recv_frame = zy.pack, zy.unpack, zy.recv_exact, zy.recv_frame
+COMPILE_CACHE_MAX, PREIMPORT = zy.COMPILE_CACHE_MAX, zy.PREIMPORT
 
 # ----------------------------------------------------------------------------- libc bits
 CLONE_NEWNS, CLONE_NEWUTS, CLONE_NEWIPC = 0x20000, 0x04000000, 0x08000000
@@ -226,6 +201,25 @@ def build_seccomp_bpf(seccomp_dir: str) -> bytes:
         "personality",
         "kcmp",
         "pidfd_getfd",
+        # IPC objects outlive the process that made them: jobs share one IPC namespace
+        # per zygote, so none may create (or attach to) any
+        "shmget",
+        "shmat",
+        "shmctl",
+        "msgget",
+        "msgsnd",
+        "msgrcv",
+        "msgctl",
+        "semget",
+        "semop",
+        "semtimedop",
+        "semctl",
+        "mq_open",
+        "mq_unlink",
+        "mq_timedsend",
+        "mq_timedreceive",
+        "mq_notify",
+        "mq_getsetattr",
     ):
         try:
             f.add_rule(sc.ERRNO(deny), name)
@@ -294,50 +288,105 @@ def clone_process(flags: int) -> int:
 
 
 # ----------------------------------------------------------------------------- the worker
-COMPILE_CACHE_MAX = 64 * 1024  # larger program texts are compiled by their own child
-COMPILE_CACHE_SIZE = 16  # distinct program texts kept per worker (oldest dropped first)
-SCRATCH = "/tmp/.vgrout-scratch"  # per-job tmpfs mount point inside the worker's namespace
+SCRATCH = "/tmp/.vgrout-scratch"  # the worker's scratch tmpfs; each job gets a directory in it
 JOB_NS = CLONE_NEWPID | CLONE_NEWNS | CLONE_NEWIPC | CLONE_NEWUTS
-# Imported once per worker, before forking: what the benchmark's setup code and the
-# solutions use (measured on the 1487 benchmark completions: typing, collections, heapq, math,
-# bisect, functools, itertools, re, string, datetime) plus what every job's own start-up
-# needs. Each extra module makes every fork dearer (page tables, copy-on-write), so rarely
-# used ones (inspect, unittest, subprocess, decimal, ...) are left to the jobs that import
-# them; trimming the list from 36 modules to these sped grading up ~5%.
-PREIMPORT = (
-    "typing",
-    "functools",
-    "collections",
-    "itertools",
-    "heapq",
-    "bisect",
-    "string",
-    "operator",
-    "math",
-    "datetime",
-    "random",
-    "re",
-    "copy",
-    "json",
-    "traceback",
-    "io",
-    "threading",
-    "atexit",
-    "types",
-)
+STRAGGLER_S = 0.2  # without a PID namespace: how long a job's pipes may outlive the job
+def _error(why: str) -> tuple[dict, list[bytes]]:
+    head = {"status": "sandbox_error", "returncode": None, "wall_s": 0.0, "files": []}
+    return head, [b"", f"sandbox: {why}".encode(), b""]
+
+
+class Zygote:
+    """PID 1 of one set of job namespaces, running a worker's jobs one at a time.
+
+    Started by `Worker`: a clone into fresh PID / mount / IPC / UTS namespaces mounts its
+    /proc, sets its parent-death signal and no_new_privs, loads the seccomp deny-list and
+    then execs a *fresh* interpreter (`ZYGOTE_BOOT`), which receives the source of
+    `_sandbox_zygote` and runs its `zygote_main`. The exec matters: a fork of the worker would carry the worker's
+    heap, where freed remains of earlier jobs' stdin (a plain grader's expected values, say)
+    can linger, into every job forked later; a fresh interpreter has only ever seen program
+    texts and limits. Per job the worker sends the child's four fds (stdin memfd, stdout,
+    stderr and report pipes) with one byte, then a frame with the limits, the scratch
+    directory and the program text; the zygote answers with one frame `{"rc", "cpu"}` once
+    the job's process and everything it started are gone.
+    """
+
+    def __init__(self, w: Worker):
+        ours, theirs = socket.socketpair()
+        try:
+            pid = clone_process(JOB_NS)
+        except OSError:
+            ours.close()
+            theirs.close()
+            raise
+        if pid == 0:
+            ours.close()
+            _exec_zygote(w, theirs.fileno())  # never returns
+        theirs.close()
+        self.pid, self.sock = pid, ours
+        self.pidfd = os.pidfd_open(pid)
+        ours.settimeout(30.0)
+        try:
+            ours.sendall(pack({"uid": w.uid if w.level["uid_switch"] else None}, [w.source]))
+            hello = recv_frame(ours)
+        except (OSError, EOFError, ValueError) as e:
+            hello = None
+            why = repr(e)
+        else:
+            why = "it exited during set-up"
+        if hello is None or not hello[0].get("ready"):
+            self.kill()
+            raise OSError(f"job namespaces could not be set up ({why}; see the worker's stderr)")
+
+    def start(self, lim: dict, code: bytes, fds: list[int], workdir: str, shared) -> None:
+        socket.send_fds(self.sock, [b"J"], fds)
+        names, sources = shared
+        self.sock.sendall(pack({"limits": lim, "dir": workdir, "shared": names}, [code, *sources]))
+
+    def report(self) -> dict | None:
+        """The finished job's {"rc", "cpu"}, or None if the zygote is gone."""
+        try:
+            msg = recv_frame(self.sock)
+        except (OSError, EOFError, ValueError):
+            return None
+        return None if msg is None else msg[0]
+
+    def kill(self) -> None:
+        """End the zygote and, with it, every process in its namespace (waits for all)."""
+        try:
+            os.kill(self.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        try:
+            os.waitpid(self.pid, 0)
+        except ChildProcessError:
+            pass
+        self.sock.close()
+        os.close(self.pidfd)
 
 
 class Worker:
-    """State of one fork-server: its isolation level and the prepared seccomp program."""
+    """State of one fork-server: its isolation level, seccomp program and job zygote."""
 
-    def __init__(self, uid: int, seccomp_dir: str, masks: list[str], keeps: list[str]):
+    def __init__(
+        self, uid: int, seccomp_dir: str, masks: list[str], keeps: list[str], zygote: bool = True
+    ):
         self.uid = uid
         self.level: dict[str, bool] = dict.fromkeys(
             ("netns", "mountns", "pidns", "ipcns", "uid_switch", "no_new_privs", "seccomp"), False
         )
         self.notes: list[str] = []
         self.bpf = b""
-        self._compiled: dict[bytes, object] = {}
+        self.cache = zy.CompileCache()  # these two are used without a zygote; a zygote
+        self.shared = zy.SharedCodeCache()  # keeps its own
+        # read before the view hides the repo: the zygote execs the real interpreter and is
+        # handed the job side's source
+        self.python = os.path.realpath(sys.executable)
+        with open(zy.__file__, "rb") as fh:
+            self.source = fh.read()
+        self.zygote: Zygote | None = None
+        self.scratch_mb = 0  # size of the scratch tmpfs (0: not mounted)
+        self.jobs = 0
         root = os.geteuid() == 0
         try:
             self.bpf = build_seccomp_bpf(seccomp_dir)
@@ -360,14 +409,17 @@ class Worker:
             self.notes.append("not root: no namespaces, no uid switch (RLIMIT_NPROC per real uid)")
         self.level["no_new_privs"] = True
         self.level["seccomp"] = bool(self.bpf)
-        self.ns_flags = JOB_NS if self.level["mountns"] else 0
+        self.use_zygote = self.level["mountns"] and zygote
+        if self.level["mountns"] and not zygote:
+            self.notes.append("job namespaces off (VGROUT_SANDBOX_ZYGOTE=0): plain fork per job")
         probe = self.run(
             {"limits": _PROBE_LIMITS, "read_files": []}, b"import os\nos.write(3,b'ok')", b""
         )
-        if probe[0]["status"] != "exited" or probe[1][2] != b"ok":
-            self.notes.append(f"per-job namespaces failed ({probe[1][1][-300:]!r}); plain fork")
-            self.ns_flags = 0
-        self.level["pidns"] = self.level["ipcns"] = self.ns_flags != 0
+        if self.use_zygote and (probe[0]["status"] != "exited" or probe[1][2] != b"ok"):
+            self.notes.append(f"job namespaces failed ({probe[1][1][-300:]!r}); plain fork per job")
+            self._stop_zygote()
+            self.use_zygote = False
+        self.level["pidns"] = self.level["ipcns"] = self.use_zygote
 
     def _build_view(self, masks: list[str], keeps: list[str]) -> None:
         """Read-only view of the filesystem with sensitive trees hidden; runs once per worker.
@@ -395,78 +447,50 @@ class Worker:
         make_tree_readonly("/")
 
     # -- one job ------------------------------------------------------------------------
-    def compiled(self, code: bytes):
-        """The program's code object, compiled once per worker and inherited by each fork.
-
-        Graders send the same harness text for every job (their arguments come on stdin),
-        so after the first job no child compiles it again. Texts over COMPILE_CACHE_MAX
-        bytes, or that fail to compile, return None: the child compiles them itself and a
-        syntax error surfaces there as a traceback, exactly as without the cache.
-        """
-        if len(code) > COMPILE_CACHE_MAX:
-            return None
-        hit = self._compiled.get(code)
-        if hit is None:
-            try:
-                hit = compile(
-                    code.decode("utf-8", "surrogateescape"), "<program>", "exec", dont_inherit=True
-                )
-            except Exception:  # noqa: BLE001 - reported by the child's own compile
-                return None
-            if len(self._compiled) >= COMPILE_CACHE_SIZE:
-                self._compiled.pop(next(iter(self._compiled)))
-            self._compiled[code] = hit
-        return hit
-
-    def run(self, header: dict, code: bytes, stdin: bytes) -> tuple[dict, list[bytes]]:
+    def run(
+        self, header: dict, code: bytes, stdin: bytes, sources: list[bytes] = ()
+    ) -> tuple[dict, list[bytes]]:
         lim = header["limits"]
+        shared = (header.get("shared", []), list(sources))
         t0 = time.monotonic()
-        program = self.compiled(code)
-        scratch, own_dir = self._scratch(lim)
+        try:
+            workdir = self._job_dir(lim)
+        except OSError as e:
+            return _error(f"no scratch directory: {e}")
         pipes = [os.pipe() for _ in range(3)]  # stdout, stderr, report
         stdin_fd = os.memfd_create("stdin")
         view = memoryview(stdin)
         while view:
             view = view[os.write(stdin_fd, view) :]
         os.lseek(stdin_fd, 0, os.SEEK_SET)
+        theirs = [stdin_fd, *(w for _, w in pipes)]
+        ours = [r for r, _ in pipes]
         try:
-            pid = clone_process(self.ns_flags) if self.ns_flags else os.fork()
-        except OSError as e:
-            for r, w in pipes:
-                os.close(r)
-                os.close(w)
-            os.close(stdin_fd)
-            self._drop_scratch(scratch, own_dir)
-            return {"status": "sandbox_error", "returncode": None, "wall_s": 0.0, "files": []}, [
-                b"",
-                f"sandbox: fork failed: {e}".encode(),
-                b"",
-            ]
-        if pid == 0:  # the job process; never returns
-            _child(self, lim, program or code, stdin_fd, [w for _, w in pipes], scratch)
-        os.close(stdin_fd)
-        for _, w in pipes:
-            os.close(w)
-        bufs, timed_out, over = self._collect(pid, [r for r, _ in pipes], lim, t0)
-        cpu = 0.0
-        try:
-            _, wstatus, ru = os.wait4(pid, 0)
-            rc = os.waitstatus_to_exitcode(wstatus)
-            cpu = ru.ru_utime + ru.ru_stime
-        except ChildProcessError:
-            rc = None
-        if not self.ns_flags:
-            _killpg(pid)  # best effort without a PID namespace (a setsid escape survives)
-        files = _read_files(scratch, header["read_files"], lim["output_bytes"])
-        self._drop_scratch(scratch, own_dir)
+            if self.use_zygote:
+                ended = self._run_in_zygote(lim, code, theirs, ours, workdir, t0, shared)
+            else:
+                ended = self._run_forked(lim, code, theirs, ours, workdir, t0, shared)
+        finally:
+            for fd in theirs + ours:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+        if isinstance(ended, str):
+            _remove(workdir)
+            return _error(ended)
+        bufs, timed_out, over, rc, cpu = ended
+        # every process of the job is gone: its scratch can be read and removed safely
+        files = _read_files(workdir, header["read_files"], lim["output_bytes"])
+        _remove(workdir)
         err = bytes(bufs[1])
         if timed_out:
             status = "timeout"
         elif over:
             status = "output_limit"
         elif rc is not None and rc < 0:
-            # PID 1 of a namespace ignores the kernel's SIGXCPU, so the CPU limit shows up as
-            # the hard limit's SIGKILL: recognise it by the CPU time spent.
+            # the CPU limit's soft SIGXCPU, or its hard SIGKILL when the program ignores
+            # SIGXCPU: recognise the latter by the CPU time spent
             cpu_out = -rc == signal.SIGXCPU or (
                 -rc == signal.SIGKILL and cpu >= float(lim["cpu_s"])
             )
@@ -479,77 +503,149 @@ class Worker:
         head = {"status": status, "returncode": rc, "wall_s": time.monotonic() - t0, "files": names}
         return head, [bytes(bufs[0]), err, bytes(bufs[2]), *(files[n] for n in names)]
 
-    def _scratch(self, lim: dict) -> tuple[str, bool]:
-        if self.level["mountns"]:
-            opts = f"size={int(lim['fsize_mb']) + 1}m,nr_inodes=4096,mode=0700,uid={self.uid},gid={self.uid}"
-            mount("tmpfs", SCRATCH, "tmpfs", MS_NOSUID | MS_NODEV, opts)
-            return SCRATCH, False
-        import tempfile
-
-        d = tempfile.mkdtemp(prefix="vgrout-sbx-")
-        if os.geteuid() == 0:
-            os.chown(d, self.uid, self.uid)
-        return d, True
-
-    def _drop_scratch(self, scratch: str, own_dir: bool) -> None:
-        if own_dir:
-            import shutil
-
-            shutil.rmtree(scratch, ignore_errors=True)
-        else:
-            umount(scratch)
-
-    def _collect(self, pid: int, fds: list[int], lim: dict, t0: float):
-        """Read the three pipes until the job ends, its output overflows, or time runs out."""
-        cap = int(lim["output_bytes"])
-        bufs = [bytearray(), bytearray(), bytearray()]
-        sel = selectors.DefaultSelector()
-        pidfd = os.pidfd_open(pid)
-        sel.register(pidfd, selectors.EVENT_READ, -1)
-        for i, fd in enumerate(fds):
-            os.set_blocking(fd, False)
-            sel.register(fd, selectors.EVENT_READ, i)
-        deadline = t0 + float(lim["wall_s"])
-        timed_out = over = False
-        exited_at = None
-        open_fds = len(fds)
-        while open_fds and not over:
-            now = time.monotonic()
-            if now >= deadline:
-                timed_out = exited_at is None
-                break
-            if exited_at is not None and now - exited_at > 0.2:
-                break  # only without a PID namespace: a straggler still holds a pipe
-            for key, _ in sel.select(timeout=deadline - now if exited_at is None else 0.05):
-                if key.data == -1:
-                    # With a PID namespace, PID 1 exits only after every process in it is
-                    # gone, so the pipes hold all there is and reach EOF at once.
-                    exited_at = time.monotonic()
-                    sel.unregister(pidfd)
-                    continue
-                try:
-                    chunk = os.read(key.fd, 65536)
-                except BlockingIOError:
-                    continue
-                if not chunk:
-                    sel.unregister(key.fd)
-                    open_fds -= 1
-                    continue
-                buf = bufs[key.data]
-                buf += chunk
-                if len(buf) > cap:
-                    del buf[cap:]
-                    over = True
-        if exited_at is None:
+    def _run_in_zygote(self, lim, code, theirs, ours, workdir, t0, shared):
+        """One job under the zygote: (bufs, timed_out, over, rc, cpu), or an error string."""
+        for attempt in (1, 2):  # a zygote that died between jobs is replaced once
             try:
-                os.kill(pid, signal.SIGKILL)  # PID 1 of the job's namespace: takes all with it
-            except ProcessLookupError:
-                pass
-        sel.close()
-        os.close(pidfd)
-        for fd in fds:
+                if self.zygote is None:
+                    self.zygote = Zygote(self)
+                z = self.zygote
+                z.start(lim, code, theirs, workdir, shared)
+                break
+            except OSError as e:
+                self._stop_zygote()
+                if attempt == 2:
+                    return f"job namespaces: {e}"
+        for fd in theirs:
             os.close(fd)
-        return bufs, timed_out, over
+        theirs.clear()
+        bufs, timed_out, over, done = _collect(ours, lim, t0, [z.sock.fileno(), z.pidfd])
+        rep = z.report() if done else None
+        if rep is None:
+            # out of time or output (or the zygote died): ending the zygote ends the job
+            self._stop_zygote()
+            if not done:
+                return bufs, timed_out, over, -signal.SIGKILL, 0.0
+            return "the job's namespace ended unexpectedly"
+        if "error" in rep:
+            return str(rep["error"])
+        return bufs, timed_out, over, rep["rc"], float(rep["cpu"])
+
+    def _run_forked(self, lim, code, theirs, ours, workdir, t0, shared):
+        """One job as a plain fork of the worker (no PID namespace: the degraded level)."""
+        program = self.cache.get(code)
+        compiled = self.shared.lookup(*shared)
+        try:
+            pid = os.fork()
+        except OSError as e:
+            return f"fork failed: {e}"
+        if pid == 0:
+            uid = self.uid if self.level["uid_switch"] else None
+            zy.job_main(lim, program or code, compiled, theirs, workdir, uid, self._harden)
+        for fd in theirs:
+            os.close(fd)
+        theirs.clear()
+        pidfd = os.pidfd_open(pid)
+        try:
+            bufs, timed_out, over, done = _collect(ours, lim, t0, [pidfd])
+        finally:
+            os.close(pidfd)
+        if not done:
+            _killpg(pid)
+        rc, cpu = None, 0.0
+        try:
+            _, wstatus, ru = os.wait4(pid, 0)
+            rc = os.waitstatus_to_exitcode(wstatus)
+            cpu = ru.ru_utime + ru.ru_stime
+        except ChildProcessError:
+            pass
+        _killpg(pid)  # best effort without a PID namespace (a setsid escape survives)
+        return bufs, timed_out, over, rc, cpu
+
+    def _harden(self) -> None:
+        """What a plain fork's job sets up itself (a zygote's jobs inherit it)."""
+        prctl(PR_SET_NO_NEW_PRIVS, 1)
+        prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        if self.bpf:
+            load_bpf(self.bpf)
+
+    def _stop_zygote(self) -> None:
+        if self.zygote is not None:
+            self.zygote.kill()
+            self.zygote = None
+
+    def _job_dir(self, lim: dict) -> str:
+        """A fresh, empty directory owned by the job's uid, on a tmpfs sized for the job's
+        file-size limit (with a mount namespace), or a temp dir (without one)."""
+        if not self.level["mountns"]:
+            import tempfile
+
+            d = tempfile.mkdtemp(prefix="vgrout-sbx-")
+            if os.geteuid() == 0:
+                os.chown(d, self.uid, self.uid)
+            return d
+        mb = int(lim["fsize_mb"]) + 1
+        if mb != self.scratch_mb:
+            # a remount changes the tmpfs itself, so the zygote's copy of the mount sees it
+            flags = MS_NOSUID | MS_NODEV | (MS_REMOUNT if self.scratch_mb else 0)
+            mount("tmpfs", SCRATCH, "tmpfs", flags, f"size={mb}m,nr_inodes=4096,mode=0755")
+            self.scratch_mb = mb
+        self.jobs += 1
+        d = f"{SCRATCH}/{self.jobs}"
+        os.mkdir(d, 0o700)
+        os.chown(d, self.uid, self.uid)
+        return d
+
+
+def _collect(fds: list[int], lim: dict, t0: float, done_fds: list[int]):
+    """Read the three pipes until the job is over, its output overflows, or time runs out.
+
+    The job is over once one of `done_fds` is readable (the job's pidfd, or the zygote's
+    report or pidfd) and the pipes are at EOF, or STRAGGLER_S after that when a process
+    that outlived the job (possible only without a PID namespace) still holds a pipe.
+    Returns (bufs, timed_out, over, done).
+    """
+    cap = int(lim["output_bytes"])
+    bufs = [bytearray(), bytearray(), bytearray()]
+    sel = selectors.DefaultSelector()
+    for fd in done_fds:
+        sel.register(fd, selectors.EVENT_READ, -1)
+    for i, fd in enumerate(fds):
+        os.set_blocking(fd, False)
+        sel.register(fd, selectors.EVENT_READ, i)
+    deadline = t0 + float(lim["wall_s"])
+    timed_out = over = False
+    done_at = None
+    open_fds = len(fds)
+    while not over:
+        now = time.monotonic()
+        if done_at is not None and (open_fds == 0 or now - done_at > STRAGGLER_S):
+            break
+        if now >= deadline:
+            timed_out = done_at is None
+            break
+        for key, _ in sel.select(timeout=deadline - now if done_at is None else 0.05):
+            if key.data == -1:
+                if done_at is None:
+                    done_at = time.monotonic()
+                    for fd in done_fds:
+                        sel.unregister(fd)
+                continue
+            try:
+                chunk = os.read(key.fd, 65536)
+            except BlockingIOError:
+                continue
+            if not chunk:
+                sel.unregister(key.fd)
+                open_fds -= 1
+                continue
+            buf = bufs[key.data]
+            buf += chunk
+            if len(buf) > cap:
+                del buf[cap:]
+                over = True
+    sel.close()
+    return bufs, timed_out, over, done_at is not None and not over
 
 
 _PROBE_LIMITS = {
@@ -561,6 +657,14 @@ _PROBE_LIMITS = {
     "nproc": 64,
     "output_bytes": 4096,
 }
+
+
+def _remove(d: str) -> None:
+    """Delete a job's scratch directory (most jobs leave it empty: one rmdir)."""
+    try:
+        os.rmdir(d)
+    except OSError:
+        shutil.rmtree(d, ignore_errors=True)
 
 
 def _killpg(pgid: int) -> None:
@@ -605,144 +709,76 @@ def _read_files(scratch: str, names: list[str], cap: int) -> dict[str, bytes]:
     return out
 
 
-def _child(w: Worker, lim: dict, code, stdin_fd: int, outs: list[int], scratch: str) -> None:
-    """The job process: isolate, limit, drop privileges, run the program, _exit. Never returns."""
-    import resource
+# ----------------------------------------------------------------------------- starting a zygote
+# The zygote's first code after exec: read one frame (settings, then this module's source)
+# from the socket fd in argv[1], run the source as a module, hand over to zygote_main.
+ZYGOTE_BOOT = """
+import json, socket, struct, sys
+s = socket.socket(fileno=int(sys.argv[1]))
+def take(n):
+    b = b""
+    while len(b) < n:
+        c = s.recv(n - len(b))
+        if not c:
+            raise SystemExit(0)
+        b += c
+    return b
+p = take(struct.unpack(">Q", take(8))[0])
+h = struct.unpack(">I", p[:4])[0]
+cfg = json.loads(p[4 : 4 + h])
+g = {"__name__": "vgrout_sandbox_zygote"}
+exec(compile(p[4 + h :], "_sandbox_zygote.py", "exec"), g)
+del p
+g["zygote_main"](s, cfg)
+"""
 
-    exit_ = os._exit
+
+def _exec_zygote(w: Worker, fd: int) -> None:
+    """In the clone: /proc, hostname, parent-death signal, no_new_privs, seccomp (all kept
+    across exec), then a fresh interpreter runs ZYGOTE_BOOT. Never returns."""
     try:
-        if w.ns_flags & CLONE_NEWNS:
-            mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
-        if w.ns_flags & CLONE_NEWUTS:
-            socket.sethostname("sandbox")
-        os.chdir(scratch)
-        os.dup2(stdin_fd, 0)
-        for i, fd in enumerate(outs):
-            os.dup2(fd, i + 1)
-        os.closerange(4, 1 << 16)
-        os.setsid()
-        mb = 1 << 20
-        R = resource
-        R.setrlimit(R.RLIMIT_AS, (int(lim["mem_mb"]) * mb,) * 2)
-        R.setrlimit(R.RLIMIT_CPU, (int(lim["cpu_s"]), int(lim["cpu_s"]) + 1))
-        R.setrlimit(R.RLIMIT_FSIZE, (int(lim["fsize_mb"]) * mb,) * 2)
-        R.setrlimit(R.RLIMIT_NOFILE, (int(lim["nofile"]),) * 2)
-        R.setrlimit(R.RLIMIT_NPROC, (int(lim["nproc"]),) * 2)
-        R.setrlimit(R.RLIMIT_CORE, (0, 0))
-        if w.level["uid_switch"]:
-            os.setgroups([])
-            os.setresgid(w.uid, w.uid, w.uid)
-            os.setresuid(w.uid, w.uid, w.uid)
+        os.closerange(4, fd)  # the worker's socket to the trainer, and anything else
+        os.closerange(fd + 1, zy.MAX_FD)
+        os.set_inheritable(fd, True)
+        mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
+        socket.sethostname("sandbox")
+        os.chdir("/")
+        prctl(PR_SET_PDEATHSIG, signal.SIGKILL)  # the worker gone: everything here goes
         prctl(PR_SET_NO_NEW_PRIVS, 1)
-        prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
         if w.bpf:
             load_bpf(w.bpf)
-    except BaseException as e:  # noqa: BLE001 - tell the worker and leave
+        os.execve(w.python, [w.python, "-I", "-S", "-c", ZYGOTE_BOOT, str(fd)], _ZYGOTE_ENV)
+    except BaseException as e:  # noqa: BLE001 - tell the worker (via its stderr) and leave
         try:
-            os.write(2, f"sandbox setup failed: {type(e).__name__}: {e}\n".encode())
+            os.write(2, f"vgrout sandbox: zygote set-up failed: {type(e).__name__}: {e}\n".encode())
         finally:
-            exit_(125)
-    _exec_program(code)
+            os._exit(125)
 
 
-def _exec_program(code) -> None:
-    """Run `code` (source bytes or a code object) as __main__ in a fresh module, then exit
-    like a fresh interpreter would."""
-    import atexit
-    import builtins
-    import io
-    import traceback
-    import types
-
-    exit_ = os._exit
-    atexit._clear()
-    sys.argv = ["-c"]
-    sys.stdin = io.TextIOWrapper(
-        io.BufferedReader(io.FileIO(0, "r", closefd=False)), encoding="utf-8"
-    )
-    out = sys.stdout = io.TextIOWrapper(
-        io.BufferedWriter(io.FileIO(1, "w", closefd=False)), encoding="utf-8"
-    )
-    err = sys.stderr = io.TextIOWrapper(
-        io.BufferedWriter(io.FileIO(2, "w", closefd=False)),
-        encoding="utf-8",
-        errors="backslashreplace",
-        line_buffering=True,
-    )
-    sys.__stdin__, sys.__stdout__, sys.__stderr__ = sys.stdin, out, err
-    main = types.ModuleType("__main__")
-    main.__dict__["__builtins__"] = builtins
-    sys.modules["__main__"] = main
-    rc = 0
-    try:
-        if isinstance(code, bytes):
-            # dont_inherit: this module's `from __future__ import annotations` must not leak
-            # into the program (lazy annotations would hide NameErrors a plain run raises)
-            code = compile(
-                code.decode("utf-8", "surrogateescape"), "<program>", "exec", dont_inherit=True
-            )
-        exec(code, main.__dict__)
-    except SystemExit as e:
-        rc = _exit_code(e)
-    except BaseException:  # noqa: BLE001 - a crashing program exits 1 with its traceback
-        traceback.print_exc()
-        rc = 1
-    try:
-        th = sys.modules.get("threading")
-        if th is not None:
-            th._shutdown()
-        atexit._run_exitfuncs()
-    except SystemExit as e:
-        rc = _exit_code(e)
-    except BaseException:  # noqa: BLE001
-        pass
-    for s in (out, err):
-        try:
-            s.flush()
-        except BaseException:  # noqa: BLE001 - a closed or broken stream
-            pass
-    exit_(rc)
-
-
-def _exit_code(e: SystemExit) -> int:
-    c = e.code
-    if c is None:
-        return 0
-    if isinstance(c, int):
-        return c & 0xFF
-    try:
-        print(c, file=sys.stderr)
-    except BaseException:  # noqa: BLE001
-        pass
-    return 1
+_ZYGOTE_ENV = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "PYTHONHASHSEED": "0", "HOME": "/nonexistent"}
 
 
 def main() -> None:
-    sock_fd, uid, seccomp_dir, masks, keeps = sys.argv[1:6]
-    sock = socket.socket(fileno=int(sock_fd))
-    # Keep fds 0-3 occupied so every pipe made later lands at 4 or above.
-    while True:
-        fd = os.open(os.devnull, os.O_RDWR)
-        if fd >= 3:
-            if fd > 3:
-                os.close(fd)
-            break
+    sock = socket.socket(fileno=int(sys.argv[1]))
+    zy.occupy_low_fds()
     for name in PREIMPORT:
         try:
             __import__(name)
         except ImportError:
             pass
-    w = Worker(int(uid), seccomp_dir, json.loads(masks), json.loads(keeps))
-    import gc
-
-    gc.freeze()  # keep the collector off the inherited heap: fewer copy-on-write faults per child
+    init = recv_frame(sock)
+    if init is None:
+        return
+    cfg = init[0]
+    w = Worker(int(cfg["uid"]), cfg["seccomp_dir"], cfg["masks"], cfg["keeps"], cfg["zygote"])
+    gc.freeze()  # keep the collector off the inherited heap: fewer copy-on-write faults per fork
     sock.sendall(pack({"level": w.level, "notes": w.notes, "pid": os.getpid()}, []))
     while True:
         msg = recv_frame(sock)
         if msg is None:
             return
-        header, (code, stdin) = msg
-        head, blobs = w.run(header, code, stdin)
+        header, (code, stdin, *sources) = msg
+        head, blobs = w.run(header, code, stdin, sources)
         sock.sendall(pack(head, blobs))
 
 

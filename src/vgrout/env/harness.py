@@ -68,7 +68,15 @@ import json as _vg_json, os as _vg_os, sys as _vg_sys, builtins as _vg_builtins
 def _vg_main(NONCE, SETUP, CODE, SPEC):
     _type, _str, _bool, _int, _float = type, str, bool, int, float
     _list, _tuple, _dict, _set, _frozenset = list, tuple, dict, set, frozenset
-    _hex, _eval, _exec, _compile, _callable = hex, eval, exec, compile, callable
+    _hex, _eval, _exec, _callable = hex, eval, exec, callable
+    # trusted texts the sandbox compiled ahead (see build_program); every compile below
+    # happens before the untrusted code exists, and misses fall back to `compile`
+    _pre = dict(globals().get("__vgrout_compiled__") or {})
+
+    def _compile(src, name, mode, _get=_pre.get, _c=compile):
+        code = _get((src, name, mode))
+        return code if code is not None else _c(src, name, mode)
+
     _getattr, _enumerate, _BaseException, _Exception = getattr, enumerate, BaseException, Exception
     _hasattr, _AssertionError = hasattr, AssertionError
     _ditems, _dget, _dupdate, _append = dict.items, dict.get, dict.update, list.append
@@ -324,21 +332,32 @@ def _vg_main(NONCE, SETUP, CODE, SPEC):
 _HARD_EXIT = {"oracle", "sentinel", "rt_own", "rt_stub", "rt_canon", "expected"}
 
 
+# kinds whose `calls` are bare call expressions: test inputs, no expected values
+_CALL_KINDS = {"oracle", "exitcode", "sentinel"}
+
+
 def build_program(
     kind: RunKind, *, nonce: str, setup: str, code: str, spec: dict[str, Any]
-) -> tuple[str, bytes]:
-    """One run as (program text, stdin bytes).
+) -> tuple[str, bytes, tuple[tuple[str, str, str], ...]]:
+    """One run as (program text, stdin bytes, shared code) -> sandbox.Job(code, stdin,
+    shared_code=...).
 
-    Invariant: the program text depends only on whether `kind` hard-exits, never on
+    Invariants: the program text depends only on whether `kind` hard-exits, never on
     the arguments, so the sandbox's per-worker compile cache hits on every run; the
     arguments travel as ASCII JSON on stdin and are consumed before untrusted code runs
-    (which then sees an empty stdin, as it would with no input).
+    (which then sees an empty stdin, as it would with no input). The shared code (which
+    the sandbox compiles once per worker and may keep where later jobs can see it) is only
+    the setup code and bare call expressions, exactly as the harness compiles them: never
+    an expected value, a test's assert or the canonical solution.
     """
     spec = {**spec, "kind": kind}
     if kind in ("rt_stub", "rt_canon"):
         spec.setdefault("modname", "__vgrout_probe__")
     args = json.dumps([nonce, setup, code, spec], ensure_ascii=True).encode("ascii")
-    return _PROGRAMS[kind in _HARD_EXIT], args
+    shared = [(setup, "<setup>", "exec")]
+    if kind in _CALL_KINDS:
+        shared += [(c, f"<test {i}>", "eval") for i, c in enumerate(spec["calls"])]
+    return _PROGRAMS[kind in _HARD_EXIT], args, tuple(shared)
 
 
 def _program(hard_exit: bool) -> str:

@@ -258,9 +258,11 @@ def _plan(item: _Item, limits: sandbox.Limits, jobs: list[sandbox.Job]) -> None:
         read_files: tuple[str, ...] = (),
         lim: sandbox.Limits = limits,
     ) -> None:
-        prog, args = build_program(kind, nonce=item.nonce, setup=item.setup, code=code, spec=spec)  # type: ignore[arg-type]
+        prog, args, shared = build_program(kind, nonce=item.nonce, setup=item.setup, code=code, spec=spec)  # type: ignore[arg-type]
         item.jobs[kind] = len(jobs)
-        jobs.append(sandbox.Job(code=prog, stdin=args, read_files=read_files, limits=lim))
+        jobs.append(
+            sandbox.Job(prog, args, read_files=read_files, limits=lim, shared_code=shared)
+        )
 
     add("oracle", {"calls": calls}, lim=_oracle_limits(limits, item.tests))
     mode = item.mode
@@ -456,14 +458,15 @@ def _relative_limits(
         ceiling = policy.limits(base, policy.ceiling_s / policy.factor)  # the canonical's own cap
         jobs = []
         for it in todo.values():
-            prog, args = build_program(
+            prog, args, shared = build_program(
                 "oracle",
                 nonce=secrets.token_hex(8),
                 setup=it.setup,
                 code=it.canonical,
                 spec={"calls": [t.call for t in it.tests]},
             )
-            jobs.append(sandbox.Job(code=prog, stdin=args, limits=_oracle_limits(ceiling, it.tests)))
+            lim = _oracle_limits(ceiling, it.tests)
+            jobs.append(sandbox.Job(prog, args, limits=lim, shared_code=shared))
         outs = sandbox.run_jobs(jobs, workers=workers)
         with _expected_lock:
             for key, out in zip(todo, outs, strict=True):
@@ -505,11 +508,12 @@ def _grade(
                 cached = key in _expected_cache
             if not cached:
                 nonce = secrets.token_hex(8)
-                prog, args = build_program(
+                prog, args, shared = build_program(
                     "expected", nonce=nonce, setup=it.setup, code="", spec={"exprs": list(exprs)}
                 )
                 pending[key] = (len(jobs), nonce, exprs, it.where)
-                jobs.append(sandbox.Job(code=prog, stdin=args, limits=_oracle_limits(lim, it.tests)))
+                job_lim = _oracle_limits(lim, it.tests)
+                jobs.append(sandbox.Job(prog, args, limits=job_lim, shared_code=shared))
     outs = sandbox.run_jobs(jobs, workers=workers) if jobs else []
     for key, (j, nonce, exprs, where) in pending.items():
         values = _decode_expected(outs[j], nonce, exprs, where)

@@ -55,12 +55,26 @@ class Limits:
 
 @dataclass(frozen=True)
 class Job:
-    """One program to run. `code` is trusted harness text composed by the caller."""
+    """One program to run. `code` is trusted harness text composed by the caller.
+
+    What a job may keep from later jobs: its `stdin` reaches only its own process. Its
+    `code` and `shared_code` may be kept (compiled) by the worker that ran it, where a later
+    job on that worker could find them, so they must hold nothing a later job may not see:
+    harness text, setup code and test *inputs*, never expected outputs or reference
+    solutions (those go in `stdin`).
+
+    `shared_code`: (source, filename, mode) texts the program will compile. The fork-server
+    compiles each once per worker and hands the program the code objects in its
+    `__vgrout_compiled__` global, a dict keyed by those triples (compiled as `compile`
+    would, without inheriting any compiler flags); a program falls back to `compile` for
+    anything it does not find there. The reference backend leaves the global out.
+    """
 
     code: str
     stdin: bytes = b""
     read_files: tuple[str, ...] = ()
     limits: Limits = field(default_factory=Limits)
+    shared_code: tuple[tuple[str, str, str], ...] = ()
 
 
 @dataclass(frozen=True)
