@@ -13,6 +13,7 @@ import os
 import secrets
 import socket
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -298,6 +299,9 @@ STASH = (
     "for p in ('../stash.txt', '/tmp/stash.txt', '/dev/shm/stash.txt', '/dev/mqueue/stash'):\n"
     "    try: open(p, 'w').write(TOKEN); print('WROTE', p)\n"
     "    except OSError: pass\n"
+    "for i in range(100):\n"  # move the PID and inode counters (a later job reads them)
+    "    import threading; t = threading.Thread(target=int); t.start(); t.join()\n"
+    "    open(f'f{i}', 'w').close(); os.unlink(f'f{i}')\n"
     "if os.fork() == 0:\n"
     "    os.setsid()\n"
     "    if os.fork() == 0:\n"
@@ -329,25 +333,52 @@ LOOK = (
     "s = socket.socket(socket.AF_UNIX)\n"
     "try: s.connect('\\0vgstash'); print('FOUND socket', s.recv(64))\n"
     "except OSError: print('no socket')\n"
-    "print('procs', sorted(int(p) for p in os.listdir('/proc') if p.isdigit()))\n"
+    "print('named sockets', [ln.split()[7:] for ln in open('/proc/net/unix').read().splitlines()[1:] if len(ln.split()) > 7])\n"
+    "print('procs', sorted(int(p) for p in os.listdir('/proc') if p.isdigit()), os.getpid(), os.stat('.').st_ino)\n"
 )
 
 
 def test_nothing_passes_from_one_job_to_the_next(env):
     """Jobs on one worker share its zygote's namespaces one after another: the next job
-    finds no IPC object, file, socket or process of the one before."""
+    finds no IPC object, file, socket, process or moved counter of the one before."""
     env["workers_before"] = list(env["pool"].worker_pids)
     before = snapshot(env)
     token = "stash-" + secrets.token_hex(6)
     head = f"TOKEN = {token!r}\n"
-    stash, look = run_jobs([Job(head + STASH, limits=LIM), Job(head + LOOK, limits=LIM)], workers=1)
+    quiet = head + "import os\nprint('procs', sorted(int(p) for p in os.listdir('/proc') if p.isdigit()), os.getpid(), os.stat('.').st_ino)\n"
+    slow = replace(LIM, wall_s=5.0, cpu_s=5)  # room for its hundred threads on a busy machine
+    probe, stash, look = run_jobs(
+        [Job(quiet, limits=LIM), Job(head + STASH, limits=slow), Job(head + LOOK, limits=LIM)],
+        workers=1,
+    )
     assert stash.ok and look.ok, (stash, look)
     assert stash.stdout.splitlines()[:2] == ["shm -1 msg -1 sem -1", "mq -1"], stash.stdout
     assert "WROTE" not in stash.stdout
     assert look.stdout.splitlines()[:2] == ["shm -1 msg -1 sem -1", "mq -1"], look.stdout
     assert token not in look.stdout and "FOUND" not in look.stdout, look.stdout
-    assert "no socket" in look.stdout, look.stdout
-    procs = look.stdout.splitlines()[-1]
-    assert procs.startswith("procs [1, ") and procs.count(",") == 1, procs  # the zygote and itself
+    assert "no socket" in look.stdout and "named sockets []" in look.stdout, look.stdout
+    # PIDs and the scratch inode numbers start where they would after a quiet job
+    assert look.stdout.splitlines()[-1] == probe.stdout.splitlines()[-1] == "procs [2] 2 1", look.stdout
     time.sleep(4)  # had the daemon survived, it would have written by now
     assert_contained(env, before, [look])
+
+
+def test_a_socket_kept_alive_in_flight_is_gone_for_the_next_job(env):
+    """A unix socket whose only reference is an fd of itself queued on itself outlives its
+    process (until the kernel's unix GC happens to run), and its abstract name (~100 bytes)
+    is readable by anyone in the network namespace; the worker sees it in /proc/net/unix
+    after the job and gives the next jobs a fresh network namespace."""
+    env["workers_before"] = list(env["pool"].worker_pids)
+    before = snapshot(env)
+    name = "vgkept-" + secrets.token_hex(6)
+    kept = (
+        "import array, socket\ng = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)\n"
+        f"g.bind('\\0{name}'); g.connect('\\0{name}')\n"
+        "fds = array.array('i', [g.fileno()]).tobytes()\n"
+        "g.sendmsg([b'x'], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)])\ng.close()\n"
+    )
+    look = "print([ln.split()[7:] for ln in open('/proc/net/unix').read().splitlines()[1:] if len(ln.split()) > 7])\n"
+    a, b = run_jobs([Job(kept, limits=LIM), Job(look, limits=LIM)], workers=1)
+    assert a.ok and b.ok, (a, b)
+    assert name not in b.stdout and b.stdout.strip() == "[]", b.stdout
+    assert_contained(env, before, [b])

@@ -55,7 +55,8 @@ CLONE_NEWNS, CLONE_NEWUTS, CLONE_NEWIPC = 0x20000, 0x04000000, 0x08000000
 CLONE_NEWPID, CLONE_NEWNET, CLONE_NEWUSER = 0x20000000, 0x40000000, 0x10000000
 CLONE_NEWCGROUP = 0x02000000
 MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC = 1, 2, 4, 8
-MS_REMOUNT, MS_BIND, MS_REC, MS_PRIVATE = 32, 4096, 16384, 1 << 18
+MS_REMOUNT, MS_NOATIME, MS_BIND, MS_REC = 32, 1024, 4096, 16384
+MS_PRIVATE, MS_SHARED = 1 << 18, 1 << 20
 MNT_DETACH = 2
 MOUNT_ATTR_RDONLY, MOUNT_ATTR_NOSUID = 1, 2
 AT_FDCWD, AT_RECURSIVE = -100, 0x8000
@@ -324,7 +325,13 @@ class Zygote:
             _exec_zygote(w, theirs.fileno())  # never returns
         theirs.close()
         self.pid, self.sock = pid, ours
-        self.pidfd = os.pidfd_open(pid)
+        try:
+            self.pidfd = os.pidfd_open(pid)
+        except OSError:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            ours.close()
+            raise
         ours.settimeout(30.0)
         try:
             ours.sendall(pack({"uid": w.uid if w.level["uid_switch"] else None}, [w.source]))
@@ -385,7 +392,7 @@ class Worker:
         with open(zy.__file__, "rb") as fh:
             self.source = fh.read()
         self.zygote: Zygote | None = None
-        self.scratch_mb = 0  # size of the scratch tmpfs (0: not mounted)
+        self.scratch_ready = False  # SCRATCH mounted (the shared parent of the job tmpfs)
         self.jobs = 0
         root = os.geteuid() == 0
         try:
@@ -477,12 +484,16 @@ class Worker:
                 except OSError:
                     pass
         if isinstance(ended, str):
-            _remove(workdir)
+            self._drop_job_dir(workdir)
             return _error(ended)
         bufs, timed_out, over, rc, cpu = ended
         # every process of the job is gone: its scratch can be read and removed safely
         files = _read_files(workdir, header["read_files"], lim["output_bytes"])
-        _remove(workdir)
+        self._drop_job_dir(workdir)
+        if self.level["netns"] and self._stray_unix_sockets():
+            # the next jobs get a new, empty network namespace (and so a new zygote)
+            self._stop_zygote()
+            unshare(CLONE_NEWNET)
         err = bytes(bufs[1])
         if timed_out:
             status = "timeout"
@@ -551,7 +562,7 @@ class Worker:
         finally:
             os.close(pidfd)
         if not done:
-            _killpg(pid)
+            _kill(pid)
         rc, cpu = None, 0.0
         try:
             _, wstatus, ru = os.wait4(pid, 0)
@@ -559,7 +570,9 @@ class Worker:
             cpu = ru.ru_utime + ru.ru_stime
         except ChildProcessError:
             pass
-        _killpg(pid)  # best effort without a PID namespace (a setsid escape survives)
+        _killpg(pid)
+        if self.level["uid_switch"]:
+            _kill_uid(self.uid)  # the uid is this worker's alone: a setsid escape goes too
         return bufs, timed_out, over, rc, cpu
 
     def _harden(self) -> None:
@@ -575,8 +588,11 @@ class Worker:
             self.zygote = None
 
     def _job_dir(self, lim: dict) -> str:
-        """A fresh, empty directory owned by the job's uid, on a tmpfs sized for the job's
-        file-size limit (with a mount namespace), or a temp dir (without one)."""
+        """A fresh, empty directory owned by the job's uid: with a mount namespace, the root
+        of a tmpfs of its own (sized for the job's file-size limit, 4096 inodes, noatime),
+        mounted under SCRATCH, which is a shared mount so that the zygote's copy of it sees
+        the new tmpfs; without one, a temp dir. Nothing on it (not even its inode counter)
+        is left for the next job: `_drop_job_dir` unmounts it."""
         if not self.level["mountns"]:
             import tempfile
 
@@ -584,18 +600,46 @@ class Worker:
             if os.geteuid() == 0:
                 os.chown(d, self.uid, self.uid)
             return d
-        mb = int(lim["fsize_mb"]) + 1
-        if mb != self.scratch_mb:
-            # a remount changes the tmpfs itself, so the zygote's copy of the mount sees it
-            flags = MS_NOSUID | MS_NODEV | (MS_REMOUNT if self.scratch_mb else 0)
-            mount("tmpfs", SCRATCH, "tmpfs", flags, f"size={mb}m,nr_inodes=4096,mode=0755")
-            self.scratch_mb = mb
+        if not self.scratch_ready:
+            opts = "size=64k,nr_inodes=1024,mode=0755"
+            mount("tmpfs", SCRATCH, "tmpfs", MS_NOSUID | MS_NODEV | MS_NOATIME, opts)
+            mount(None, SCRATCH, None, MS_SHARED)
+            self.scratch_ready = True
         self.jobs += 1
         d = f"{SCRATCH}/{self.jobs}"
-        os.mkdir(d, 0o700)
-        os.chown(d, self.uid, self.uid)
+        os.mkdir(d, 0o755)
+        opts = (
+            f"size={int(lim['fsize_mb']) + 1}m,nr_inodes=4096,mode=0700,uid={self.uid},gid={self.uid}"
+        )
+        try:
+            mount("tmpfs", d, "tmpfs", MS_NOSUID | MS_NODEV | MS_NOATIME, opts)
+        except OSError:
+            os.rmdir(d)
+            raise
         return d
 
+    def _drop_job_dir(self, d: str) -> None:
+        """Remove a job's scratch (all of its processes are gone by now)."""
+        if self.level["mountns"]:
+            umount(d)
+            os.rmdir(d)
+            return
+        try:
+            shutil.rmtree(d, ignore_errors=True)
+        except RecursionError:  # a tree nested deeper than rmtree's recursion can walk
+            import subprocess
+
+            subprocess.run(["rm", "-rf", "--one-file-system", d], check=False)
+
+    def _stray_unix_sockets(self) -> bool:
+        """Whether a named (abstract or path) unix socket exists in this network namespace.
+
+        Between jobs there should be none: a socket the job bound and then kept alive after
+        its death (an fd of itself in flight in its own queue, say) would carry data to the
+        next job. /proc/net/unix lists them; a line with a path column is a named socket.
+        """
+        with open("/proc/net/unix", "rb") as fh:
+            return any(len(line.split()) > 7 for line in fh.read().splitlines()[1:])
 
 def _collect(fds: list[int], lim: dict, t0: float, done_fds: list[int]):
     """Read the three pipes until the job is over, its output overflows, or time runs out.
@@ -659,19 +703,42 @@ _PROBE_LIMITS = {
 }
 
 
-def _remove(d: str) -> None:
-    """Delete a job's scratch directory (most jobs leave it empty: one rmdir)."""
-    try:
-        os.rmdir(d)
-    except OSError:
-        shutil.rmtree(d, ignore_errors=True)
-
-
 def _killpg(pgid: int) -> None:
     try:
         os.killpg(pgid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError):
         pass
+
+
+def _kill(pid: int) -> None:
+    """SIGKILL a job process and its group (it may not have reached setsid yet)."""
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    _killpg(pid)
+
+
+def _kill_uid(uid: int) -> None:
+    """SIGKILL every process running as `uid` (without a PID namespace, where processes of
+    a job can leave its process group): a helper takes the uid and calls kill(-1), which
+    reaches every process of that uid but itself in one pass (a process with SIGKILL
+    pending cannot finish a fork). Not looped until ESRCH: outside a PID namespace the
+    killed are reaped by the host's init, and zombies still count as found."""
+    try:
+        pid = os.fork()
+    except OSError:
+        return
+    if pid == 0:
+        try:
+            os.setresgid(uid, uid, uid)
+            os.setresuid(uid, uid, uid)
+            for _ in range(2):
+                os.kill(-1, signal.SIGKILL)
+        except BaseException:  # noqa: BLE001 - ESRCH: nobody to kill
+            pass
+        os._exit(0)
+    os.waitpid(pid, 0)
 
 
 def _read_files(scratch: str, names: list[str], cap: int) -> dict[str, bytes]:
@@ -737,10 +804,12 @@ def _exec_zygote(w: Worker, fd: int) -> None:
     """In the clone: /proc, hostname, parent-death signal, no_new_privs, seccomp (all kept
     across exec), then a fresh interpreter runs ZYGOTE_BOOT. Never returns."""
     try:
-        os.closerange(4, fd)  # the worker's socket to the trainer, and anything else
+        os.closerange(3, fd)  # the worker's socket to the trainer, and anything else
         os.closerange(fd + 1, zy.MAX_FD)
         os.set_inheritable(fd, True)
-        mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
+        # hidepid=2: a job sees only its own uid's processes, not the zygote (whose /proc
+        # entries would count up every job it has run)
+        mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, "hidepid=2")
         socket.sethostname("sandbox")
         os.chdir("/")
         prctl(PR_SET_PDEATHSIG, signal.SIGKILL)  # the worker gone: everything here goes
@@ -778,7 +847,11 @@ def main() -> None:
         if msg is None:
             return
         header, (code, stdin, *sources) = msg
-        head, blobs = w.run(header, code, stdin, sources)
+        try:
+            head, blobs = w.run(header, code, stdin, sources)
+        except Exception as e:  # noqa: BLE001 - a clear error outcome, and a clean restart
+            w._stop_zygote()
+            head, blobs = _error(f"worker: {type(e).__name__}: {e}")
         sock.sendall(pack(head, blobs))
 
 

@@ -23,6 +23,7 @@ COMPILE_CACHE_SIZE = 16  # distinct program texts kept per zygote (oldest droppe
 SHARED_CACHE_BYTES = 4 << 20  # source bytes of jobs' shared_code kept compiled per zygote
 SHARED_ITEM_MAX = 256 << 10  # a longer shared text is compiled for its job only
 MAX_FD = 1 << 16
+WALL = 0x40000000  # waitpid's __WALL: children whatever their exit signal
 
 
 # Imported once per zygote (and worker), before forking: what the benchmark's setup code and the
@@ -180,12 +181,15 @@ def zygote_main(sock: socket.socket, cfg: dict) -> None:
     Invariant kept between jobs: when a job's report is sent, no process other than this
     one exists in the namespace (the job's process was waited for, then every other
     process was SIGKILLed and reaped until kill(-1) found none), so a job can leave
-    nothing running for the next. This process stays root, so jobs (another uid, and
+    nothing running for the next, and the namespace's last PID is rewound to 1, so the
+    next job's PIDs say nothing about what the one before it did. This process stays root, so jobs (another uid, and
     seccomp forbids ptrace and process_vm_*) can neither signal nor inspect it. It never
     reads a job's stdin: that goes from the worker to the job in a memfd.
     """
     try:
         occupy_low_fds()
+        # rewound after every job, so each job is PID 2 whatever the one before it spawned
+        last_pid = os.open("/proc/sys/kernel/ns_last_pid", os.O_WRONLY)
         for name in PREIMPORT:
             try:
                 __import__(name)
@@ -211,6 +215,7 @@ def zygote_main(sock: socket.socket, cfg: dict) -> None:
         head, (code, *sources) = msg
         program = cache.get(code)
         compiled = shared.lookup(head["shared"], sources)
+        gc.freeze()  # all it holds goes to the permanent generation: jobs never collect it
         try:
             pid = os.fork()
         except OSError as e:
@@ -222,6 +227,7 @@ def zygote_main(sock: socket.socket, cfg: dict) -> None:
         if pid > 0:
             _, wstatus, ru = os.wait4(pid, 0)
             _reap_namespace()
+            os.pwrite(last_pid, b"1", 0)
             rep = {"rc": os.waitstatus_to_exitcode(wstatus), "cpu": ru.ru_utime + ru.ru_stime}
         try:
             sock.sendall(pack(rep, []))
@@ -254,7 +260,7 @@ def _reap_namespace() -> None:
             return
         while True:
             try:
-                os.waitpid(-1, 0)
+                os.waitpid(-1, WALL)
             except ChildProcessError:
                 break
 
@@ -271,8 +277,9 @@ def job_main(
 ) -> None:
     """The job's process: fds, scratch, session, limits, uid; then the program. Never returns.
 
-    Under a zygote, no_new_privs, the parent-death signal and seccomp are inherited from
-    it; a plain fork of the worker passes `harden`, which sets them up last.
+    Under a zygote, no_new_privs and seccomp are inherited from it (and the zygote's
+    death takes its whole PID namespace along); a plain fork of the worker passes `harden`,
+    which sets them and the parent-death signal up last.
     """
     try:
         os.chdir(workdir)
