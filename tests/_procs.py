@@ -31,8 +31,12 @@ def children_of(pid: int) -> list[int]:
 
 
 def pids_with_uid(uids) -> list[int]:
-    """Processes running as one of `uids` (a pool's sandbox uids: none may exist between calls)."""
-    return [int(d) for d in os.listdir("/proc") if d.isdigit() and uid_of(int(d)) in uids]
+    """Live processes running as one of `uids` (a pool's sandbox uids: none may exist between
+    calls). Zombies do not count: they are dead, waiting for the host's init to reap them
+    (what a killed process that had left its job's process group becomes)."""
+    return [
+        int(d) for d in os.listdir("/proc") if d.isdigit() and uid_of(int(d)) in uids and alive(int(d))
+    ]
 
 
 def idle_worker_problems(worker_pid: int) -> list[str]:
