@@ -41,14 +41,15 @@ except ImportError:  # run as a script (-I leaves its folder off sys.path): load
     import importlib.util
 
     _spec = importlib.util.spec_from_file_location(
-        "_sandbox_zygote", os.path.join(os.path.dirname(os.path.abspath(__file__)), "_sandbox_zygote.py")
+        "_sandbox_zygote",
+        os.path.join(os.path.dirname(os.path.abspath(__file__)), "_sandbox_zygote.py"),
     )
     zy = importlib.util.module_from_spec(_spec)
     _spec.loader.exec_module(zy)
 
 # the wire format (both ends of every socket) and the job side live in `_sandbox_zygote`
 pack, unpack, recv_exact, recv_frame = zy.pack, zy.unpack, zy.recv_exact, zy.recv_frame
-COMPILE_CACHE_MAX, PREIMPORT = zy.COMPILE_CACHE_MAX, zy.PREIMPORT
+COMPILE_CACHE_MAX = zy.COMPILE_CACHE_MAX
 
 # ----------------------------------------------------------------------------- libc bits
 CLONE_NEWNS, CLONE_NEWUTS, CLONE_NEWIPC = 0x20000, 0x04000000, 0x08000000
@@ -292,6 +293,8 @@ def clone_process(flags: int) -> int:
 SCRATCH = "/tmp/.vgrout-scratch"  # the worker's scratch tmpfs; each job gets a directory in it
 JOB_NS = CLONE_NEWPID | CLONE_NEWNS | CLONE_NEWIPC | CLONE_NEWUTS
 STRAGGLER_S = 0.2  # without a PID namespace: how long a job's pipes may outlive the job
+
+
 def _error(why: str) -> tuple[dict, list[bytes]]:
     head = {"status": "sandbox_error", "returncode": None, "wall_s": 0.0, "files": []}
     return head, [b"", f"sandbox: {why}".encode(), b""]
@@ -303,13 +306,15 @@ class Zygote:
     Started by `Worker`: a clone into fresh PID / mount / IPC / UTS namespaces mounts its
     /proc, sets its parent-death signal and no_new_privs, loads the seccomp deny-list and
     then execs a *fresh* interpreter (`ZYGOTE_BOOT`), which receives the source of
-    `_sandbox_zygote` and runs its `zygote_main`. The exec matters: a fork of the worker would carry the worker's
-    heap, where freed remains of earlier jobs' stdin (a plain grader's expected values, say)
-    can linger, into every job forked later; a fresh interpreter has only ever seen program
-    texts and limits. Per job the worker sends the child's four fds (stdin memfd, stdout,
-    stderr and report pipes) with one byte, then a frame with the limits, the scratch
-    directory and the program text; the zygote answers with one frame `{"rc", "cpu"}` once
-    the job's process and everything it started are gone.
+    `_sandbox_zygote` and runs its `zygote_main`. The exec matters: a fork of the worker
+    would carry the worker's heap, where freed remains of earlier jobs' stdin (a plain
+    grader's expected values, say) can linger, into every job forked later; a fresh
+    interpreter has only ever seen program texts and limits.
+
+    Per job the worker sends the child's four fds (stdin memfd, stdout, stderr and report
+    pipes) with one byte, then a frame with the limits, the scratch directory, the program
+    text and its shared code; the zygote answers with one frame `{"rc", "cpu"}` once the
+    job's process and everything it started are gone.
     """
 
     def __init__(self, w: Worker):
@@ -427,6 +432,8 @@ class Worker:
             self._stop_zygote()
             self.use_zygote = False
         self.level["pidns"] = self.level["ipcns"] = self.use_zygote
+        if not self.use_zygote:
+            zy.preimport()  # jobs fork from this process itself
 
     def _build_view(self, masks: list[str], keeps: list[str]) -> None:
         """Read-only view of the filesystem with sensitive trees hidden; runs once per worker.
@@ -608,9 +615,8 @@ class Worker:
         self.jobs += 1
         d = f"{SCRATCH}/{self.jobs}"
         os.mkdir(d, 0o755)
-        opts = (
-            f"size={int(lim['fsize_mb']) + 1}m,nr_inodes=4096,mode=0700,uid={self.uid},gid={self.uid}"
-        )
+        size, uid = int(lim["fsize_mb"]) + 1, self.uid
+        opts = f"size={size}m,nr_inodes=4096,mode=0700,uid={uid},gid={uid}"
         try:
             mount("tmpfs", d, "tmpfs", MS_NOSUID | MS_NODEV | MS_NOATIME, opts)
         except OSError:
@@ -640,6 +646,7 @@ class Worker:
         """
         with open("/proc/net/unix", "rb") as fh:
             return any(len(line.split()) > 7 for line in fh.read().splitlines()[1:])
+
 
 def _collect(fds: list[int], lim: dict, t0: float, done_fds: list[int]):
     """Read the three pipes until the job is over, its output overflows, or time runs out.
@@ -816,7 +823,8 @@ def _exec_zygote(w: Worker, fd: int) -> None:
         prctl(PR_SET_NO_NEW_PRIVS, 1)
         if w.bpf:
             load_bpf(w.bpf)
-        os.execve(w.python, [w.python, "-I", "-S", "-c", ZYGOTE_BOOT, str(fd)], _ZYGOTE_ENV)
+        # the worker's own environment is the pool's scrubbed one: the zygote inherits it
+        os.execv(w.python, [w.python, "-I", "-S", "-c", ZYGOTE_BOOT, str(fd)])
     except BaseException as e:  # noqa: BLE001 - tell the worker (via its stderr) and leave
         try:
             os.write(2, f"vgrout sandbox: zygote set-up failed: {type(e).__name__}: {e}\n".encode())
@@ -824,17 +832,9 @@ def _exec_zygote(w: Worker, fd: int) -> None:
             os._exit(125)
 
 
-_ZYGOTE_ENV = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "PYTHONHASHSEED": "0", "HOME": "/nonexistent"}
-
-
 def main() -> None:
     sock = socket.socket(fileno=int(sys.argv[1]))
     zy.occupy_low_fds()
-    for name in PREIMPORT:
-        try:
-            __import__(name)
-        except ImportError:
-            pass
     init = recv_frame(sock)
     if init is None:
         return
