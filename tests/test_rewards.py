@@ -5,13 +5,14 @@ from __future__ import annotations
 import ast
 import gzip
 import json
+import marshal
 import math
 from dataclasses import asdict
 
 import pytest
 
 from test_hack_matrix import SETUP as LIST_SETUP
-from vgrout.env import rewards
+from vgrout.env import harness, rewards
 from vgrout.env.oracle import (
     MalformedRecord,
     Node,
@@ -30,7 +31,7 @@ from vgrout.env.rewards import (
     extract_code,
     grade_batch,
 )
-from vgrout.env.sandbox import Limits
+from vgrout.env.sandbox import Job, Limits, run_job
 
 LIMITS = Limits(wall_s=5.0, cpu_s=5, mem_mb=512)
 
@@ -248,6 +249,69 @@ def test_backends_grade_alike(monkeypatch):
     ref = grade_batch(items, limits=LIMITS, relative_time=None)
     assert [asdict(r) for r in fork] == [asdict(r) for r in ref]
     assert [r.gt_correct for r in fork[:4]] == [True, False, False, False]
+    # and with nothing compiled ahead by the grader either: every text compiled in the run
+    monkeypatch.setattr(harness, "_own_code", lambda *a, **k: {})
+    bare = grade_batch(items, limits=LIMITS, relative_time=None)
+    assert [asdict(r) for r in bare] == [asdict(r) for r in ref]
+
+
+def test_grader_compiles_ahead_exactly_what_the_run_would():
+    """The solution code the grader compiles and ships (marshalled) equals what the
+    sandboxed interpreter's own `compile` makes of the text, asserts kept."""
+    src = TYPES_CANON + "\nassert Solution, 'kept'\n"
+    prog = (
+        "import marshal, sys\n"
+        "sys.stdout.write(marshal.dumps(compile(sys.stdin.read(), '<solution>', 'exec')).hex())"
+    )
+    mine = harness.compile_like_harness(src, "<solution>", "exec")
+    for backend in ("forkserver", "subprocess"):
+        out = run_job(Job(prog, stdin=src.encode(), limits=LIMITS), backend=backend)
+        theirs = marshal.loads(bytes.fromhex(out.stdout))
+        assert theirs == mine and theirs.co_filename == mine.co_filename == "<solution>"
+    stripped = compile(src, "<solution>", "exec", dont_inherit=True, optimize=1)
+    assert mine != stripped  # the assert is kept, as in the workers' interpreter
+    assert harness.compile_like_harness("def f(:", "<solution>", "exec") is None
+
+
+@pytest.mark.parametrize(
+    "setup",
+    [
+        LIST_SETUP,
+        "import math\nfrom typing import (\n    List,\n    Dict)\n\nx = math.pi\nraise ValueError(x)\n",
+    ],
+)
+def test_split_setup_runs_like_the_whole_setup(setup):
+    """Running the leading imports, then the rest, in one namespace leaves what running the
+    setup does, and an error in the rest points at its line in the setup."""
+    imports, rest = harness.split_setup(setup)
+    assert imports and imports.lstrip().startswith(("import", "from"))
+    assert setup.startswith(imports) and rest == "\n" * imports.count("\n") + setup[len(imports) :]
+
+    def run(*texts):
+        ns: dict = {"__name__": "m"}
+        try:
+            for t in texts:
+                exec(compile(t, "<setup>", "exec", dont_inherit=True), ns)
+        except ValueError as e:
+            return "raised at line", e.__traceback__.tb_next.tb_lineno
+        return sorted(ns)
+
+    assert run(imports, rest) == run(setup)
+
+
+@pytest.mark.parametrize(
+    "setup",
+    [
+        "from __future__ import annotations\nimport math\n",
+        "import math; x = 1\n",
+        "import math\n'not a docstring here'\n",
+        "x = 1\nimport math\n",
+        "def f(:\n",
+        "",
+    ],
+)
+def test_split_setup_refuses_what_would_change_meaning(setup):
+    assert harness.split_setup(setup) == ("", setup)
 
 
 def test_relative_time_limit_is_clamped_and_monotone():

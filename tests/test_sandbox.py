@@ -6,6 +6,7 @@ import os
 import signal
 import threading
 import time
+from dataclasses import replace
 
 import pytest
 
@@ -140,6 +141,61 @@ def test_shared_code_is_compiled_once_per_worker_and_handed_over():
     assert outs[0].stdout.endswith(" True\n")
     ref = run_job(Job("print('__vgrout_compiled__' in globals())", shared_code=(good,)), backend="subprocess")
     assert ref.stdout == "False\n"
+
+
+@pytest.mark.parametrize("backend", ["forkserver", "forkserver_plain"], indirect=True)
+def test_namespaces_are_made_once_per_worker_from_imports_only(backend):
+    """A job's import-only namespace texts reach the program as finished module dicts,
+    made once per worker (the same object in every job) and private to each job (what one
+    job writes into its copy, the next job does not see). A text that would run any module
+    code, or is not only imports, is refused; so the module it names was never imported."""
+    ok = ("from math import *\nimport json\nfrom collections import deque as dq\n", "mod1")
+    refused = (
+        ("import xml.dom.minidom\n", "m2"),  # not imported by the worker
+        ("import json\nx = 1\n", "m3"),  # not only imports
+        ("from __future__ import annotations\n", "m4"),
+        ("from json import no_such_name\n", "m5"),
+        ("from . import x\n", "m6"),  # relative
+    )
+    prog = (
+        "import sys\nns = __vgrout_namespaces__\n"
+        f"g = ns[{ok!r}]\n"
+        "print(sorted(k[1] for k in ns), g['__name__'], g['sqrt'](16.0), g['dq'].__name__, "
+        "g['json'].__name__, g['__builtins__'] is __builtins__, id(g), 'mark' in g, "
+        "'xml.dom.minidom' in sys.modules)\n"
+        "g['mark'] = 1\n"
+    )
+    outs = run_jobs([Job(prog, limits=FAST, namespaces=(ok, *refused))] * 3, workers=1, backend=backend)
+    assert all(o.ok for o in outs), outs[0]
+    assert len({o.stdout for o in outs}) == 1, [o.stdout for o in outs]
+    head, tail = outs[0].stdout.split(" True ")
+    assert head == "['mod1'] mod1 4.0 deque json" and tail.endswith(" False False\n")
+    ref = run_job(Job("print('__vgrout_namespaces__' in globals())", namespaces=(ok,)), backend="subprocess")
+    assert ref.stdout == "False\n"
+
+
+def test_jobs_start_without_threading_but_threads_work():
+    """The zygote leaves `threading` unimported (each fork would run its at-fork hook); a
+    job that starts a thread still gets a fresh interpreter's exit: non-daemon threads are
+    joined before the process ends."""
+    prog = (
+        "import sys\nprint('threading' in sys.modules)\nimport threading, time\n"
+        "threading.Thread(target=lambda: (time.sleep(0.2), print('late'))).start()\nprint('main')"
+    )
+    for backend in ("forkserver", "subprocess"):
+        out = run_job(Job(prog, limits=FAST), backend=backend)
+        assert out.ok and out.stdout.endswith("main\nlate\n"), (backend, out)
+    assert run_job(Job(prog, limits=FAST)).stdout == "False\nmain\nlate\n"
+
+
+def test_longest_wall_limit_runs_first():
+    """Jobs are started longest wall limit first (input order among equals), so a long job
+    does not start last and leave the other workers idle; results keep input order."""
+    walls = (1.0, 3.0, 2.0, 3.0)
+    jobs = [Job("import time; print(time.monotonic())", limits=replace(FAST, wall_s=w)) for w in walls]
+    outs = run_jobs(jobs, workers=1)
+    t = [float(o.stdout) for o in outs]
+    assert t[1] < t[3] < t[2] < t[0], t
 
 
 def test_unknown_backend_is_a_clear_error():

@@ -49,7 +49,7 @@ except ImportError:  # run as a script (-I leaves its folder off sys.path): load
 
 # the wire format (both ends of every socket) and the job side live in `_sandbox_zygote`
 pack, unpack, recv_exact, recv_frame = zy.pack, zy.unpack, zy.recv_exact, zy.recv_frame
-COMPILE_CACHE_MAX = zy.COMPILE_CACHE_MAX
+COMPILE_CACHE_MAX, NAMESPACE = zy.COMPILE_CACHE_MAX, zy.NAMESPACE
 
 # ----------------------------------------------------------------------------- libc bits
 CLONE_NEWNS, CLONE_NEWUTS, CLONE_NEWIPC = 0x20000, 0x04000000, 0x08000000
@@ -552,14 +552,16 @@ class Worker:
     def _run_forked(self, lim, code, theirs, ours, workdir, t0, shared):
         """One job as a plain fork of the worker (no PID namespace: the degraded level)."""
         program = self.cache.get(code)
-        compiled = self.shared.lookup(*shared)
+        compiled, namespaces = self.shared.lookup(*shared)
         try:
             pid = os.fork()
         except OSError as e:
             return f"fork failed: {e}"
         if pid == 0:
             uid = self.uid if self.level["uid_switch"] else None
-            zy.job_main(lim, program or code, compiled, theirs, workdir, uid, self._harden)
+            zy.job_main(
+                lim, program or code, compiled, namespaces, theirs, workdir, uid, self._harden
+            )
         for fd in theirs:
             os.close(fd)
         theirs.clear()

@@ -40,8 +40,12 @@ Run kinds:
 
 from __future__ import annotations
 
+import ast
+import functools
 import json
+import marshal
 from collections.abc import Sequence
+from types import CodeType
 from typing import Any, Literal
 
 RunKind = Literal[
@@ -62,19 +66,23 @@ SHARED_INSTANCE = "__vgrout_inst__"
 # The child-side program. Everything it uses is bound to locals of `_vg_main`
 # before untrusted code runs; the untrusted code runs in its own namespace `G`.
 _HARNESS = r"""
-import json as _vg_json, os as _vg_os, sys as _vg_sys, builtins as _vg_builtins
+import json as _vg_json, marshal as _vg_marshal, os as _vg_os, sys as _vg_sys
+import builtins as _vg_builtins
 
 
-def _vg_main(NONCE, SETUP, CODE, SPEC):
+def _vg_main(NONCE, SETUP, CODE, SPEC, OWN):
     _type, _str, _bool, _int, _float = type, str, bool, int, float
     _list, _tuple, _dict, _set, _frozenset = list, tuple, dict, set, frozenset
     _hex, _eval, _exec, _callable = hex, eval, exec, callable
-    # trusted texts the sandbox compiled ahead (see build_program); every compile below
-    # happens before the untrusted code exists, and misses fall back to `compile`
+    # texts compiled ahead: shared ones by the sandbox (keyed by their text), this run's
+    # own by the grader (OWN, keyed by a tag; see build_program). Every compile below
+    # happens before the untrusted code exists; a miss falls back to `compile`.
     _pre = dict(globals().get("__vgrout_compiled__") or {})
+    _spaces = globals().get("__vgrout_namespaces__") or {}
+    IMPORTS, REST = SETUP  # the setup's leading imports, and the rest (see split_setup)
 
-    def _compile(src, name, mode, _get=_pre.get, _c=compile):
-        code = _get((src, name, mode))
+    def _compile(src, name, mode, tag=None, _get=_pre.get, _own=OWN.get, _c=compile):
+        code = _get((src, name, mode)) if tag is None else _own(tag)
         return code if code is not None else _c(src, name, mode)
 
     _getattr, _enumerate, _BaseException, _Exception = getattr, enumerate, BaseException, Exception
@@ -110,8 +118,17 @@ def _vg_main(NONCE, SETUP, CODE, SPEC):
     def fresh(modname):
         return {"__name__": modname, "__builtins__": _vg_builtins}
 
-    G = fresh(SPEC.get("modname", "__main__"))
-    _exec(_compile(SETUP, "<setup>", "exec"), G)
+    def set_up(modname):
+        # a fresh module namespace with the setup run in it; the sandbox may have run the
+        # imports already (this process's own copy of that namespace: used as it is)
+        ns = _dget(_spaces, (IMPORTS, modname))
+        if ns is None:
+            ns = fresh(modname)
+            _exec(_compile(IMPORTS, "<setup>", "exec"), ns)
+        _exec(_compile(REST, "<setup>", "exec"), ns)
+        return ns
+
+    G = set_up(SPEC.get("modname", "__main__"))
     helpers = {k: G[k] for k in ("ListNode", "TreeNode", "list_node", "tree_node") if k in G}
     LN, TN = helpers.get("ListNode"), helpers.get("TreeNode")
 
@@ -192,11 +209,11 @@ def _vg_main(NONCE, SETUP, CODE, SPEC):
 
     if kind == "expected":  # trusted: setup code only, no solution
         for i, src in SPEC["exprs"]:
-            report_value(i, _eval(_compile(src, "<expected>", "eval"), G))
+            report_value(i, _eval(_compile(src, "<expected>", "eval", "expected %d" % i), G))
         emit("done")
         return
 
-    code = _compile(CODE, "<solution>", "exec")
+    code = _compile(CODE, "<solution>", "exec", "solution")
 
     if kind == "oracle":
         calls = [_compile(c, "<test %d>" % i, "eval") for i, c in _enumerate(SPEC["calls"])]
@@ -219,7 +236,7 @@ def _vg_main(NONCE, SETUP, CODE, SPEC):
         return
 
     if kind == "plain":
-        tests = _compile("\n".join(SPEC["tests"]), "<tests>", "exec")
+        tests = _compile("\n".join(SPEC["tests"]), "<tests>", "exec", "tests")
         silence((1,))
         _exec(code, G)  # nothing caught: this is the plain grader
         _exec(tests, G)
@@ -229,7 +246,10 @@ def _vg_main(NONCE, SETUP, CODE, SPEC):
     if kind == "exitcode":
         calls = [_compile(c, "<test %d>" % i, "eval") for i, c in _enumerate(SPEC["calls"])]
         # expected values come from the setup alone, before the untrusted code exists
-        exps = [_eval(_compile(e, "<expected>", "eval"), G) for e in SPEC["expected"]]
+        exps = [
+            _eval(_compile(e, "<expected>", "eval", "expected %d" % i), G)
+            for i, e in _enumerate(SPEC["expected"])
+        ]
         kinds = SPEC["kinds"]
         silence((1,))
         _exec(code, G)  # nothing caught: the exit status is what this grader trusts
@@ -246,7 +266,10 @@ def _vg_main(NONCE, SETUP, CODE, SPEC):
         return
 
     if kind == "swallow":
-        tests = [_compile(t, "<test %d>" % i, "exec") for i, t in _enumerate(SPEC["tests"])]
+        tests = [
+            _compile(t, "<test %d>" % i, "exec", "test %d" % i)
+            for i, t in _enumerate(SPEC["tests"])
+        ]
         try:
             _exec(code, G)
             emit("load", "ok")
@@ -289,9 +312,8 @@ def _vg_main(NONCE, SETUP, CODE, SPEC):
     fn = SPEC["fn"]
     canon = None
     if kind == "rt_canon":
-        CG = fresh("__vgrout_canonical__")
-        _exec(_compile(SETUP, "<setup>", "exec"), CG)
-        _exec(_compile(SPEC["canonical"], "<canonical>", "exec"), CG)
+        CG = set_up("__vgrout_canonical__")  # never G's module name: its own namespace
+        _exec(_compile(SPEC["canonical"], "<canonical>", "exec", "canonical"), CG)
         canon = CG["Solution"]
     silence((1, 2))
     try:
@@ -336,33 +358,124 @@ _HARD_EXIT = {"oracle", "sentinel", "rt_own", "rt_stub", "rt_canon", "expected"}
 _CALL_KINDS = {"oracle", "exitcode", "sentinel"}
 
 
+@functools.lru_cache(maxsize=64)
+def split_setup(setup: str) -> tuple[str, str]:
+    """(imports, rest): `setup`'s leading absolute import statements, and everything after
+    them with its line numbers kept (blank lines in front).
+
+    Invariant: running `imports` and then `rest` in one namespace does what running
+    `setup` does, and compiles alike: the split is refused ("", setup) for a `__future__`
+    import, a statement sharing a line with an import, a string literal right after the
+    imports (it would become `rest`'s docstring) or a setup that does not parse.
+    """
+    try:
+        body = ast.parse(setup).body
+    except (SyntaxError, ValueError, RecursionError, MemoryError):
+        return "", setup
+    end = 0
+    for st in body:
+        is_import = isinstance(st, ast.Import) or (
+            isinstance(st, ast.ImportFrom) and st.level == 0 and st.module != "__future__"
+        )
+        if st.lineno <= end or isinstance(st, ast.ImportFrom) and st.module == "__future__":
+            return "", setup
+        if not is_import:
+            if isinstance(st, ast.Expr) and isinstance(st.value, ast.Constant):
+                return "", setup
+            break
+        end = st.end_lineno or st.lineno
+    lines = setup.splitlines(keepends=True)
+    return "".join(lines[:end]), "\n" * end + "".join(lines[end:])
+
+
+def compile_like_harness(src: str, name: str, mode: str) -> CodeType | None:
+    """`src` compiled exactly as the harness's own `compile(src, name, mode)` in the sandbox
+    would (no inherited future flags, optimize 0 like the workers' interpreter); None when
+    it does not compile (the harness then compiles it itself and raises as it would have)."""
+    try:
+        return compile(src, name, mode, dont_inherit=True, optimize=0)
+    except (SyntaxError, ValueError, RecursionError, MemoryError, OverflowError):
+        return None
+
+
+_compile_cached = functools.lru_cache(maxsize=256)(compile_like_harness)
+
+
+def _own_code(kind: str, code: str, spec: dict[str, Any], solution: CodeType | None) -> dict:
+    """{tag: code object} for the texts this run compiles that are its own (may hold
+    expected values or the canonical): the solution, the tests, the canonical. All but the
+    solution are the same for every completion of a problem, so they are compiled once
+    (while they stay among the last 256 texts)."""
+    own: dict[str, CodeType | None] = {}
+    if kind != "expected":
+        own["solution"] = solution or compile_like_harness(code, "<solution>", "exec")
+    if kind == "plain":
+        own["tests"] = _compile_cached("\n".join(spec["tests"]), "<tests>", "exec")
+    elif kind == "swallow":
+        for i, t in enumerate(spec["tests"]):
+            own[f"test {i}"] = _compile_cached(t, f"<test {i}>", "exec")
+    elif kind == "exitcode":
+        for i, e in enumerate(spec["expected"]):
+            own[f"expected {i}"] = _compile_cached(e, "<expected>", "eval")
+    elif kind == "expected":
+        for i, e in spec["exprs"]:
+            own[f"expected {i}"] = _compile_cached(e, "<expected>", "eval")
+    elif kind == "rt_canon":
+        own["canonical"] = _compile_cached(spec["canonical"], "<canonical>", "exec")
+    return {k: v for k, v in own.items() if v is not None}
+
+
 def build_program(
-    kind: RunKind, *, nonce: str, setup: str, code: str, spec: dict[str, Any]
-) -> tuple[str, bytes, tuple[tuple[str, str, str], ...]]:
-    """One run as (program text, stdin bytes, shared code) -> sandbox.Job(code, stdin,
-    shared_code=...).
+    kind: RunKind,
+    *,
+    nonce: str,
+    setup: str,
+    code: str,
+    spec: dict[str, Any],
+    solution: CodeType | None = None,
+) -> dict[str, Any]:
+    """One run as the keyword arguments `code`, `stdin`, `shared_code` and `namespaces` of
+    a `sandbox.Job` (the caller adds limits and read_files). `solution`: `code` already
+    compiled by `compile_like_harness(code, "<solution>", "exec")` (compiled here when not
+    given).
 
     Invariants: the program text depends only on whether `kind` hard-exits, never on
     the arguments, so the sandbox's per-worker compile cache hits on every run; the
-    arguments travel as ASCII JSON on stdin and are consumed before untrusted code runs
-    (which then sees an empty stdin, as it would with no input). The shared code (which
-    the sandbox compiles once per worker and may keep where later jobs can see it) is only
-    the setup code and bare call expressions, exactly as the harness compiles them: never
-    an expected value, a test's assert or the canonical solution.
+    arguments travel on stdin and are consumed before untrusted code runs (which then sees
+    an empty stdin, as it would with no input): ASCII JSON, a newline, then the run's own
+    texts (solution, tests, canonical) already compiled here, marshalled, so that no
+    sandboxed run spends its time compiling them. The shared code (which the sandbox
+    compiles once per worker and may keep where later jobs can see it) is only the setup
+    code and bare call expressions, exactly as the harness compiles them: never an
+    expected value, a test's assert, the solution or the canonical. The namespaces asked
+    for are the setup's leading imports run in each module the harness sets up.
     """
     spec = {**spec, "kind": kind}
     if kind in ("rt_stub", "rt_canon"):
         spec.setdefault("modname", "__vgrout_probe__")
-    args = json.dumps([nonce, setup, code, spec], ensure_ascii=True).encode("ascii")
-    shared = [(setup, "<setup>", "exec")]
+    imports, rest = split_setup(setup)
+    args = json.dumps([nonce, [imports, rest], code, spec], ensure_ascii=True).encode("ascii")
+    args += b"\n" + marshal.dumps(_own_code(kind, code, spec, solution))
+    shared = [(imports, "<setup>", "exec"), (rest, "<setup>", "exec")]
     if kind in _CALL_KINDS:
         shared += [(c, f"<test {i}>", "eval") for i, c in enumerate(spec["calls"])]
-    return _PROGRAMS[kind in _HARD_EXIT], args, tuple(shared)
+    modules = [spec.get("modname", "__main__")] + (["__vgrout_canonical__"] * (kind == "rt_canon"))
+    return {
+        "code": _PROGRAMS[kind in _HARD_EXIT],
+        "stdin": args,
+        "shared_code": tuple(shared),
+        "namespaces": tuple((imports, m) for m in modules) if imports else (),
+    }
 
 
 def _program(hard_exit: bool) -> str:
     consts = f"NODE_CAP = {NODE_CAP}\nSHARED_INSTANCE = {SHARED_INSTANCE!r}\n"
-    tail = "_vg_main(*_vg_json.loads(_vg_sys.stdin.buffer.read()))\n"
+    tail = (
+        "def _vg_args(data):\n"
+        "    at = data.index(b'\\n')\n"
+        "    return (*_vg_json.loads(data[:at]), _vg_marshal.loads(data[at + 1 :]))\n\n\n"
+        "_vg_main(*_vg_args(_vg_sys.stdin.buffer.read()))\n"
+    )
     if hard_exit:
         tail += "_vg_os._exit(0)\n"
     return consts + _HARNESS + "\n" + tail

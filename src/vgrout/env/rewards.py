@@ -47,10 +47,17 @@ import secrets
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
+from types import CodeType
 from typing import Any
 
 from . import sandbox
-from .harness import SHARED_INSTANCE, build_program, has_done, parse_records
+from .harness import (
+    SHARED_INSTANCE,
+    build_program,
+    compile_like_harness,
+    has_done,
+    parse_records,
+)
 from .modes import (
     RESULT_FILE,
     RESULT_FILE_MARKER,
@@ -149,14 +156,6 @@ def extract_code(text: str) -> str | None:
     return "\n".join(b.rstrip("\n") for b in blocks)
 
 
-def _compiles(code: str) -> bool:
-    try:
-        compile(code, "<solution>", "exec", dont_inherit=True)
-    except (SyntaxError, ValueError, RecursionError, MemoryError, OverflowError):
-        return False
-    return True
-
-
 # ------------------------------------------------------------------ expected values
 
 _expected_cache: dict[tuple, dict[int, Any]] = {}
@@ -221,6 +220,7 @@ class _Item:
     code: str | None = None
     format_ok: bool = False
     can_compile: bool = False
+    solution: CodeType | None = None  # `code` compiled as every sandboxed run would
     nonce: str = ""
     jobs: dict[str, int] = field(default_factory=dict)  # run kind -> index in the batch
 
@@ -233,7 +233,9 @@ class _Item:
             raise ValueError(f"{self.where}: {e}") from None
         self.code = extract_code(self.text)
         self.format_ok = self.code is not None
-        self.can_compile = self.format_ok and _compiles(self.code or "")
+        if self.format_ok:
+            self.solution = compile_like_harness(self.code or "", "<solution>", "exec")
+        self.can_compile = self.solution is not None
         self.nonce = secrets.token_hex(8)
 
 
@@ -258,11 +260,16 @@ def _plan(item: _Item, limits: sandbox.Limits, jobs: list[sandbox.Job]) -> None:
         read_files: tuple[str, ...] = (),
         lim: sandbox.Limits = limits,
     ) -> None:
-        prog, args, shared = build_program(kind, nonce=item.nonce, setup=item.setup, code=code, spec=spec)  # type: ignore[arg-type]
-        item.jobs[kind] = len(jobs)
-        jobs.append(
-            sandbox.Job(prog, args, read_files=read_files, limits=lim, shared_code=shared)
+        run = build_program(
+            kind,  # type: ignore[arg-type]
+            nonce=item.nonce,
+            setup=item.setup,
+            code=code,
+            spec=spec,
+            solution=item.solution,
         )
+        item.jobs[kind] = len(jobs)
+        jobs.append(sandbox.Job(**run, read_files=read_files, limits=lim))
 
     add("oracle", {"calls": calls}, lim=_oracle_limits(limits, item.tests))
     mode = item.mode
@@ -458,15 +465,14 @@ def _relative_limits(
         ceiling = policy.limits(base, policy.ceiling_s / policy.factor)  # the canonical's own cap
         jobs = []
         for it in todo.values():
-            prog, args, shared = build_program(
+            run = build_program(
                 "oracle",
                 nonce=secrets.token_hex(8),
                 setup=it.setup,
                 code=it.canonical,
                 spec={"calls": [t.call for t in it.tests]},
             )
-            lim = _oracle_limits(ceiling, it.tests)
-            jobs.append(sandbox.Job(prog, args, limits=lim, shared_code=shared))
+            jobs.append(sandbox.Job(**run, limits=_oracle_limits(ceiling, it.tests)))
         outs = sandbox.run_jobs(jobs, workers=workers)
         with _expected_lock:
             for key, out in zip(todo, outs, strict=True):
@@ -508,12 +514,11 @@ def _grade(
                 cached = key in _expected_cache
             if not cached:
                 nonce = secrets.token_hex(8)
-                prog, args, shared = build_program(
+                run = build_program(
                     "expected", nonce=nonce, setup=it.setup, code="", spec={"exprs": list(exprs)}
                 )
                 pending[key] = (len(jobs), nonce, exprs, it.where)
-                job_lim = _oracle_limits(lim, it.tests)
-                jobs.append(sandbox.Job(prog, args, limits=job_lim, shared_code=shared))
+                jobs.append(sandbox.Job(**run, limits=_oracle_limits(lim, it.tests)))
     outs = sandbox.run_jobs(jobs, workers=workers) if jobs else []
     for key, (j, nonce, exprs, where) in pending.items():
         values = _decode_expected(outs[j], nonce, exprs, where)

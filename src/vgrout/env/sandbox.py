@@ -68,6 +68,17 @@ class Job:
     `__vgrout_compiled__` global, a dict keyed by those triples (compiled as `compile`
     would, without inheriting any compiler flags); a program falls back to `compile` for
     anything it does not find there. The reference backend leaves the global out.
+
+    `namespaces`: (source, module name) pairs, each an import-only text the program would
+    run in a fresh module namespace `{"__name__": name, "__builtins__": builtins}`. The
+    fork-server runs each once per worker, but only when every statement is an absolute
+    `import` or `from ... import` of modules the worker has already imported (so running
+    it only binds names: no module code runs), and hands the program the finished dicts in
+    its `__vgrout_namespaces__` global, keyed by those pairs. Each job gets its own copy
+    (a fork of the process that holds it), so the program may use such a dict as its
+    module namespace, and skip the binding of hundreds of names that a star import costs
+    each fresh process. Same secrecy rule as `shared_code`; the reference backend leaves
+    the global out, so a program must run the text itself for any pair it does not find.
     """
 
     code: str
@@ -75,6 +86,7 @@ class Job:
     read_files: tuple[str, ...] = ()
     limits: Limits = field(default_factory=Limits)
     shared_code: tuple[tuple[str, str, str], ...] = ()
+    namespaces: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True)
