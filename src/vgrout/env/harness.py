@@ -3,9 +3,9 @@
 Every grading run is one Python program: this harness, whose text is the same
 for every run (one variant for the kinds that hard-exit, one for the rest, so
 the sandbox compiles it once per worker), plus its arguments (nonce, setup
-code, the untrusted solution and a small spec) as one JSON document on the
-program's stdin, which the harness reads to EOF before any untrusted code
-exists. The harness captures the builtins and helpers it needs *before* the
+code, the untrusted solution and a small spec) as JSON on the program's stdin,
+followed by the run's own texts already compiled (see build_program), which the
+harness reads to EOF before any untrusted code exists. The harness captures the builtins and helpers it needs *before* the
 untrusted code runs, executes the code in a fresh namespace, then does one kind of
 work and writes its findings to the report fd (fd 3) as JSON lines
 `[tag, nonce, ...]`. The nonce is fresh per graded completion, so a program
