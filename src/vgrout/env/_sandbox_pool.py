@@ -262,9 +262,10 @@ class ForkServerPool:
 
     def run_jobs(self, jobs: Sequence, workers: int | None = None) -> list:
         """Dispatch from the calling thread with a selector, longest wall limit first; each
-        worker keeps up to PIPELINE jobs queued so it never waits on the trainer. A worker that dies is replaced and its
-        queued jobs run once more elsewhere; one silent past its deadline (the current job's
-        wall limit + GRACE_S) is killed and that job becomes `sandbox_error`."""
+        worker keeps up to PIPELINE jobs queued so it never waits on the trainer. A worker
+        that dies is replaced and its queued jobs run once more elsewhere; one silent past
+        its deadline (the current job's wall limit + GRACE_S) is killed and that job becomes
+        `sandbox_error`."""
         from .sandbox import Outcome
 
         if not jobs:

@@ -5,8 +5,9 @@ for every run (one variant for the kinds that hard-exit, one for the rest, so
 the sandbox compiles it once per worker), plus its arguments (nonce, setup
 code, the untrusted solution and a small spec) as JSON on the program's stdin,
 followed by the run's own texts already compiled (see build_program), which the
-harness reads to EOF before any untrusted code exists. The harness captures the builtins and helpers it needs *before* the
-untrusted code runs, executes the code in a fresh namespace, then does one kind of
+harness reads to EOF before any untrusted code exists. The harness captures the
+builtins and helpers it needs *before* the untrusted code runs, executes the
+code in a fresh namespace, then does one kind of
 work and writes its findings to the report fd (fd 3) as JSON lines
 `[tag, nonce, ...]`. The nonce is fresh per graded completion, so a program
 that writes a constant fake record to fd 3 produces a malformed report, and
@@ -77,7 +78,7 @@ def _vg_main(NONCE, SETUP, CODE, SPEC, OWN):
     # texts compiled ahead: shared ones by the sandbox (keyed by their text), this run's
     # own by the grader (OWN, keyed by a tag; see build_program). Every compile below
     # happens before the untrusted code exists; a miss falls back to `compile`.
-    _pre = dict(globals().get("__vgrout_compiled__") or {})
+    _pre = globals().get("__vgrout_compiled__") or {}  # read only before untrusted code
     _spaces = globals().get("__vgrout_namespaces__") or {}
     IMPORTS, REST = SETUP  # the setup's leading imports, and the rest (see split_setup)
 
@@ -459,7 +460,9 @@ def build_program(
     shared = [(imports, "<setup>", "exec"), (rest, "<setup>", "exec")]
     if kind in _CALL_KINDS:
         shared += [(c, f"<test {i}>", "eval") for i, c in enumerate(spec["calls"])]
-    modules = [spec.get("modname", "__main__")] + (["__vgrout_canonical__"] * (kind == "rt_canon"))
+    modules = [spec.get("modname", "__main__")]
+    if kind == "rt_canon":
+        modules.append("__vgrout_canonical__")
     return {
         "code": _PROGRAMS[kind in _HARD_EXIT],
         "stdin": args,

@@ -219,7 +219,6 @@ class _Item:
     tests: tuple[GtTest, ...] = ()
     code: str | None = None
     format_ok: bool = False
-    can_compile: bool = False
     solution: CodeType | None = None  # `code` compiled as every sandboxed run would
     nonce: str = ""
     jobs: dict[str, int] = field(default_factory=dict)  # run kind -> index in the batch
@@ -235,8 +234,11 @@ class _Item:
         self.format_ok = self.code is not None
         if self.format_ok:
             self.solution = compile_like_harness(self.code or "", "<solution>", "exec")
-        self.can_compile = self.solution is not None
         self.nonce = secrets.token_hex(8)
+
+    @property
+    def can_compile(self) -> bool:
+        return self.solution is not None
 
 
 def _oracle_limits(limits: sandbox.Limits, tests: Sequence[GtTest]) -> sandbox.Limits:
