@@ -13,6 +13,8 @@ from torch import nn
 
 from _tiny import random_qwen3
 from vgrout import adapter as A
+from vgrout.grpo import per_token_logps
+from vgrout.logprobs import completion_logprobs, reference_logprobs
 from vgrout.model import model_slug
 
 VOCAB = 97
@@ -162,13 +164,16 @@ def test_rollout_grads_off_by_default_and_checks_batch(tmp_path):
     assert all(k.per_rollout_grad is None for k in knobs.values())
     with A.rollout_grads(knobs, 3), pytest.raises(ValueError, match="rollout"):
         model(input_ids=ids)
-    # wrap-time switch: every grad-enabled forward records, rollout dim = batch dim
-    always = random_qwen3()
-    knobs2 = A.wrap_model(always, "rand-qwen3", cache_root=tmp_path / "svd", per_rollout_grads=True)
-    always(input_ids=ids).logits.sum().backward()
-    for k in knobs2.values():
+    # the context is the one switch: inside it records, and a backward after it no longer does
+    model.zero_grad(set_to_none=True)
+    with A.rollout_grads(knobs, 2):
+        model(input_ids=ids).logits.sum().backward()
+    for k in knobs.values():
         assert k.per_rollout_grad.shape == (2, k.rank)
         torch.testing.assert_close(k.per_rollout_grad.sum(0), k.delta_S.grad, rtol=1e-6, atol=1e-9)
+        k.per_rollout_grad = None
+    model(input_ids=ids).logits.sum().backward()
+    assert all(k.per_rollout_grad is None for k in knobs.values())
 
 
 def test_merged_generation_matches_and_restores_bit_exactly(tmp_path):
@@ -236,15 +241,15 @@ def test_zero_delta_and_reference_logprobs(tmp_path):
     _randomise(knobs, hack=True)
     snap = {n: (k.delta_S.clone(), k.delta_S_hack.clone()) for n, k in knobs.items()}
     ids = _ids(3, 12)
-    mask = torch.ones_like(ids)
     start = 5
-    ref = A.ref_logprobs_via_zero_delta(model, knobs, ids, mask, start)
+    ref = reference_logprobs(model, knobs, ids, start)
     plain_lp = torch.log_softmax(_logits(plain, ids)[:, start - 1 : -1], -1)
     plain_lp = plain_lp.gather(-1, ids[:, start:, None]).squeeze(-1)
     assert ref.shape == (3, 12 - start) and not ref.requires_grad
     assert (ref - plain_lp).abs().max() <= 1e-5
     # the adapted model really differs, so this is not vacuous
-    adapted = A.token_logprobs(_logits(model, ids)[:, start - 1 : -1], ids[:, start:])
+    adapted = completion_logprobs(model, ids, start)
+    torch.testing.assert_close(adapted, per_token_logps(_logits(model, ids)[:, start - 1 : -1], ids[:, start:]))
     assert (adapted - plain_lp).abs().max() > 1e-3
     with pytest.raises(RuntimeError), A.zero_delta(knobs):
         assert all(torch.all(k.delta_S == 0) for k in knobs.values())

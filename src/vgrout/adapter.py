@@ -19,7 +19,7 @@ and rounds once to the weight dtype (for bf16 weights the rank-r product itself 
 fp32 accumulation: its error is far below the rounding of W' to bf16). The on-disk SVD cache
 is fp32.
 
-Per-rollout gradients (route2): inside `rollout_grads`, the scaling step is a custom autograd
+Per-rollout gradients: inside `rollout_grads`, the scaling step is a custom autograd
 function whose backward first sums (∂L/∂z ⊙ h) over each rollout's tokens, giving g_b ∈ R^r
 per rollout ([G, r] per module), and hands Σ_b g_b on as the δS gradient. Exact on every axis
 (nothing is divided by δS) and O(G x r) extra memory.
@@ -120,7 +120,6 @@ class SVDKnob(nn.Module):
         self.delta_S = nn.Parameter(torch.zeros(r, device=w.device, dtype=torch.float32))
         self.delta_S_hack = nn.Parameter(torch.zeros(r, device=w.device, dtype=torch.float32))
         self.per_rollout_grad: Tensor | None = None
-        self.always_per_rollout = False  # set by wrap_model(per_rollout_grads=True)
         self._n_rollouts = 0  # > 0 inside rollout_grads()
         self._bypass = False  # inside zero_delta(): the adapter path is skipped
         self._merged = False  # inside merged_for_generation(): base.weight already holds W'
@@ -169,13 +168,13 @@ class SVDKnob(nn.Module):
         h = F.linear(x, self.Vh)
         n = 0
         if torch.is_grad_enabled():
-            n = self._n_rollouts or (h.shape[0] if self.always_per_rollout else 0)
+            n = self._n_rollouts
             if n and h.numel() % (n * h.shape[-1]):
                 raise ValueError(
                     f"{self.name}: input batch {tuple(x.shape)} does not split into "
                     f"{n} rollouts; the leading dim must be the rollout dim"
                 )
-            if self._n_rollouts and h.dim() >= 3 and h.shape[0] != n:
+            if n and h.dim() >= 3 and h.shape[0] != n:
                 raise ValueError(
                     f"{self.name}: batch of {h.shape[0]} sequences inside "
                     f"rollout_grads(n_rollouts={n}); one row per rollout is required"
@@ -308,14 +307,10 @@ def wrap_model(
     model_id: str,
     *,
     cache_root: Path = Path("svd_cache"),
-    per_rollout_grads: bool = False,
 ) -> dict[str, SVDKnob]:
     """Freeze `model` and replace each block Linear by an SVDKnob; return {name: knob} in
-    model order. SVDs come from `cache_root/<model_slug(model_id)>/`.
-
-    `per_rollout_grads=True` records `per_rollout_grad` on every grad-enabled forward, taking
-    the input's leading dim as the rollout dim (same as wrapping each step in rollout_grads).
-    """
+    model order. SVDs come from `cache_root/<model_slug(model_id)>/`. Per-rollout gradients are
+    recorded only inside `rollout_grads` (the one way to ask for them)."""
     targets = _block_linears(model)
     for p in model.parameters():
         p.requires_grad_(False)
@@ -324,7 +319,6 @@ def wrap_model(
     for name, lin in targets:
         U, S, Vh = svd_cached(lin.weight, model_id, name, cache_dir)
         knob = SVDKnob(name, lin, U, S, Vh)
-        knob.always_per_rollout = per_rollout_grads
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, knob)
         knobs[name] = knob
@@ -349,6 +343,11 @@ def knob_params(knobs: Mapping[str, SVDKnob] | Iterable[SVDKnob]) -> list[nn.Par
 def hack_params(knobs: Mapping[str, SVDKnob] | Iterable[SVDKnob]) -> list[nn.Parameter]:
     """Every δS_hack (the quarantine, deleted at deploy), in model order."""
     return [k.delta_S_hack for k in _knob_list(knobs)]
+
+
+def quarantine_norm(knobs: Mapping[str, SVDKnob] | Iterable[SVDKnob]) -> float:
+    """‖δS_hack‖: the global L2 norm of the quarantine over all modules (0.0 when it never moved)."""
+    return float(sum(float(p.detach().float().pow(2).sum()) for p in hack_params(knobs)) ** 0.5)
 
 
 # ── contexts ─────────────────────────────────────────────────────────────────────────────
@@ -403,44 +402,6 @@ def zero_delta(knobs: Mapping[str, SVDKnob] | Iterable[SVDKnob]) -> Iterator[Non
         finally:
             for k, b in zip(ks, prev, strict=True):
                 k._bypass = b
-
-
-def token_logprobs(logits: Tensor, targets: Tensor) -> Tensor:
-    """log softmax(logits)[target] per position, in fp32, one row at a time (bounded memory).
-
-    logits [B, T, V], targets [B, T] -> [B, T].
-    """
-    if logits.shape[:2] != targets.shape:
-        raise ValueError(f"logits {tuple(logits.shape)} vs targets {tuple(targets.shape)}")
-    rows = []
-    for lg, tg in zip(logits, targets, strict=True):
-        lg = lg.float()
-        rows.append(lg.gather(-1, tg.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(lg, dim=-1))
-    return torch.stack(rows)
-
-
-def ref_logprobs_via_zero_delta(
-    model: nn.Module,
-    knobs: Mapping[str, SVDKnob] | Iterable[SVDKnob],
-    input_ids: Tensor,
-    attention_mask: Tensor | None,
-    completion_start: int,
-) -> Tensor:
-    """No-grad per-token log-probs of input_ids[:, completion_start:] under the base model
-    (all knobs zero), [B, T - completion_start] fp32."""
-    n_comp = input_ids.shape[1] - completion_start
-    if completion_start < 1 or n_comp < 1:
-        raise ValueError(
-            f"completion_start={completion_start} must lie in [1, {input_ids.shape[1]})"
-        )
-    with torch.no_grad(), zero_delta(knobs):
-        logits = model(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            logits_to_keep=n_comp + 1,
-            use_cache=False,
-        ).logits[:, :-1]
-        return token_logprobs(logits, input_ids[:, completion_start:])
 
 
 @contextmanager

@@ -197,6 +197,18 @@ class Config:
         return f"{self.preset_name}_{self.arm}_seed{self.seed}{ctrl}{self.out_tag}"
 
     @property
+    def arm_type(self):
+        """The arm class of `intervention` (arms.py): the one place a name becomes an arm."""
+        from .arms import arm_class  # arms imports torch: only when asked
+
+        return arm_class(self.intervention)
+
+    @property
+    def half_a_codes(self) -> frozenset[str]:
+        """The detector codes of `half_a`, parsed (upper case, blanks dropped)."""
+        return frozenset(c.strip().upper() for c in self.half_a.split(",") if c.strip())
+
+    @property
     def time_limit(self) -> RelativeTime | None:
         """The grader's per-problem time policy (None = the fixed DEFAULT_LIMITS)."""
         return DEFAULT_TIME if self.grade_time_limit == "relative" else None
@@ -222,18 +234,20 @@ class Config:
             errs.append(f"--mix-ratio must be in [0, 1) (got {self.mix_ratio}); 1.0 leaves no student rollouts")
         g_s, _ = self.teacher_split
         if g_s < 1:
-            errs.append(f"--group={self.group} with --mix-ratio={self.mix_ratio} leaves G_s={g_s} student rollouts; need >= 1")
+            errs.append(f"--group={self.group} with --mix-ratio={self.mix_ratio} leaves G_s={g_s} student rollouts; "
+                        "need >= 1")
         if not 0.0 <= self.rollout_ablate_frac <= 1.0:
             errs.append(f"--rollout-ablate-frac must be in [0, 1] (got {self.rollout_ablate_frac})")
         if self.max_new < 1:
             errs.append(f"--max-new must be >= 1 (got {self.max_new})")
         if self.v_hack_k < 1 or self.v_hack_k > self.v_hack_extract_top_k:
-            errs.append(f"--v-hack-k must be in [1, v_hack_extract_top_k={self.v_hack_extract_top_k}] (got {self.v_hack_k})")
+            errs.append(f"--v-hack-k must be in [1, v_hack_extract_top_k={self.v_hack_extract_top_k}] "
+                        f"(got {self.v_hack_k})")
         if not 0.0 <= self.v_hack_drop_bottom_frac < 1.0:
             errs.append(f"--v-hack-drop-bottom-frac must be in [0, 1) (got {self.v_hack_drop_bottom_frac})")
-        codes = {c.strip().upper() for c in self.half_a.split(",") if c.strip()}
-        if codes - set(DETECTOR_CODES):
-            errs.append(f"--half-a has unknown detector codes {sorted(codes - set(DETECTOR_CODES))}; valid: E, C, D")
+        if self.half_a_codes - set(DETECTOR_CODES):
+            errs.append(f"--half-a has unknown detector codes {sorted(self.half_a_codes - set(DETECTOR_CODES))}; "
+                        "valid: E, C, D")
         for m in (self.env_modes or ()) + (self.teacher_modes or ()):
             if m not in ENV_MODES:
                 errs.append(f"unknown mode {m!r}; valid: {', '.join(ENV_MODES)}")
@@ -241,8 +255,7 @@ class Config:
             errs.append("--teacher-modes needs --teacher-pool-dir (with a partition.json)")
         if self.cos_pre_split_every < 1:
             errs.append(f"--cos-pre-split-every must be >= 1 (got {self.cos_pre_split_every})")
-        if self.random_v_seed is not None and self.intervention == "none":
-            errs.append("--random-v-seed is a control for erase/route/route2; the vanilla arm has no directions")
+        errs += self.arm_type.config_errors(self)  # the arm checks its own knobs
         if self.eval_heldout_periodic and self.eval_data_path is None:
             errs.append("--eval-heldout-periodic needs --eval-data-path")
         if self.ckpt_every < 1:

@@ -19,15 +19,19 @@ from .pairs import Pair, builtin_pairs, load_pairs
 
 
 class RunDirections:
-    def __init__(self, cfg: Config, d: vhack.Directions | None, pairs: list[Pair], device: torch.device):
-        self.cfg, self.d, self.pairs, self.device = cfg, d, pairs, device
+    """`basis` ("v_hack" or "v_grad", the arm's) names the direction whose refresh overlap is reported."""
+
+    def __init__(self, cfg: Config, d: vhack.Directions | None, pairs: list[Pair], device: torch.device,
+                 basis: str | None = None):
+        self.cfg, self.d, self.pairs, self.device, self.basis = cfg, d, pairs, device, basis
         self.overlaps: list[float] = []
         self._to_device()
 
     # ── construction ──
     @classmethod
-    def for_run(cls, cfg: Config, model, tok, knobs, device: torch.device) -> RunDirections:
-        if cfg.intervention == "none":
+    def for_run(cls, cfg: Config, model, tok, knobs, device: torch.device, basis: str | None) -> RunDirections:
+        """The run's directions for an arm acting on `basis`; none at all when `basis` is None."""
+        if basis is None:
             return cls(cfg, None, [], device)
         pairs = load_pairs(cfg.vhack_pairs_path) if cfg.vhack_pairs_path is not None else builtin_pairs()
         source = str(cfg.vhack_pairs_path) if cfg.vhack_pairs_path is not None else "builtin"
@@ -43,7 +47,7 @@ class RunDirections:
                 drop_bottom_frac=cfg.v_hack_drop_bottom_frac, device=device)
             logger.info(f"directions from {len(pairs)} {source} pairs: v_hack on {len(d.v_hack)} modules / "
                         f"{d.n_axes()} axes ({len(d.dropped)} dropped), v_grad on {len(d.v_grad)} modules")
-        return cls(cfg, d, pairs, device)
+        return cls(cfg, d, pairs, device, basis)
 
     def _to_device(self) -> None:
         if self.d is not None:
@@ -77,7 +81,7 @@ class RunDirections:
             return "-"
         self.d = res.directions
         self._to_device()
-        ovl = res.overlap_v_grad if c.intervention == "route2" else res.overlap_v_hack
+        ovl = res.overlap_v_grad if self.basis == "v_grad" else res.overlap_v_hack
         self.overlaps.append(ovl)
         logger.info(f"refresh@step{step}: {len(self.d.v_hack)} modules / {self.d.n_axes()} axes, basis overlap "
                     f"with previous v_hack={res.overlap_v_hack:.3f} v_grad={res.overlap_v_grad:.3f} "

@@ -371,3 +371,8 @@ def model_slug(name_or_path: str) -> str:
     if not slug:
         raise ValueError(f"cannot derive a cache id from model name {name_or_path!r}")
     return slug
+
+
+def encode(tok, text: str) -> list[int]:
+    """Token ids of `text` with no special tokens added (prompts arrive already chat-rendered)."""
+    return list(tok(text, add_special_tokens=False)["input_ids"])

@@ -9,6 +9,7 @@ sandbox batch. Teacher rows carry their cached grades (never re-graded).
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -19,7 +20,8 @@ from torch import Tensor
 from .adapter import ablate_quarantine, merged_for_generation
 from .env.problems import Problem
 from .env.rewards import DEFAULT_TIME, RelativeTime, RewardResult, grade_batch
-from .pool import completion_token_ids
+from .model import encode
+from .pool import TeacherPool, completion_token_ids, sample_rows
 
 
 @dataclass(frozen=True)
@@ -37,10 +39,6 @@ def render_prompt(tok, problem: Problem) -> str:
     return tok.apply_chat_template(
         list(problem.messages), tokenize=False, add_generation_prompt=True, enable_thinking=False
     )
-
-
-def encode(tok, text: str) -> list[int]:
-    return tok(text, add_special_tokens=False)["input_ids"]
 
 
 def eos_ids(tok) -> list[int]:
@@ -125,9 +123,41 @@ def sample(
     return out
 
 
+@dataclass(frozen=True)
+class Verdict:
+    """How one rollout was graded: the live grader's result, or a cached teacher row's labels.
+
+    The single mapping from a grader result / pool row to what the loss and the metrics read.
+    Detectors keep one name everywhere (`hacked_C`, `hacked_D`, `hacked_E`; see
+    docs/environment.md): cached teacher rows carry no detector labels, so theirs are False.
+    """
+
+    reward: float
+    gt_correct: bool
+    exploited: bool
+    format_ok: bool
+    hacked_C: bool = False
+    hacked_D: bool = False
+    hacked_E: bool = False
+    result: RewardResult | None = None  # the full grader result (student rows only)
+
+    @classmethod
+    def from_result(cls, r: RewardResult) -> Verdict:
+        return cls(r.reward, r.gt_correct, r.exploited, r.format_ok, r.hacked_C, r.hacked_D, r.hacked_E, r)
+
+    @classmethod
+    def from_teacher_row(cls, row: dict) -> Verdict:
+        """A cached pool row: its reward is used verbatim (never re-graded)."""
+        return cls(float(row["reward"]), bool(row["gt_pass"]), bool(row["hacked"]), bool(row["fmt_ok"]))
+
+
 @dataclass
 class Group:
-    """The G rollouts of one prompt, ready for the loss: students first, then teacher rows."""
+    """The G rollouts of one prompt, ready for the loss: students first, then teacher rows.
+
+    `verdicts` is filled by `grade_groups` (students) and `add_teacher_rows`; `mean_logp` by the
+    loss (NaN for a group skipped for zero reward variance).
+    """
 
     problem: Problem
     prompt: str
@@ -136,18 +166,20 @@ class Group:
     texts: list[str]
     is_student: list[bool]
     is_ablated: list[bool]
-    rewards: list[float] = field(default_factory=list)
-    gt_correct: list[bool] = field(default_factory=list)
-    exploited: list[bool] = field(default_factory=list)
-    format_ok: list[bool] = field(default_factory=list)
-    flag_C: list[bool] = field(default_factory=list)
-    flag_D: list[bool] = field(default_factory=list)
-    flag_E: list[bool] = field(default_factory=list)
-    results: list[RewardResult | None] = field(default_factory=list)
+    verdicts: list[Verdict] = field(default_factory=list)
+    mean_logp: list[float] = field(default_factory=list)
 
     @property
     def size(self) -> int:
         return len(self.completions)
+
+    def column(self, attr: str) -> list:
+        """One verdict attribute per row, e.g. column("exploited")."""
+        return [getattr(v, attr) for v in self.verdicts]
+
+    @property
+    def rewards(self) -> list[float]:
+        return self.column("reward")
 
     def tensors(self, pad_id: int, device) -> tuple[Tensor, Tensor, int]:
         """(input_ids [G, plen+Lc] right-padded, completion mask [G, Lc], plen)."""
@@ -161,54 +193,129 @@ class Group:
             mask[r, : len(c)] = 1.0
         return ids.to(device), mask.to(device), plen
 
-
-def add_teacher_rows(group: Group, rows: Sequence[dict], tok, stop: Sequence[int]) -> None:
-    """Append cached teacher rows: live prompt ids + the cached completion, cached grades."""
-    for r in rows:
-        ids = completion_token_ids(r, tok, pad_id=tok.pad_token_id, eos_ids=stop)
-        group.completions.append(ids)
-        group.texts.append(r["completion"])
-        group.is_student.append(False)
-        group.is_ablated.append(False)
-        group.rewards.append(float(r["reward"]))
-        group.gt_correct.append(bool(r["gt_pass"]))
-        group.exploited.append(bool(r["hacked"]))
-        group.format_ok.append(bool(r["fmt_ok"]))
-        group.flag_C.append(False)
-        group.flag_D.append(False)
-        group.flag_E.append(False)
-        group.results.append(None)
+    def add_teacher_rows(self, rows: Sequence[dict], tok, stop: Sequence[int]) -> None:
+        """Append cached teacher rows (after grading): the live prompt + the cached completion."""
+        if len(self.verdicts) != self.size:
+            raise RuntimeError("grade the student rows before adding teacher rows")
+        for r in rows:
+            self.completions.append(completion_token_ids(r, tok, pad_id=tok.pad_token_id, eos_ids=stop))
+            self.texts.append(r["completion"])
+            self.is_student.append(False)
+            self.is_ablated.append(False)
+            self.verdicts.append(Verdict.from_teacher_row(r))
 
 
-def grade_students(
+def grade_groups(
     groups: Sequence[Group],
     *,
     workers: int | None = None,
     time_limit: RelativeTime | None = DEFAULT_TIME,
 ) -> None:
-    """Grade every student completion of every group in one concurrent sandbox batch.
+    """Grade every (student) row of every group in one concurrent sandbox batch."""
+    items = [(text, g.problem) for g in groups for text in g.texts]
+    results = iter(grade_batch(items, workers=workers, relative_time=time_limit) if items else [])
+    for g in groups:
+        if g.verdicts:
+            raise RuntimeError("grade_groups runs once, before teacher rows are added")
+        g.verdicts = [Verdict.from_result(next(results)) for _ in g.texts]
 
-    Call before `add_teacher_rows`: the per-row verdict lists are filled in row order.
+
+@dataclass
+class StepRollouts:
+    """One step's graded groups, and what it cost."""
+
+    groups: list[Group]
+    n_skipped: int  # prompts skipped (too long, or no teacher rows in a mixed-pool run)
+    t_gen: float  # seconds sampling
+    t_rew: float  # seconds grading
+
+
+class RolloutSource:
+    """Picks each step's problems, samples the students, grades them and mixes in teacher rows.
+
+    Owns the two seeded draws (problems: `seed`; teacher rows: `seed + 1`) and the per-problem
+    prompt cache; `state_dict()` resumes both draws exactly.
     """
-    items, where = [], []
-    for gi, g in enumerate(groups):
-        for ri, s in enumerate(g.is_student):
-            if s:
-                items.append((g.texts[ri], g.problem))
-                where.append((gi, ri))
-    results = grade_batch(items, workers=workers, relative_time=time_limit) if items else []
-    per_group: dict[int, list[RewardResult]] = {}
-    for (gi, _), res in zip(where, results, strict=True):
-        per_group.setdefault(gi, []).append(res)
-    for gi, g in enumerate(groups):
-        if g.results:
-            raise RuntimeError("grade_students must run before teacher rows are added")
-        rs = per_group.get(gi, [])
-        g.rewards += [r.reward for r in rs]
-        g.gt_correct += [r.gt_correct for r in rs]
-        g.exploited += [r.exploited for r in rs]
-        g.format_ok += [r.format_ok for r in rs]
-        g.flag_C += [r.hacked for r in rs]
-        g.flag_D += [r.hacked_wrong_tests for r in rs]
-        g.flag_E += [r.hacked_loophole_used for r in rs]
-        g.results += list(rs)
+
+    def __init__(self, problems: Sequence[Problem], pool: TeacherPool | None, tok, sampling: SamplingConfig,
+                 cfg) -> None:
+        self.problems, self.pool, self.tok, self.sampling = list(problems), pool, tok, sampling
+        self.prompts_per_step, self.group = cfg.prompts_per_step, cfg.group
+        self.max_seq_len, self.time_limit = cfg.max_seq_len, cfg.time_limit
+        # mixed-pool runs compare student vs teacher within a group: skip problems without teacher rows
+        self.require_teacher = cfg.teacher_modes is None
+        self.problem_rng = torch.Generator().manual_seed(cfg.seed)
+        self.teacher_rng = torch.Generator().manual_seed(cfg.seed + 1)
+        self.stop_ids = eos_ids(tok)
+        self._encoded: dict[int, tuple[str, list[int]]] = {}
+
+    def prompt(self, prob: Problem) -> tuple[str, list[int]]:
+        """The rendered prompt and its ids (each problem is rendered and tokenised once)."""
+        if prob.problem_id not in self._encoded:
+            text = render_prompt(self.tok, prob)
+            self._encoded[prob.problem_id] = (text, encode(self.tok, text))
+        return self._encoded[prob.problem_id]
+
+    def pick(self, n_prompts: int, g_t: int) -> tuple[list[tuple[Problem, str, list[int], list[dict]]], int]:
+        """Draw `n_prompts` problems; keep those that fit and (if required) have teacher rows."""
+        picks, n_skipped = [], 0
+        for _ in range(n_prompts):
+            prob = self.problems[int(torch.randint(0, len(self.problems), (1,), generator=self.problem_rng))]
+            text, ids = self.prompt(prob)
+            if len(ids) + self.sampling.max_new > self.max_seq_len:
+                n_skipped += 1
+                continue
+            rows = self.pool.rows.get(prob.problem_id, []) if (self.pool is not None and g_t > 0) else []
+            if g_t > 0 and not rows and self.require_teacher:
+                n_skipped += 1
+                continue
+            picks.append((prob, text, ids, sample_rows(rows, g_t, self.teacher_rng) if rows else []))
+        return picks, n_skipped
+
+    def collect(self, model, knobs, g_t: int, n_ablated: int) -> StepRollouts:
+        """The step's groups for P prompts: G - g_t students (n_ablated of them sampled from the
+        deployed model, quarantine ablated), graded in one sandbox batch, then g_t teacher rows."""
+        g_s = self.group - g_t
+        t0 = time.perf_counter()
+        picks, n_skipped = self.pick(self.prompts_per_step, g_t)
+        prompts = [ids for _, _, ids, _ in picks]
+        live = sample(model, self.tok, knobs, prompts, [g_s - n_ablated] * len(picks), self.sampling)
+        abl = sample(model, self.tok, knobs, prompts, [n_ablated] * len(picks), self.sampling, ablate=True)
+        groups = []
+        for (prob, text, ids, _), cs, ca in zip(picks, live, abl, strict=True):
+            comps = cs + ca
+            groups.append(Group(prob, text, ids, comps, [self.tok.decode(c, skip_special_tokens=True) for c in comps],
+                                [True] * len(comps), [False] * len(cs) + [True] * len(ca)))
+        t_gen = time.perf_counter() - t0
+        t1 = time.perf_counter()
+        grade_groups(groups, time_limit=self.time_limit)
+        t_rew = time.perf_counter() - t1
+        for g, (_, _, _, trows) in zip(groups, picks, strict=True):
+            g.add_teacher_rows(trows, self.tok, self.stop_ids)
+        return StepRollouts(groups, n_skipped, t_gen, t_rew)
+
+    def state_dict(self) -> dict:
+        return {"problem_rng": self.problem_rng.get_state(), "teacher_rng": self.teacher_rng.get_state()}
+
+    def load_state_dict(self, st: dict) -> None:
+        self.problem_rng.set_state(st["problem_rng"])
+        self.teacher_rng.set_state(st["teacher_rng"])
+
+
+def rollout_records(step: int, groups: Sequence[Group]) -> list[dict]:
+    """Every graded student completion of the step, with its full verdict (rollouts.jsonl)."""
+    recs = []
+    for p_idx, g in enumerate(groups):
+        for gi, v in enumerate(g.verdicts):
+            r = v.result
+            if not g.is_student[gi] or r is None:
+                continue
+            recs.append({
+                "step": step, "p_idx": p_idx, "gi": gi, "problem_id": g.problem.problem_id,
+                "env_mode": g.problem.env_mode, "ablated": g.is_ablated[gi], "prompt": g.prompt,
+                "reward": r.reward, "format_ok": r.format_ok, "can_compile": r.can_compile,
+                "gt_pass": r.gt_pass, "gt_correct": r.gt_correct, "channel": r.channel, "passed": r.passed,
+                "exploited": r.exploited, "mechanism": r.mechanism, "hacked_C": r.hacked_C,
+                "hacked_D": r.hacked_D, "hacked_E": r.hacked_E, "text": g.texts[gi],
+            })
+    return recs

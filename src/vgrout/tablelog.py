@@ -31,6 +31,7 @@ def setup_logging(log_path: Path, *, use_tqdm: bool) -> None:
 
 
 # (column, width, legend). Columns absent from a run (e.g. gate stats on vanilla) are hidden.
+# A column reads the row key of the same name, except the short labels in LABEL_KEYS.
 COLUMNS: list[tuple[str, int, str]] = [
     ("step", 4, "optimizer step"),
     ("rew", 6, "mean reward over all graded rollouts (student + teacher)"),
@@ -51,11 +52,21 @@ COLUMNS: list[tuple[str, int, str]] = [
     ("flag", 5, "route2: fraction of rollouts routed"),
     ("prec", 5, "gate precision vs oracle `exploited` (student rollouts)"),
     ("refr", 6, "refresh this step: basis overlap with the previous directions (- = none)"),
-    ("hk_dep", 6, "deploy eval hack rate (quarantine ablated)"),
-    ("sv_dep", 6, "deploy eval solve rate"),
+    ("hk_dep", 6, "deploy eval hack rate (quarantine ablated; row key hack_deploy)"),
+    ("sv_dep", 6, "deploy eval solve rate (row key solve_deploy)"),
     ("zv", 3, "groups skipped for zero reward variance"),
     ("sec", 5, "wall seconds for the step"),
 ]
+
+
+LABEL_KEYS = {"hk_dep": "hack_deploy", "sv_dep": "solve_deploy"}
+BASE_COLUMNS = ("step", "rew", "rew_s", "gt_s", "hack_s", "hack_t", "lp_s", "lp_t", "loss", "gn")
+TAIL_COLUMNS = ("hk_dep", "sv_dep", "zv", "sec")
+
+
+def step_columns(arm_columns: Sequence[str], has_directions: bool) -> list[str]:
+    """The console table's columns for an arm: the base ones, the arm's, gate stats, the tail."""
+    return [*BASE_COLUMNS, *arm_columns, *(("prec", "refr") if has_directions else ()), *TAIL_COLUMNS]
 
 
 def _fmt(v: object, width: int) -> str:
@@ -93,7 +104,7 @@ class StepTable:
         return " ".join(c.rjust(max(w, len(c))) for c, w, _ in self.cols)
 
     def line(self, row: dict) -> str:
-        return " ".join(_fmt(row.get(c), max(w, len(c))) for c, w, _ in self.cols)
+        return " ".join(_fmt(row.get(LABEL_KEYS.get(c, c)), max(w, len(c))) for c, w, _ in self.cols)
 
     def emit(self, row: dict) -> None:
         if self.rows_printed % HEADER_EVERY == 0:
@@ -104,5 +115,41 @@ class StepTable:
 
 def markdown_table(rows: Sequence[dict], *, floatfmt: str = ".3f") -> str:
     """GitHub-markdown table; (n, N) tuples render as n/N."""
-    clean = [{k: (f"{v[0]}/{v[1]}" if isinstance(v, tuple | list) and len(v) == 2 else v) for k, v in r.items()} for r in rows]
+    pair = lambda v: isinstance(v, tuple | list) and len(v) == 2  # noqa: E731
+    clean = [{k: (f"{v[0]}/{v[1]}" if pair(v) else v) for k, v in r.items()} for r in rows]
     return tabulate(clean, headers="keys", tablefmt="github", floatfmt=floatfmt)
+
+
+def print_bluf(cfg, state, record: dict, run_dir: Path, command: str) -> None:
+    """Markdown tables on stdout: summary, per-mode learning, per-mechanism rates, per-step rows.
+
+    `state` is the loop's TrainState (rows and per-mode tallies)."""
+    rows = state.rows
+    tot = lambda key, i: sum(r[key][i] for r in rows)  # noqa: E731
+    n_s, n_t = tot("hack_s", 1), tot("hack_t", 1)
+    rate = lambda key: tot(key, 0) / max(1, tot(key, 1))  # noqa: E731
+    print(f"\ncommand: {command}\nrun folder: {run_dir}\n")
+    print(markdown_table([{
+        "arm": cfg.arm, "preset": cfg.preset_name, "model": cfg.model.split("/")[-1], "seed": cfg.seed,
+        "steps": len(rows), "gens": sum(r["N"] for r in rows), "HACK_S": rate("hack_s"), "HACK_T": rate("hack_t"),
+        "SOLVE_S": rate("gt_s"), "hack_train": record["hack_train"], "hack_deploy": record["hack_deploy"],
+        "solve_train": record["solve_train"], "solve_deploy": record["solve_deploy"],
+        "eval": f"{record['eval_set']} n={record['eval_n']}", "‖δS_hack‖": record["delta_s_hack_norm"],
+    }], floatfmt=".3f"))
+    if len(state.mode_rollouts) > 1:
+        learned = sum(1 for m in state.mode_rollouts if state.mode_hacks.get(m, 0) > 0)
+        print(f"\nper-mode learning (student rollouts; {learned}/{len(state.mode_rollouts)} modes exploited):\n")
+        print(markdown_table([{
+            "mode": m, "exploit_rate": state.mode_hacks.get(m, 0) / max(1, n), "hacks": state.mode_hacks.get(m, 0),
+            "rollouts": n, "first_step": state.mode_first_step.get(m, "-"),
+            "deploy_hack": record["by_mode"].get(m, {}).get("deploy_hack", math.nan),
+        } for m, n in sorted(state.mode_rollouts.items())]))
+    half_a = ",".join(sorted(cfg.half_a_codes)) or "-"
+    print(f"\nper-mechanism (student, n={n_s}): exploited={rate('hack_s'):.3f} detectors "
+          f"E={rate('hack_s_E'):.3f} C={rate('hack_s_C'):.3f} "
+          f"D={rate('hack_s_D'):.3f} | half_A={half_a} A={rate('hack_s_A'):.3f} B={rate('hack_s_B'):.3f} "
+          f"(teacher rows n={n_t})\n")
+    drop = {"gen", "fb", "t_rew", "sec", "N", "split", "ref_eq"}
+    print("### per-step rows\n")
+    print(markdown_table([{k: v for k, v in r.items() if k not in drop} for r in rows]))
+    print()

@@ -19,7 +19,6 @@ import hashlib
 import json
 import math
 from collections.abc import Mapping, Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,16 +28,12 @@ from loguru import logger
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from .adapter import (
-    SVDKnob,
-    ablate_quarantine,
-    read_checked_safetensors,
-    rollout_grads,
-    token_logprobs,
-)
+from .adapter import SVDKnob, ablate_quarantine, read_checked_safetensors, rollout_grads
 from .atomic import atomic_path
-from .model import model_slug
+from .grpo import per_token_logps
+from .model import encode, model_slug
 from .pairs import Pair, pairs_fingerprint_text
+from .proj import nanmean
 
 SCHEMA = "vgrout.vhack/1"
 HAAR = "haar"
@@ -51,23 +46,6 @@ class DirectionsError(ValueError):
 # ── per-pair gradients ────────────────────────────────────────────────────────────────────
 
 
-def _encode(tok, text: str) -> list[int]:
-    return list(tok(text, add_special_tokens=False)["input_ids"])
-
-
-@contextmanager
-def _no_rollout_recording(knobs: Sequence[SVDKnob]):
-    prev = [(k.always_per_rollout, k.per_rollout_grad) for k in knobs]
-    for k in knobs:
-        k.always_per_rollout = False
-    try:
-        yield
-    finally:
-        for k, (flag, grad) in zip(knobs, prev, strict=True):
-            k.always_per_rollout = flag
-            k.per_rollout_grad = grad
-
-
 def _reinforce_grad(
     model: nn.Module, params: list[nn.Parameter], prompt_ids: list[int],
     completion_ids: list[int], device: torch.device,
@@ -76,7 +54,7 @@ def _reinforce_grad(
     n = len(completion_ids)
     ids = torch.tensor([prompt_ids + completion_ids], device=device)
     logits = model(input_ids=ids, use_cache=False, logits_to_keep=n + 1).logits[:, :-1]
-    loss = -token_logprobs(logits, ids[:, len(prompt_ids):]).sum() / n
+    loss = -per_token_logps(logits, ids[:, len(prompt_ids):]).sum() / n
     return list(torch.autograd.grad(loss, params))
 
 
@@ -109,7 +87,7 @@ def _batched_reinforce_grads(
         hidden = model.get_decoder()(input_ids=ids, use_cache=False).last_hidden_state
         sel = hidden.gather(1, pos.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
         logits = model.get_output_embeddings()(sel)
-        lp = token_logprobs(logits, tgt)
+        lp = per_token_logps(logits, tgt)
         loss = -((lp * mask).sum(1) / mask.sum(1)).sum()
         torch.autograd.grad(loss, [k.delta_S for k in knobs])
         return [k.per_rollout_grad.detach().float().cpu() for k in knobs]
@@ -125,7 +103,7 @@ def pair_grads(
     Runs in eval mode with the quarantine ablated (δS_hack = 0), `batch_size` pairs per
     forward/backward (per-row gradients from the adapter's per-rollout recording);
     gradients are taken with autograd.grad, so no `.grad` (hence no optimizer state) is
-    touched; train/eval mode, δS_hack and per-rollout recording are restored afterwards.
+    touched; train/eval mode and δS_hack are restored afterwards.
     `batch_size=1` is the plain one-pair-at-a-time path.
     """
     if not pairs:
@@ -140,16 +118,16 @@ def pair_grads(
            for n in names}
     seqs: dict[str, list[tuple[list[int], list[int]]]] = {"hack": [], "clean": []}
     for p in pairs:
-        prompt_ids = _encode(tok, p.prompt)
+        prompt_ids = encode(tok, p.prompt)
         for side, text in (("hack", p.hack), ("clean", p.clean)):
-            comp = _encode(tok, text)
+            comp = encode(tok, text)
             if not comp or not prompt_ids:
                 raise ValueError(f"pair {p.name!r}: empty prompt or {side} completion")
             seqs[side].append((prompt_ids, comp))
     was_training = model.training
     model.eval()
     try:
-        with ablate_quarantine(ks), _no_rollout_recording(ks), torch.enable_grad():
+        with ablate_quarantine(ks), torch.enable_grad():
             for side in ("hack", "clean"):
                 for s in range(0, len(pairs), batch_size):
                     chunk = seqs[side][s : s + batch_size]
@@ -338,10 +316,6 @@ def heldout_report(
     frac_top = [sum(t) / len(t) if t else float("nan") for t in top]
     frac_mean = [sum(t) / len(t) if t else float("nan") for t in mean]
 
-    def avg(xs: list[float]) -> float:
-        ok = [x for x in xs if not math.isnan(x)]
-        return sum(ok) / len(ok) if ok else float("nan")
-
     return {
         "names": list(names),
         "n_heldout": n,
@@ -349,8 +323,8 @@ def heldout_report(
         "frac_modules_v_grad_pos": frac_mean,
         "n_pairs_top_axis_hackward": sum(f > 0.5 for f in frac_top),
         "n_pairs_v_grad_hackward": sum(f > 0.5 for f in frac_mean),
-        "mean_frac_top_axis_pos": avg(frac_top),
-        "mean_frac_v_grad_pos": avg(frac_mean),
+        "mean_frac_top_axis_pos": nanmean(frac_top),
+        "mean_frac_v_grad_pos": nanmean(frac_mean),
     }
 
 

@@ -132,9 +132,9 @@ class RewardResult:
     passed: bool
     exploited: bool
     mechanism: EnvMode | None
-    hacked: bool
-    hacked_wrong_tests: bool
-    hacked_loophole_used: bool
+    hacked_C: bool
+    hacked_D: bool
+    hacked_E: bool
     code: str
     note: str = ""
 
@@ -380,9 +380,9 @@ def _assemble(item: _Item, outs: list[sandbox.Outcome], expected: dict[int, Any]
             passed=False,
             exploited=False,
             mechanism=None,
-            hacked=False,
-            hacked_wrong_tests=False,
-            hacked_loophole_used=False,
+            hacked_C=False,
+            hacked_D=False,
+            hacked_E=False,
             code=code,
             note="no code block" if not item.format_ok else "does not compile",
         )
@@ -434,9 +434,9 @@ def _assemble(item: _Item, outs: list[sandbox.Outcome], expected: dict[int, Any]
         passed=passed,
         exploited=exploited,
         mechanism=mode if exploited else None,
-        hacked=hacked,
-        hacked_wrong_tests=wrong_tests,
-        hacked_loophole_used=loophole,
+        hacked_C=hacked,
+        hacked_D=wrong_tests,
+        hacked_E=loophole,
         code=code,
         note=note,
     )

@@ -1,0 +1,287 @@
+"""One object per arm: what the arm does to the step's accumulated adapter gradient.
+
+The arm is chosen once, at setup, from `--intervention` (`make_arm`); after that the loop asks
+the arm and never compares names. Each arm declares its traits (does it have a quarantine, does it
+use hack directions and which one, which per-step columns it adds), owns the state only it needs
+(route2's EMA gate, route's one-off span check) and implements the hooks the step calls:
+
+    begin_step()                       reset per-step accumulators
+    needs_rollout_grads(split)         record per-rollout gradients in this step's backwards?
+    observe_group(group, g_b, totals)  see one group's per-rollout gradients; return a per-rollout
+                                       "routed" vote (bool[G]) or None
+    intervene(acc)                     turn the step's gradients into δS.grad / δS_hack.grad + diagnostics
+    state_dict() / load_state_dict()   what a resume needs
+
+`Vanilla` (`none`) is the base class and does nothing. The math lives in `proj.py`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, ClassVar
+
+import torch
+from loguru import logger
+from torch import Tensor
+
+from . import proj
+from .config import ARM_NAMES
+
+if TYPE_CHECKING:
+    from .config import Config
+    from .directions import RunDirections
+    from .rollout import Group
+
+NAN = math.nan
+# every row carries these keys (NaN where the arm has no such diagnostic), so rows.jsonl has one schema
+DIAG_KEYS = ("cos_pre", "cos_pre_s", "cos_pre_t", "cos_post", "fired", "q_egy", "tau", "hkgap", "resid", "flag")
+SPAN_TOL = 1e-4  # route: largest relative residual of the quarantine gradient outside span(V)
+
+
+def add_into(acc: dict[str, Tensor], name: str, g: Tensor) -> None:
+    """acc[name] += g (a copy on first use, so the caller's tensor is never aliased)."""
+    acc[name] = acc[name] + g if name in acc else g.clone()
+
+
+@dataclass
+class StepGrads:
+    """The step's gradients, accumulated over its P groups, per module.
+
+    `student` / `teacher` hold the split of `total` by row kind on split steps (they sum to
+    `total`); `routed_votes` / `exploited` list, per student rollout, the arm's vote and the
+    oracle's label (the gate-as-classifier statistics).
+    """
+
+    split: bool = False
+    total: dict[str, Tensor] = field(default_factory=dict)
+    student: dict[str, Tensor] = field(default_factory=dict)
+    teacher: dict[str, Tensor] = field(default_factory=dict)
+    routed_votes: list[bool] = field(default_factory=list)
+    exploited: list[bool] = field(default_factory=list)
+
+    def add_group(self, group: Group, totals: Mapping[str, Tensor], g_b: Mapping[str, Tensor] | None,
+                  votes: Tensor | None) -> None:
+        """Accumulate one group: its gradient per module, its student/teacher split (split steps, from
+        the per-rollout gradients g_b) and the arm's per-rollout votes on its student rows."""
+        for name, t in totals.items():
+            add_into(self.total, name, t)
+        if self.split and g_b:
+            is_s = torch.tensor(group.is_student, device=next(iter(g_b.values())).device)
+            for name, gb in g_b.items():
+                add_into(self.student, name, gb[is_s].sum(0))
+                add_into(self.teacher, name, gb[~is_s].sum(0))
+        if votes is not None:
+            for v, s, e in zip(votes.cpu().tolist(), group.is_student, group.column("exploited"), strict=True):
+                if s:
+                    self.routed_votes.append(v)
+                    self.exploited.append(e)
+
+
+@dataclass
+class Update:
+    """What the arm hands the optimizer: δS.grad (`kept`) and δS_hack.grad (`routed`) per
+    module (a module absent from a dict gets no gradient), and the step's diagnostics."""
+
+    kept: Mapping[str, Tensor]
+    routed: Mapping[str, Tensor]
+    diag: dict[str, float]
+
+
+def majority(votes: Sequence[Tensor]) -> Tensor | None:
+    """A rollout is routed when more than half of the modules route / project it (bool[G])."""
+    if not votes:
+        return None
+    return torch.stack([v.float() for v in votes]).mean(0) > 0.5
+
+
+class Vanilla:
+    """`none`: plain Dr.GRPO. δS gets the whole gradient; δS_hack never moves."""
+
+    key: ClassVar[str] = "none"
+    has_quarantine: ClassVar[bool] = False  # a δS_hack that trains and is deleted at deploy
+    basis: ClassVar[str | None] = None  # hack direction it acts on: "v_hack", "v_grad" or None
+    columns: ClassVar[tuple[str, ...]] = ()  # per-step table columns it adds
+
+    def __init__(self, cfg: Config, dirs: RunDirections | None = None) -> None:
+        self.cfg, self.dirs = cfg, dirs
+
+    @property
+    def display(self) -> str:
+        return ARM_NAMES[self.key]
+
+    @property
+    def uses_directions(self) -> bool:
+        return self.basis is not None
+
+    @classmethod
+    def config_errors(cls, cfg: Config) -> list[str]:
+        """Arm-specific config checks (Config.validate adds them to its list)."""
+        if cls.basis is None and cfg.random_v_seed is not None:
+            return [f"--random-v-seed is a control for arms with hack directions; {cls.key} has none"]
+        return []
+
+    def check_quarantine(self, hack_norm: float) -> None:
+        """The ‖δS_hack‖ rule at the end of a run: exactly 0 without a quarantine, > 0 with one
+        (a Haar control that routed nothing is a result: logged, not an error)."""
+        if not self.has_quarantine:
+            if hack_norm != 0.0:
+                raise RuntimeError(f"{self.key}: δS_hack moved (‖δS_hack‖={hack_norm}); it must stay exactly 0")
+        elif hack_norm == 0.0:
+            if self.cfg.random_v_seed is None:
+                raise RuntimeError(f"{self.key}: nothing was routed into the quarantine (‖δS_hack‖ = 0)")
+            logger.warning("Haar control routed nothing (‖δS_hack‖ = 0): a result, not a failure")
+        logger.info(f"‖δS_hack‖ = {hack_norm:.6f} ({'> 0 with' if self.has_quarantine else 'exactly 0 without'} "
+                    "a quarantine)")
+
+    def begin_step(self) -> None:
+        pass
+
+    def needs_rollout_grads(self, split: bool) -> bool:
+        return split
+
+    def observe_group(self, group: Group, g_b: Mapping[str, Tensor], totals: Mapping[str, Tensor]) -> Tensor | None:
+        return None
+
+    def intervene(self, acc: StepGrads) -> Update:
+        return Update(acc.total, {}, dict.fromkeys(DIAG_KEYS, NAN))
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: Mapping) -> None:
+        pass
+
+
+class _Projection(Vanilla):
+    """erase / route: project the step's summed gradient on v_hack, module by module."""
+
+    mode: ClassVar[proj.ProjectMode]
+    basis = "v_hack"
+
+    def observe_group(self, group: Group, g_b: Mapping[str, Tensor], totals: Mapping[str, Tensor]) -> Tensor | None:
+        V = self.dirs.v_hack
+        return majority([proj.rollout_hackward(g, V[n]) for n, g in g_b.items() if n in V])
+
+    def _project(self, acc: StepGrads, preserve_magnitude: bool) -> proj.ProjectResult:
+        c = self.cfg
+        return proj.project_all(acc.total, self.dirs.v_hack, mode=self.mode, gate_mode=c.gate_mode,
+                                overshoot=c.project_overshoot, preserve_magnitude=preserve_magnitude,
+                                grads_s=acc.student or None, grads_t=acc.teacher or None)
+
+
+class Erase(_Projection):
+    """`erase`: subtract the gated hack-ward projection from δS.grad (δS_hack never moves)."""
+
+    key = "erase"
+    mode = "erase"
+    columns = ("cos_pre", "cos_post", "fired")
+
+    def intervene(self, acc: StepGrads) -> Update:
+        res = self._project(acc, self.cfg.preserve_magnitude)
+        return Update(res.kept, {}, {**dict.fromkeys(DIAG_KEYS, NAN), **res.as_row()})
+
+
+class Route(_Projection):
+    """`route`: move the gated hack-ward projection into δS_hack.grad (kept + routed == g).
+
+    Never rescales (preserve_magnitude is erase-only). Once per run, on the first step that
+    routes anything, checks that the routed gradient lies in span(V) and stops the run if not.
+    """
+
+    key = "route"
+    mode = "route"
+    has_quarantine = True
+    columns = ("cos_pre", "cos_post", "fired", "q_egy")
+
+    def __init__(self, cfg: Config, dirs: RunDirections | None = None) -> None:
+        super().__init__(cfg, dirs)
+        self.span_checked = False
+
+    def intervene(self, acc: StepGrads) -> Update:
+        res = self._project(acc, False)
+        if not self.span_checked and res.frac_fired > 0:
+            self._check_span(res.routed)
+        return Update(res.kept, res.routed, {**dict.fromkeys(DIAG_KEYS, NAN), **res.as_row()})
+
+    def _check_span(self, routed: Mapping[str, Tensor]) -> None:
+        V = self.dirs.v_hack
+        worst = max((proj.span_residual(g, V[n]) for n, g in routed.items() if float(g.norm()) > 0), default=0.0)
+        logger.info(f"span check: δS_hack.grad lies in span(V_hack), worst ‖resid‖/‖g‖ = {worst:.2e}")
+        if worst > SPAN_TOL:
+            raise RuntimeError(f"route: the quarantine gradient escaped span(V) (residual {worst:.2e})")
+        self.span_checked = True
+
+    def state_dict(self) -> dict:
+        return {"span_checked": self.span_checked}
+
+    def load_state_dict(self, state: Mapping) -> None:
+        self.span_checked = bool(state["span_checked"])
+
+
+class Route2(Vanilla):
+    """`route2`: route whole rollouts whose gradient points hack-ward into δS_hack.
+
+    Per group and module, `proj.Route2Gate` flags rollouts (hack anchors, or cos with v_grad
+    above the EMA-calibrated τ) and splits the group's gradient into kept + routed; the step's
+    δS.grad / δS_hack.grad are the sums over its groups.
+    """
+
+    key = "route2"
+    has_quarantine = True
+    basis = "v_grad"
+    columns = ("cos_pre", "cos_post", "q_egy", "tau", "hkgap", "flag")
+
+    def __init__(self, cfg: Config, dirs: RunDirections | None = None) -> None:
+        super().__init__(cfg, dirs)
+        self.gate = proj.Route2Gate(beta=0.9)
+        self.begin_step()
+
+    def begin_step(self) -> None:
+        self.kept: dict[str, Tensor] = {}
+        self.routed: dict[str, Tensor] = {}
+        self.results: list[proj.Route2Result] = []
+
+    def needs_rollout_grads(self, split: bool) -> bool:
+        return True
+
+    def observe_group(self, group: Group, g_b: Mapping[str, Tensor], totals: Mapping[str, Tensor]) -> Tensor | None:
+        hack_anchor, _ = proj.build_anchors(group.is_student, group.column("hacked_E"),
+                                            self.cfg.gate_anchor_teacher_only)
+        votes = []
+        for name, g in g_b.items():
+            res = self.gate.step(name, g, self.dirs.v_grad[name], hack_anchor.to(g.device), total=totals[name])
+            add_into(self.kept, name, res.kept)
+            add_into(self.routed, name, res.routed)
+            self.results.append(res)
+            votes.append(res.flagged)
+        return majority(votes)
+
+    def intervene(self, acc: StepGrads) -> Update:
+        s = proj.summarize_route2(self.results, self.kept.values(), self.routed.values())
+        V1 = {n: v.unsqueeze(0) for n, v in self.dirs.v_grad.items()}
+        diag = {**dict.fromkeys(DIAG_KEYS, NAN), "tau": s.tau, "hkgap": s.hkgap, "resid": s.resid,
+                "flag": s.frac_flagged, "q_egy": s.q_egy, "cos_pre": proj.mean_cos_pre(acc.total, V1),
+                "cos_post": proj.mean_cos_pre(self.kept, V1),
+                "cos_pre_s": proj.mean_cos_pre(acc.student, V1) if acc.student else NAN,
+                "cos_pre_t": proj.mean_cos_pre(acc.teacher, V1) if acc.teacher else NAN}
+        return Update(self.kept, self.routed, diag)
+
+    def state_dict(self) -> dict:
+        return {"gate": self.gate.state_dict()}
+
+    def load_state_dict(self, state: Mapping) -> None:
+        self.gate.load_state_dict(state["gate"])
+
+
+ARMS: dict[str, type[Vanilla]] = {cls.key: cls for cls in (Vanilla, Erase, Route, Route2)}
+
+
+def arm_class(intervention: str) -> type[Vanilla]:
+    """The arm registered under an `--intervention` value (the one lookup by name)."""
+    try:
+        return ARMS[intervention]
+    except KeyError:
+        raise ValueError(f"unknown --intervention {intervention!r}; valid: {', '.join(ARMS)}") from None
+
