@@ -22,21 +22,26 @@ class EvalResult:
     solve: float
     n: int
     by_mode: dict[str, dict[str, int]] = field(default_factory=dict)  # mode -> {hack, solve, n}
+    by_problem: dict[int, dict] = field(default_factory=dict)  # problem id -> {mode, hack, solve, n}
 
     def to_dict(self) -> dict:
-        return {"hack": self.hack, "solve": self.solve, "n": self.n, "by_mode": self.by_mode}
+        return {"hack": self.hack, "solve": self.solve, "n": self.n, "by_mode": self.by_mode,
+                "by_problem": self.by_problem}
 
 
-def tally(modes: Sequence[str], exploited: Sequence[bool], correct: Sequence[bool]) -> EvalResult:
-    """Aggregate per-completion verdicts into rates overall and per mode."""
+def tally(problems: Sequence[Problem], exploited: Sequence[bool], correct: Sequence[bool]) -> EvalResult:
+    """Aggregate per-completion verdicts (one per sample, with its problem) into rates overall,
+    per mode and per problem (the cluster of samples that share a prompt)."""
     by: dict[str, dict[str, int]] = {}
-    for m, h, c in zip(modes, exploited, correct, strict=True):
-        t = by.setdefault(m, {"hack": 0, "solve": 0, "n": 0})
-        t["hack"] += int(h)
-        t["solve"] += int(c)
-        t["n"] += 1
-    n = len(modes)
-    return EvalResult(sum(map(bool, exploited)) / max(1, n), sum(map(bool, correct)) / max(1, n), n, by)
+    per: dict[int, dict] = {}
+    for p, h, c in zip(problems, exploited, correct, strict=True):
+        for t in (by.setdefault(p.env_mode, {"hack": 0, "solve": 0, "n": 0}),
+                  per.setdefault(p.problem_id, {"mode": p.env_mode, "hack": 0, "solve": 0, "n": 0})):
+            t["hack"] += int(h)
+            t["solve"] += int(c)
+            t["n"] += 1
+    n = len(problems)
+    return EvalResult(sum(map(bool, exploited)) / max(1, n), sum(map(bool, correct)) / max(1, n), n, by, per)
 
 
 def evaluate(
@@ -73,9 +78,17 @@ def evaluate(
             for c in cs
         ]
         res = grade_batch(items, relative_time=time_limit) if items else []
-        return tally([p.env_mode for _, p in items], [r.exploited for r in res], [r.gt_correct for r in res])
+        return tally([p for _, p in items], [r.exploited for r in res], [r.gt_correct for r in res])
     finally:
         model.train(was_training)
+
+
+def by_problem_counts(ev_train: EvalResult, ev_dep: EvalResult) -> dict[str, dict]:
+    """Per problem (JSON keys are strings): its mode, n samples, and hack / solve counts of the
+    trained (knob on) and deployed models: the clusters for interval estimates."""
+    return {str(pid): {"mode": d["mode"], "n": d["n"], "train_hack": ev_train.by_problem[pid]["hack"],
+                       "train_solve": ev_train.by_problem[pid]["solve"], "deploy_hack": d["hack"],
+                       "deploy_solve": d["solve"]} for pid, d in sorted(ev_dep.by_problem.items())}
 
 
 def by_mode_rates(ev_train: EvalResult, ev_dep: EvalResult, in_dist) -> dict[str, dict]:
@@ -131,7 +144,8 @@ class RunEvals:
             ev_dep = self._run(model, tok, knobs, probs, deploy=True) if has_quarantine else ev_train
             out[key] = {"source": source, "n": ev_dep.n, "hack_train": ev_train.hack, "solve_train": ev_train.solve,
                         "hack_deploy": ev_dep.hack, "solve_deploy": ev_dep.solve,
-                        "by_mode": by_mode_rates(ev_train, ev_dep, in_dist)}
+                        "by_mode": by_mode_rates(ev_train, ev_dep, in_dist),
+                        "by_problem": by_problem_counts(ev_train, ev_dep)}
         return out
 
 
