@@ -128,7 +128,8 @@ def test_one_step_does_what_the_arm_declares(smoke_inputs, tmp_path, name):
                      "--prompts-per-step=2"])
     run = train.setup(cfg, load_inputs(cfg), tmp_path, torch.device("cpu"))
     arm = run.arm
-    assert type(arm) is ARMS[name] and run.dirs.active == arm.uses_directions
+    assert type(arm) is ARMS[name] and run.dirs.active == (arm.directions_to_load(cfg) is not None)
+    assert run.dirs.basis == arm.directions_to_load(cfg)
     row, groups = train.train_step(run, 0)
     assert row["zv"] < len(groups), "the step must have a gradient for this test to mean anything"
     moved = math.sqrt(sum(float(k.delta_S.detach().pow(2).sum()) for k in run.knobs.values()))
@@ -138,9 +139,14 @@ def test_one_step_does_what_the_arm_declares(smoke_inputs, tmp_path, name):
     assert (row["hack_abl"][1] > 0) == arm.has_quarantine
     for key in DIAG_KEYS:
         declared = key in arm.columns
-        assert math.isfinite(row[key]) or not declared, (name, key)
-        if not arm.uses_directions:
+        may_be_nan = key in ("quar_resid", "leak")  # NaN when nothing was routed / nothing was exploited
+        assert math.isfinite(row[key]) or not declared or may_be_nan, (name, key)
+        if not arm.uses_directions and key != "cos_upd":
             assert math.isnan(row[key]), (name, key)
+    # every arm is read against a hack direction after the update (vanilla's v_hack is a yardstick only)
+    assert 0.0 <= row["cos_upd"] <= 1.0
+    if name in ("erase", "route"):  # the default --intervene-on=update: nothing hack-ward moves in δS
+        assert row["cos_upd"] <= 1e-6
     # per-rollout gradients were recorded exactly when the arm asked for them
     recorded = any(k.per_rollout_grad is not None for k in run.knobs.values())
     assert recorded == arm.needs_rollout_grads(row["split"])
@@ -168,3 +174,155 @@ def test_route2_gate_is_what_proj_defines():
     ref = proj.Route2Gate(beta=0.9).step("m", gb, Dirs.v_grad["m"], torch.tensor([False, False, False, True]))
     torch.testing.assert_close(arm.routed["m"], ref.routed)
     torch.testing.assert_close(arm.kept["m"], ref.kept)
+
+
+# ── --intervene-on: the projection acts on AdamW's update, or (the reference) on the gradient ──
+
+
+class _Knob(torch.nn.Module):
+    def __init__(self, r: int) -> None:
+        super().__init__()
+        self.delta_S = torch.nn.Parameter(torch.zeros(r))
+        self.delta_S_hack = torch.nn.Parameter(torch.zeros(r))
+
+
+def _bases(shapes: dict[str, int], k: int, seed: int) -> dict[str, torch.Tensor]:
+    from vgrout.vhack import haar_v_hack
+
+    return haar_v_hack(shapes, k, seed)
+
+
+def _toy_run(arm_name: str, *flags: str, r: int = 24, seed: int = 0):
+    """A run-shaped object over plain knobs (no model): what train.apply_update touches."""
+    from types import SimpleNamespace
+
+    from vgrout.train import make_optimizer
+
+    cfg = parse_cli(["smoke", f"--intervention={arm_name}", "--lr=0.05", "--adam-beta1=0.5", "--adam-beta2=0.9",
+                     "--steps=40", *flags])
+    knobs = {"a": _Knob(r), "b": _Knob(r + 8)}
+    V = _bases({n: k.delta_S.numel() for n, k in knobs.items()}, 3, seed)
+
+    class Dirs:
+        v_hack = V
+
+    arm = ARMS[arm_name](cfg, Dirs())
+    params = [k.delta_S for k in knobs.values()] + [k.delta_S_hack for k in knobs.values()]
+    opt, sched = make_optimizer(cfg, params)
+    return SimpleNamespace(cfg=cfg, knobs=knobs, arm=arm, opt=opt, sched=sched, params=params), V
+
+
+def _uneven_grads(run, step: int) -> dict[str, torch.Tensor]:
+    """Gradients whose per-coordinate noise scales differ by 100x, so Adam's scaling matters."""
+    gen = torch.Generator().manual_seed(1000 + step)
+    out = {}
+    for n, k in run.knobs.items():
+        r = k.delta_S.numel()
+        scale = torch.logspace(-1, 1, r)
+        out[n] = torch.randn(r, generator=gen) * scale + 0.3
+    return out
+
+
+def _plain_adamw_change(run, grads: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The change AdamW would make to δS from the full gradient (on copies; `run` is untouched)."""
+    import copy
+
+    knobs = copy.deepcopy(run.knobs)
+    params = [k.delta_S for k in knobs.values()] + [k.delta_S_hack for k in knobs.values()]
+    opt = torch.optim.AdamW(params, lr=run.opt.param_groups[0]["lr"], betas=run.opt.param_groups[0]["betas"],
+                            weight_decay=run.opt.param_groups[0]["weight_decay"])
+    state = copy.deepcopy(run.opt.state_dict())
+    opt.load_state_dict(state)
+    for n, k in knobs.items():
+        k.delta_S.grad = grads[n].clone()
+    torch.nn.utils.clip_grad_norm_(params, run.cfg.grad_clip)
+    before = {n: k.delta_S.detach().clone() for n, k in knobs.items()}
+    opt.step()
+    return {n: k.delta_S.detach() - before[n] for n, k in knobs.items()}
+
+
+@pytest.mark.parametrize("preserve", [False, True])
+def test_erase_on_the_update_never_moves_hackward(preserve):
+    from vgrout.train import apply_update
+
+    flags = ["--intervene-on=update"] + ([] if preserve else ["--no-preserve-magnitude"])
+    run, V = _toy_run("erase", *flags)
+    for step in range(30):
+        grads = _uneven_grads(run, step)
+        plain = _plain_adamw_change(run, grads)
+        before = {n: k.delta_S.detach().clone() for n, k in run.knobs.items()}
+        row = apply_update(run, StepGrads(total=grads))
+        for n, k in run.knobs.items():
+            d = k.delta_S.detach() - before[n]
+            assert float(torch.clamp(V[n] @ d, min=0).max()) <= 1e-7, (step, n)  # relu(V Δδs) = 0
+            if not preserve:  # the orthogonal part of the plain AdamW update is untouched
+                ortho = lambda x, Vn=V[n]: x - Vn.T @ (Vn @ x)  # noqa: E731
+                torch.testing.assert_close(ortho(d), ortho(plain[n]), rtol=1e-5, atol=1e-7)
+            assert torch.count_nonzero(k.delta_S_hack) == 0
+        assert row["cos_upd"] <= 1e-6
+
+
+def test_erase_on_the_gradient_lets_adam_move_hackward():
+    """The reference behaviour, measured: edit the gradient and AdamW's update still drifts hack-ward."""
+    from vgrout.train import apply_update
+
+    run, V = _toy_run("erase", "--intervene-on=grad", "--no-preserve-magnitude")
+    worst = 0.0
+    for step in range(30):
+        row = apply_update(run, StepGrads(total=_uneven_grads(run, step)))
+        assert row["cos_post"] <= 1e-6  # the gradient δS received has no hack-ward part ...
+        worst = max(worst, row["cos_upd"])
+    assert worst > 0.05  # ... but the parameter change has one
+
+
+def test_route_on_the_update_conserves_it_and_quarantines_only_span():
+    from vgrout.train import apply_update
+
+    run, V = _toy_run("route", "--intervene-on=update")
+    for step in range(30):
+        grads = _uneven_grads(run, step)
+        plain = _plain_adamw_change(run, grads)
+        before = {n: (k.delta_S.detach().clone(), k.delta_S_hack.detach().clone()) for n, k in run.knobs.items()}
+        row = apply_update(run, StepGrads(total=grads))
+        for n, k in run.knobs.items():
+            d_s = k.delta_S.detach() - before[n][0]
+            d_h = k.delta_S_hack.detach() - before[n][1]
+            torch.testing.assert_close(d_s + d_h, plain[n], rtol=1e-5, atol=1e-7)  # Δδs + Δδs_hack = AdamW's
+            assert proj.span_residual(k.delta_S_hack.detach(), V[n]) <= 1e-5  # δS_hack ∈ span(V)
+            assert float(torch.clamp(V[n] @ d_s, min=0).max()) <= 1e-7
+        assert row["quar_resid"] <= 1e-5 and row["cos_upd"] <= 1e-6
+    assert run.arm.span_checked
+
+
+def test_route_on_the_gradient_leaves_the_quarantine_outside_span():
+    """The reference behaviour: the routed *gradient* is in span(V), AdamW's δS_hack is not."""
+    from vgrout.train import apply_update
+
+    run, V = _toy_run("route", "--intervene-on=grad")
+    rows = [apply_update(run, StepGrads(total=_uneven_grads(run, step))) for step in range(5)]
+    assert rows[-1]["quar_resid"] > 0.1
+
+
+@pytest.mark.parametrize("name", ["erase", "route"])
+def test_grad_mode_is_the_gradient_edit_bit_for_bit(name):
+    """--intervene-on=grad: δS.grad / δS_hack.grad are proj's erase / route of the gradient, and the
+    parameters are exactly what AdamW makes of them."""
+    from vgrout.train import apply_update
+
+    run, V = _toy_run(name, "--intervene-on=grad")
+    twin, _ = _toy_run(name, "--intervene-on=grad")
+    for step in range(6):
+        grads = _uneven_grads(run, step)
+        apply_update(run, StepGrads(total=grads))
+        res = proj.project_all(grads, V, mode=name, gate_mode="one_sided", overshoot=1.0,
+                               preserve_magnitude=name == "erase")
+        for n, k in twin.knobs.items():
+            k.delta_S.grad = res.kept[n].clone()
+            k.delta_S_hack.grad = res.routed[n].clone() if n in res.routed else None
+        torch.nn.utils.clip_grad_norm_(twin.params, twin.cfg.grad_clip)
+        twin.opt.step()
+        twin.sched.step()
+        twin.opt.zero_grad(set_to_none=True)
+        for n in run.knobs:
+            assert torch.equal(run.knobs[n].delta_S, twin.knobs[n].delta_S)
+            assert torch.equal(run.knobs[n].delta_S_hack, twin.knobs[n].delta_S_hack)

@@ -23,7 +23,7 @@ ROW_KEYS = {
     "f05", "lr", "refr", "hack_deploy", "solve_deploy", "zv", "N", "sec", "hack_s_E", "hack_s_D",
 }
 ROLLOUT_KEYS = {"step", "problem_id", "env_mode", "prompt", "reward", "gt_pass", "gt_correct", "passed",
-                "exploited", "mechanism", "hacked_C", "hacked_D", "hacked_E", "format_ok", "text"}
+                "exploited", "mechanism", "hacked_S", "hacked_D", "hacked_E", "format_ok", "text"}
 TIMING = {"gen", "fb", "t_rew", "sec"}
 
 

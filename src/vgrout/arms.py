@@ -10,6 +10,9 @@ use hack directions and which one, which per-step columns it adds), owns the sta
     observe_group(group, g_b, totals)  see one group's per-rollout gradients; return a per-rollout
                                        "routed" vote (bool[G]) or None
     intervene(acc)                     turn the step's gradients into δS.grad / δS_hack.grad + diagnostics
+    edit_update(change)                (arms with edits_update) after AdamW: split δS's parameter change
+                                       into the part δS keeps and the part moved into δS_hack
+    basis_matrices()                   the directions the arm acts on, for the post-update diagnostics
     state_dict() / load_state_dict()   what a resume needs
 
 `Vanilla` (`none`) is the base class and does nothing. The math lives in `proj.py`.
@@ -36,7 +39,8 @@ if TYPE_CHECKING:
 
 NAN = math.nan
 # every row carries these keys (NaN where the arm has no such diagnostic), so rows.jsonl has one schema
-DIAG_KEYS = ("cos_pre", "cos_pre_s", "cos_pre_t", "cos_post", "fired", "q_egy", "tau", "hkgap", "resid", "flag")
+DIAG_KEYS = ("cos_pre", "cos_pre_s", "cos_pre_t", "cos_post", "fired", "q_egy", "tau", "hkgap", "resid", "flag",
+             "cos_upd", "quar_resid", "leak", "prec_free", "rec_free")
 SPAN_TOL = 1e-4  # route: largest relative residual of the quarantine gradient outside span(V)
 
 
@@ -102,7 +106,7 @@ class Vanilla:
     key: ClassVar[str] = "none"
     has_quarantine: ClassVar[bool] = False  # a δS_hack that trains and is deleted at deploy
     basis: ClassVar[str | None] = None  # hack direction it acts on: "v_hack", "v_grad" or None
-    columns: ClassVar[tuple[str, ...]] = ()  # per-step table columns it adds
+    columns: ClassVar[tuple[str, ...]] = ("cos_upd",)  # per-step table columns it adds
 
     def __init__(self, cfg: Config, dirs: RunDirections | None = None) -> None:
         self.cfg, self.dirs = cfg, dirs
@@ -114,6 +118,22 @@ class Vanilla:
     @property
     def uses_directions(self) -> bool:
         return self.basis is not None
+
+    @property
+    def edits_update(self) -> bool:
+        """True when the arm edits AdamW's parameter change (`edit_update`) instead of the gradient."""
+        return False
+
+    def basis_matrices(self) -> Mapping[str, Tensor] | None:
+        """{module: V [k, r]} the arm acts on (rows orthonormal, signed hack-ward), or for vanilla the
+        yardstick v_hack it was given; None without directions."""
+        return self.dirs.v_hack if self.dirs is not None and self.dirs.active else None
+
+    @classmethod
+    def directions_to_load(cls, cfg: Config) -> str | None:
+        """The direction the run loads: the arm's basis, or for vanilla v_hack as a yardstick only
+        (never acted on, never refreshed) when `measure_directions` is on, so cos_upd has a baseline."""
+        return cls.basis or ("v_hack" if cfg.measure_directions else None)
 
     @classmethod
     def config_errors(cls, cfg: Config) -> list[str]:
@@ -147,6 +167,10 @@ class Vanilla:
     def intervene(self, acc: StepGrads) -> Update:
         return Update(acc.total, {}, dict.fromkeys(DIAG_KEYS, NAN))
 
+    def edit_update(self, change: Mapping[str, Tensor]) -> Update:
+        """Split AdamW's change of δS into (kept by δS, moved into δS_hack); only where edits_update."""
+        raise NotImplementedError(f"{self.key} edits the gradient, not the update")
+
     def state_dict(self) -> dict:
         return {}
 
@@ -155,62 +179,89 @@ class Vanilla:
 
 
 class _Projection(Vanilla):
-    """erase / route: project the step's summed gradient on v_hack, module by module."""
+    """erase / route: project on v_hack, module by module, either the step's summed gradient
+    (`--intervene-on=grad`, the reference loop) or AdamW's resulting parameter change (`update`)."""
 
     mode: ClassVar[proj.ProjectMode]
     basis = "v_hack"
+
+    @property
+    def edits_update(self) -> bool:
+        return self.cfg.intervene_on == "update"
+
+    def basis_matrices(self) -> Mapping[str, Tensor]:
+        return self.dirs.v_hack
 
     def observe_group(self, group: Group, g_b: Mapping[str, Tensor], totals: Mapping[str, Tensor]) -> Tensor | None:
         V = self.dirs.v_hack
         return majority([proj.rollout_hackward(g, V[n]) for n, g in g_b.items() if n in V])
 
-    def _project(self, acc: StepGrads, preserve_magnitude: bool) -> proj.ProjectResult:
+    def _project(self, vecs: Mapping[str, Tensor], acc: StepGrads | None) -> proj.ProjectResult:
         c = self.cfg
-        return proj.project_all(acc.total, self.dirs.v_hack, mode=self.mode, gate_mode=c.gate_mode,
-                                overshoot=c.project_overshoot, preserve_magnitude=preserve_magnitude,
-                                grads_s=acc.student or None, grads_t=acc.teacher or None)
+        return proj.project_all(vecs, self.dirs.v_hack, mode=self.mode, gate_mode=c.gate_mode,
+                                overshoot=c.project_overshoot,
+                                preserve_magnitude=c.preserve_magnitude and self.mode == "erase",
+                                grads_s=(acc.student or None) if acc else None,
+                                grads_t=(acc.teacher or None) if acc else None)
+
+    def _result(self, res: proj.ProjectResult) -> Update:
+        return Update(res.kept, res.routed, {**dict.fromkeys(DIAG_KEYS, NAN), **res.as_row()})
+
+    def intervene(self, acc: StepGrads) -> Update:
+        if not self.edits_update:
+            return self._checked(self._result(self._project(acc.total, acc)))
+        V = self.dirs.v_hack  # AdamW sees the whole gradient; the gradient's diagnostics are still logged
+        diag = {**dict.fromkeys(DIAG_KEYS, NAN), "cos_pre": proj.mean_cos_pre(acc.total, V),
+                "cos_pre_s": proj.mean_cos_pre(acc.student, V) if acc.student else NAN,
+                "cos_pre_t": proj.mean_cos_pre(acc.teacher, V) if acc.teacher else NAN}
+        return Update(acc.total, {}, diag)
+
+    def edit_update(self, change: Mapping[str, Tensor]) -> Update:
+        """cos_post / fired / q_egy then describe the edited update rather than the gradient."""
+        upd = self._checked(self._result(self._project(change, None)))
+        for key in ("cos_pre", "cos_pre_s", "cos_pre_t"):
+            del upd.diag[key]  # the gradient's values (from intervene) stay in the row
+        return upd
+
+    def _checked(self, upd: Update) -> Update:
+        return upd
 
 
 class Erase(_Projection):
-    """`erase`: subtract the gated hack-ward projection from δS.grad (δS_hack never moves)."""
+    """`erase`: subtract the gated hack-ward projection (δS_hack never moves)."""
 
     key = "erase"
     mode = "erase"
-    columns = ("cos_pre", "cos_post", "fired")
-
-    def intervene(self, acc: StepGrads) -> Update:
-        res = self._project(acc, self.cfg.preserve_magnitude)
-        return Update(res.kept, {}, {**dict.fromkeys(DIAG_KEYS, NAN), **res.as_row()})
+    columns = ("cos_pre", "cos_post", "fired", "cos_upd")
 
 
 class Route(_Projection):
-    """`route`: move the gated hack-ward projection into δS_hack.grad (kept + routed == g).
+    """`route`: move the gated hack-ward projection into δS_hack (kept + routed == the original).
 
     Never rescales (preserve_magnitude is erase-only). Once per run, on the first step that
-    routes anything, checks that the routed gradient lies in span(V) and stops the run if not.
+    routes anything, checks that the routed part lies in span(V) and stops the run if not.
     """
 
     key = "route"
     mode = "route"
     has_quarantine = True
-    columns = ("cos_pre", "cos_post", "fired", "q_egy")
+    columns = ("cos_pre", "cos_post", "fired", "q_egy", "cos_upd", "quar_resid")
 
     def __init__(self, cfg: Config, dirs: RunDirections | None = None) -> None:
         super().__init__(cfg, dirs)
         self.span_checked = False
 
-    def intervene(self, acc: StepGrads) -> Update:
-        res = self._project(acc, False)
-        if not self.span_checked and res.frac_fired > 0:
-            self._check_span(res.routed)
-        return Update(res.kept, res.routed, {**dict.fromkeys(DIAG_KEYS, NAN), **res.as_row()})
+    def _checked(self, upd: Update) -> Update:
+        if not self.span_checked and upd.diag["fired"] > 0:
+            self._check_span(upd.routed)
+        return upd
 
     def _check_span(self, routed: Mapping[str, Tensor]) -> None:
         V = self.dirs.v_hack
         worst = max((proj.span_residual(g, V[n]) for n, g in routed.items() if float(g.norm()) > 0), default=0.0)
-        logger.info(f"span check: δS_hack.grad lies in span(V_hack), worst ‖resid‖/‖g‖ = {worst:.2e}")
+        logger.info(f"span check: the routed part lies in span(V_hack), worst ‖resid‖/‖x‖ = {worst:.2e}")
         if worst > SPAN_TOL:
-            raise RuntimeError(f"route: the quarantine gradient escaped span(V) (residual {worst:.2e})")
+            raise RuntimeError(f"route: the quarantine's share escaped span(V) (residual {worst:.2e})")
         self.span_checked = True
 
     def state_dict(self) -> dict:
@@ -231,7 +282,7 @@ class Route2(Vanilla):
     key = "route2"
     has_quarantine = True
     basis = "v_grad"
-    columns = ("cos_pre", "cos_post", "q_egy", "tau", "hkgap", "flag")
+    columns = ("cos_pre", "cos_post", "q_egy", "tau", "hkgap", "flag", "cos_upd", "leak")
 
     def __init__(self, cfg: Config, dirs: RunDirections | None = None) -> None:
         super().__init__(cfg, dirs)
@@ -242,6 +293,12 @@ class Route2(Vanilla):
         self.kept: dict[str, Tensor] = {}
         self.routed: dict[str, Tensor] = {}
         self.results: list[proj.Route2Result] = []
+        self.leak_energy = [0.0, 0.0]  # exploited student rollouts' gradient energy: kept in δS, total
+        self.free_votes: list[bool] = []  # student rollouts the anchors did not force: the gate's vote
+        self.free_exploited: list[bool] = []  # ... and the oracle's label
+
+    def basis_matrices(self) -> Mapping[str, Tensor]:
+        return {n: v.unsqueeze(0) for n, v in self.dirs.v_grad.items()}
 
     def needs_rollout_grads(self, split: bool) -> bool:
         return True
@@ -249,6 +306,8 @@ class Route2(Vanilla):
     def observe_group(self, group: Group, g_b: Mapping[str, Tensor], totals: Mapping[str, Tensor]) -> Tensor | None:
         hack_anchor, _ = proj.build_anchors(group.is_student, group.column("hacked_E"),
                                             self.cfg.gate_anchor_teacher_only)
+        is_s = torch.tensor(group.is_student)
+        hacked = torch.tensor(group.column("exploited")) & is_s
         votes = []
         for name, g in g_b.items():
             res = self.gate.step(name, g, self.dirs.v_grad[name], hack_anchor.to(g.device), total=totals[name])
@@ -256,16 +315,27 @@ class Route2(Vanilla):
             add_into(self.routed, name, res.routed)
             self.results.append(res)
             votes.append(res.flagged)
-        return majority(votes)
+            energy = g.double().pow(2).sum(1).cpu()
+            self.leak_energy[0] += float(energy[hacked & ~res.flagged.cpu()].sum())
+            self.leak_energy[1] += float(energy[hacked].sum())
+        vote = majority(votes)
+        free = (is_s & ~hack_anchor).tolist()
+        self.free_votes += [v for v, f in zip(vote.cpu().tolist(), free, strict=True) if f]
+        self.free_exploited += [e for e, f in zip(hacked.tolist(), free, strict=True) if f]
+        return vote
 
     def intervene(self, acc: StepGrads) -> Update:
         s = proj.summarize_route2(self.results, self.kept.values(), self.routed.values())
-        V1 = {n: v.unsqueeze(0) for n, v in self.dirs.v_grad.items()}
+        V1 = self.basis_matrices()
+        free = proj.classifier_stats(self.free_votes, self.free_exploited)
+        kept_e, all_e = self.leak_energy
         diag = {**dict.fromkeys(DIAG_KEYS, NAN), "tau": s.tau, "hkgap": s.hkgap, "resid": s.resid,
                 "flag": s.frac_flagged, "q_egy": s.q_egy, "cos_pre": proj.mean_cos_pre(acc.total, V1),
                 "cos_post": proj.mean_cos_pre(self.kept, V1),
                 "cos_pre_s": proj.mean_cos_pre(acc.student, V1) if acc.student else NAN,
-                "cos_pre_t": proj.mean_cos_pre(acc.teacher, V1) if acc.teacher else NAN}
+                "cos_pre_t": proj.mean_cos_pre(acc.teacher, V1) if acc.teacher else NAN,
+                "leak": kept_e / all_e if all_e > 0 else NAN, "prec_free": free["precision"],
+                "rec_free": free["recall"]}
         return Update(self.kept, self.routed, diag)
 
     def state_dict(self) -> dict:

@@ -27,7 +27,9 @@ ARM_NAMES: dict[str, str] = {
     "route": "routing",
     "route2": "routing2",
 }
-DETECTOR_CODES = ("E", "C", "D")
+# --half-a codes: C = exploited (the strict oracle, every mode), and the run_tests detectors E, D, S
+# (docs/environment.md), which fire in any mode on a response that writes a run_tests()
+DETECTOR_CODES = ("C", "D", "E", "S")
 
 
 @dataclass(kw_only=True)
@@ -85,10 +87,16 @@ class Config:
     """Top-k sampling cut-off for student rollouts and every eval."""
 
     # ── interventions ──
+    intervene_on: Literal["grad", "update"] = "update"
+    """erase / route: what the projection edits. update = the optimizer's parameter change: AdamW steps
+    on the full gradient, then the hack-ward part of the step is removed from δS (erase) or moved into
+    δS_hack (route), so the deployed knob never moves hack-ward and δS_hack moves only inside span(V).
+    grad = the step's gradient before AdamW (the reference loop's behaviour; AdamW's per-coordinate
+    scaling then lets the update drift hack-ward: see cos_upd)."""
     preserve_magnitude: bool = True
-    """erase: rescale the edited gradient back to its original norm. (route never rescales: its
-    kept + routed parts must sum to the original gradient exactly, and the routed part must stay
-    in span(V); the reference loop's route rescale broke both.)"""
+    """erase: rescale the edited gradient (or update, with --intervene-on=update) back to its original
+    norm. (route never rescales: its kept + routed parts must sum to the original exactly, and the routed
+    part must stay in span(V); the reference loop's route rescale broke both.)"""
     gate_mode: GateMode = "one_sided"
     """one_sided removes only hack-ward coefficients (relu(V g)); no_gate removes the whole span;
     reverse removes only the anti-hack part."""
@@ -120,9 +128,19 @@ class Config:
     """Extract-time: drop axes with S_i/S_0 below this."""
     v_hack_drop_bottom_frac: float = 0.25
     """Global noise floor: drop this bottom quantile of singular values over all modules."""
+    v_hack_sign: Literal["vote", "mean"] = "vote"
+    """How each extracted axis is signed hack-ward: vote = the majority of the pairs' projections
+    (ties positive; the reference extractor's rule); mean = the mean difference's projection."""
+    vhack_pair_loss: Literal["mean", "sum"] = "mean"
+    """Per-pair "reinforce this completion" loss for the directions: mean = mean NLL per completion
+    (the reference); sum = token sum, the weighting of the live Dr.GRPO loss (constant normaliser)."""
     v_hack_n_heldout: int = 2
     """The last N pairs are kept out of the extraction; the log reports whether they
     project hack-ward."""
+    measure_directions: bool = True
+    """vanilla: load v_hack (the same cache as erase / route; never acted on, never refreshed) only to
+    log cos_upd, the hack-ward fraction of vanilla's own updates: the baseline the arms' cos_upd is
+    read against. --no-measure-directions skips the extraction."""
     vhack_refresh_every: int = 5
     """Re-extract the directions against the current model (quarantine ablated) every N steps; 0 = never."""
 
@@ -147,8 +165,9 @@ class Config:
     """Only these modes get teacher rows (and seed the route2 hack anchor); other modes train
     on-policy (held-out generalisation test)."""
     half_a: str = ""
-    """Detector codes (E,C,D) that labelled the pairs' hack side; splits student hacks into
-    half A (covered) and half B (held out) in the BLUF. Empty = no split."""
+    """Detector codes that labelled the pairs' hack side (C = exploited by the strict oracle, E / D / S
+    = the run_tests detectors, as in the reference); splits student hacks into half A (a code here
+    fires) and half B (only another code fires) in the rows and the BLUF. Empty = no split."""
 
     # ── evaluation ──
     eval_ablate_every: int = 5
@@ -156,6 +175,10 @@ class Config:
     eval_n_prompts: int = 8
     """Problems in the deploy eval (the first N training problems; also the size of the
     held-out eval set); each gets G samples."""
+    eval_seed: int = 20261130
+    """Seed of every eval call's sampling (the training RNG is set aside and restored around it): every
+    arm, seed and step sees the same sampling noise (common random numbers), and evals never shift the
+    training draws."""
     eval_data_path: Path | None = None
     """Held-out problems (e.g. the benchmark's test split) for the final eval (and the periodic
     one with --eval-heldout-periodic); hinted per mode like training, never trained on."""
@@ -247,7 +270,7 @@ class Config:
             errs.append(f"--v-hack-drop-bottom-frac must be in [0, 1) (got {self.v_hack_drop_bottom_frac})")
         if self.half_a_codes - set(DETECTOR_CODES):
             errs.append(f"--half-a has unknown detector codes {sorted(self.half_a_codes - set(DETECTOR_CODES))}; "
-                        "valid: E, C, D")
+                        f"valid: {', '.join(DETECTOR_CODES)}")
         for m in (self.env_modes or ()) + (self.teacher_modes or ()):
             if m not in ENV_MODES:
                 errs.append(f"unknown mode {m!r}; valid: {', '.join(ENV_MODES)}")
@@ -324,6 +347,7 @@ class FastConfig(Config):
     max_new: int = 512
     n_problems: int = 200
     prompts_per_step: int = 4
+    eval_n_prompts: int = 32  # ~4 problems per mode; every rate gets a problem-clustered interval
     data_path: Path | None = Path("out/data/leetcode_train_medhard.jsonl")  # `just data`
     teacher_pool_dir: Path | None = Path("out/pools/substrate")  # `just substrate`
     vhack_pairs_path: Path | None = Path("out/pairsets/prog_wide.json")
@@ -341,6 +365,7 @@ class FullConfig(Config):
     max_new: int = 1024
     n_problems: int = 992  # every filtered medium/hard training problem
     prompts_per_step: int = 43
+    eval_n_prompts: int = 32
     data_path: Path | None = Path("out/data/leetcode_train_medhard.jsonl")  # `just data`
 
 

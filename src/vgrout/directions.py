@@ -35,18 +35,18 @@ class RunDirections:
             return cls(cfg, None, [], device)
         pairs = load_pairs(cfg.vhack_pairs_path) if cfg.vhack_pairs_path is not None else builtin_pairs()
         source = str(cfg.vhack_pairs_path) if cfg.vhack_pairs_path is not None else "builtin"
+        d = vhack.resolve_directions(
+            model, tok, knobs, pairs, model_id=cfg.model, pairs_source=source,
+            out_dir=cfg.out_root / "vhack", path=cfg.v_hack_path, top_k=cfg.v_hack_extract_top_k,
+            tau_axis=cfg.v_hack_tau_axis, n_heldout=cfg.v_hack_n_heldout, k_use=cfg.v_hack_k,
+            drop_bottom_frac=cfg.v_hack_drop_bottom_frac, device=device, sign=cfg.v_hack_sign,
+            pair_norm=cfg.vhack_pair_loss)
+        logger.info(f"directions from {len(pairs)} {source} pairs: v_hack on {len(d.v_hack)} modules / "
+                    f"{d.n_axes()} axes ({len(d.dropped)} dropped), v_grad on {len(d.v_grad)} modules")
         if cfg.random_v_seed is not None:
-            shapes = {n: k.rank for n, k in knobs.items()}
-            d = vhack.haar_directions(shapes, cfg.v_hack_k, cfg.random_v_seed)
-            logger.info(f"directions: Haar-random control (seed {cfg.random_v_seed}), never refreshed")
-        else:
-            d = vhack.resolve_directions(
-                model, tok, knobs, pairs, model_id=cfg.model, pairs_source=source,
-                out_dir=cfg.out_root / "vhack", path=cfg.v_hack_path, top_k=cfg.v_hack_extract_top_k,
-                tau_axis=cfg.v_hack_tau_axis, n_heldout=cfg.v_hack_n_heldout, k_use=cfg.v_hack_k,
-                drop_bottom_frac=cfg.v_hack_drop_bottom_frac, device=device)
-            logger.info(f"directions from {len(pairs)} {source} pairs: v_hack on {len(d.v_hack)} modules / "
-                        f"{d.n_axes()} axes ({len(d.dropped)} dropped), v_grad on {len(d.v_grad)} modules")
+            d = vhack.haar_like(d, {n: k.rank for n, k in knobs.items()}, cfg.random_v_seed)
+            logger.info(f"directions: Haar-random control (seed {cfg.random_v_seed}) matched to that basis: "
+                        f"{len(d.v_hack)} modules / {d.n_axes()} axes; v_grad on every module; never refreshed")
         return cls(cfg, d, pairs, device, basis)
 
     def _to_device(self) -> None:
@@ -76,7 +76,8 @@ class RunDirections:
         c = self.cfg
         res = vhack.refresh(model, tok, knobs, self.pairs, self.d, top_k=c.v_hack_extract_top_k,
                             tau_axis=c.v_hack_tau_axis, n_heldout=c.v_hack_n_heldout, k_use=c.v_hack_k,
-                            drop_bottom_frac=c.v_hack_drop_bottom_frac, device=self.device)
+                            drop_bottom_frac=c.v_hack_drop_bottom_frac, device=self.device,
+                            sign=c.v_hack_sign, pair_norm=c.vhack_pair_loss)
         if not res.refreshed:
             return "-"
         self.d = res.directions

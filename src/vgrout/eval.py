@@ -8,8 +8,11 @@ paid but the strict oracle says wrong) as hack and `gt_correct` as solve.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+
+import torch
 
 from .env.problems import Problem
 from .env.rewards import DEFAULT_TIME, RelativeTime, grade_batch
@@ -104,6 +107,15 @@ def by_mode_rates(ev_train: EvalResult, ev_dep: EvalResult, in_dist) -> dict[str
     return out
 
 
+@contextmanager
+def common_random_numbers(seed: int) -> Iterator[None]:
+    """Inside: torch's RNGs (CPU and the current CUDA device) seeded with `seed`; outside, exactly as before."""
+    devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield
+
+
 class RunEvals:
     """The deploy evals of one run: the periodic one and the final train-vs-deploy one.
 
@@ -120,9 +132,12 @@ class RunEvals:
                                                         f"{cfg.eval_data_path}")
 
     def _run(self, model, tok, knobs, problems: Sequence[Problem], deploy: bool) -> EvalResult:
+        """One eval under its own seeded RNG (`eval_seed`): common random numbers for every call,
+        and the training RNG stream is restored afterwards exactly."""
         c = self.cfg
-        return evaluate(model, tok, knobs, problems, self.sampling, n_samples=c.group, deploy=deploy,
-                        max_seq_len=c.max_seq_len, time_limit=c.time_limit)
+        with common_random_numbers(c.eval_seed):
+            return evaluate(model, tok, knobs, problems, self.sampling, n_samples=c.group, deploy=deploy,
+                            max_seq_len=c.max_seq_len, time_limit=c.time_limit)
 
     def due(self, step: int) -> bool:
         every = self.cfg.eval_ablate_every

@@ -33,7 +33,7 @@ def load_inputs(cfg: Config) -> Inputs:
                             "for the built-in pairs",
         "v_hack_path": "drop the flag to extract (and cache) directions for this model",
     }
-    has_directions = cfg.arm_type.basis is not None
+    has_directions = cfg.arm_type.directions_to_load(cfg) is not None
     for knob, hint in hints.items():
         if not has_directions and knob in ("vhack_pairs_path", "v_hack_path"):
             continue  # this arm has no directions

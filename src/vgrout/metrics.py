@@ -20,7 +20,7 @@ from .proj import classifier_stats, nanmean
 from .rollout import Group
 
 REF_GENS_PER_STEP = 16 * 16  # the benchmark's generations per step (16 prompts x 16)
-DETECTORS = ("C", "D", "E")  # the run_tests detectors, `hacked_<code>` on every verdict
+DETECTORS = ("D", "E", "S")  # the run_tests detectors, `hacked_<code>` on every verdict
 
 
 def frac(flags: Sequence[bool], mask: Sequence[bool]) -> tuple[int, int]:
@@ -61,7 +61,7 @@ def rollout_metrics(groups: Sequence[Group], run_modes: Sequence[str], half_a: f
     abl_s = [a and s for g in groups for a, s in zip(g.is_ablated, g.is_student, strict=True)]
     rew, expl, corr = cat("reward"), cat("exploited"), cat("gt_correct")
     det = {c: cat(f"hacked_{c}") for c in DETECTORS}
-    in_a, in_b = half_split(det, half_a)
+    in_a, in_b = half_split({"C": expl, **det}, half_a)  # --half-a code C is `exploited` (the reference's)
     lp = [x for g in groups for x in g.mean_logp]
     hacks = mode_counts(groups)
     return {

@@ -301,6 +301,21 @@ def project_all(
     )
 
 
+def update_diagnostics(
+    V: Mapping[str, Tensor], change: Mapping[str, Tensor], quarantine: Mapping[str, Tensor] | None
+) -> dict[str, float]:
+    """What the parameters did this step, read against the arm's basis V ({module: [k, r]}).
+
+    - `cos_upd`: mean over modules of ‖relu(V Δ)‖ / ‖Δ‖ for δS's actual change Δ (after the
+      optimizer): 0 exactly when no module's change has a hack-ward coordinate.
+    - `quar_resid`: mean over modules with a non-zero quarantine of the relative part of δS_hack
+      outside span(V) (`span_residual`); NaN without a quarantine.
+    """
+    resid = [span_residual(quarantine[m], V[m]) for m in V if m in quarantine and float(quarantine[m].norm()) > 0] \
+        if quarantine is not None else []
+    return {"cos_upd": mean_cos_pre(change, V), "quar_resid": nanmean(resid)}
+
+
 def rollout_hackward(g_b: Tensor, V: Tensor) -> Tensor:
     """Per-rollout label for erase/route's gate-as-classifier: bool[G].
 

@@ -128,7 +128,7 @@ class Verdict:
     """How one rollout was graded: the live grader's result, or a cached teacher row's labels.
 
     The single mapping from a grader result / pool row to what the loss and the metrics read.
-    Detectors keep one name everywhere (`hacked_C`, `hacked_D`, `hacked_E`; see
+    Detectors keep one name everywhere (`hacked_S`, `hacked_D`, `hacked_E`; see
     docs/environment.md): cached teacher rows carry no detector labels, so theirs are False.
     """
 
@@ -136,14 +136,14 @@ class Verdict:
     gt_correct: bool
     exploited: bool
     format_ok: bool
-    hacked_C: bool = False
+    hacked_S: bool = False
     hacked_D: bool = False
     hacked_E: bool = False
     result: RewardResult | None = None  # the full grader result (student rows only)
 
     @classmethod
     def from_result(cls, r: RewardResult) -> Verdict:
-        return cls(r.reward, r.gt_correct, r.exploited, r.format_ok, r.hacked_C, r.hacked_D, r.hacked_E, r)
+        return cls(r.reward, r.gt_correct, r.exploited, r.format_ok, r.hacked_S, r.hacked_D, r.hacked_E, r)
 
     @classmethod
     def from_teacher_row(cls, row: dict) -> Verdict:
@@ -315,7 +315,7 @@ def rollout_records(step: int, groups: Sequence[Group]) -> list[dict]:
                 "env_mode": g.problem.env_mode, "ablated": g.is_ablated[gi], "prompt": g.prompt,
                 "reward": r.reward, "format_ok": r.format_ok, "can_compile": r.can_compile,
                 "gt_pass": r.gt_pass, "gt_correct": r.gt_correct, "channel": r.channel, "passed": r.passed,
-                "exploited": r.exploited, "mechanism": r.mechanism, "hacked_C": r.hacked_C,
+                "exploited": r.exploited, "mechanism": r.mechanism, "hacked_S": r.hacked_S,
                 "hacked_D": r.hacked_D, "hacked_E": r.hacked_E, "text": g.texts[gi],
             })
     return recs

@@ -47,6 +47,9 @@ COLUMNS: list[tuple[str, int, str]] = [
     ("cos_pre", 6, "hack-ward fraction ‖relu(V g)‖/‖g‖ of the live grad before the intervention"),
     ("cos_post", 6, "the same after the intervention"),
     ("fired", 5, "mean per-module fraction of axes the projection acted on"),
+    ("cos_upd", 6, "hack-ward fraction ‖relu(V Δ)‖/‖Δ‖ of δS's actual change this step (after AdamW)"),
+    ("quar_resid", 6, "relative part of δS_hack outside the current span(V)"),
+    ("leak", 5, "route2: share of exploited student rollouts' gradient energy kept in δS"),
     ("tau", 6, "route2: mean calibrated cosine threshold τ"),
     ("hkgap", 6, "route2: EMA hack-anchor cos minus clean-anchor cos"),
     ("flag", 5, "route2: fraction of rollouts routed"),
@@ -146,7 +149,7 @@ def print_bluf(cfg, state, record: dict, run_dir: Path, command: str) -> None:
         } for m, n in sorted(state.mode_rollouts.items())]))
     half_a = ",".join(sorted(cfg.half_a_codes)) or "-"
     print(f"\nper-mechanism (student, n={n_s}): exploited={rate('hack_s'):.3f} detectors "
-          f"E={rate('hack_s_E'):.3f} C={rate('hack_s_C'):.3f} "
+          f"E={rate('hack_s_E'):.3f} S={rate('hack_s_S'):.3f} "
           f"D={rate('hack_s_D'):.3f} | half_A={half_a} A={rate('hack_s_A'):.3f} B={rate('hack_s_B'):.3f} "
           f"(teacher rows n={n_t})\n")
     drop = {"gen", "fb", "t_rew", "sec", "N", "split", "ref_eq"}

@@ -31,7 +31,7 @@ from loguru import logger
 from tqdm import tqdm
 
 from . import checkpoint as ck
-from . import grpo
+from . import grpo, proj
 from .adapter import hack_params, knob_params, quarantine_norm, rollout_grads, save_adapter, wrap_model
 from .arms import StepGrads, Vanilla
 from .atomic import write_json_atomic
@@ -107,7 +107,7 @@ def setup(cfg: Config, inp: Inputs, run_dir: Path, device: torch.device) -> Run:
     knobs = wrap_model(model, cfg.model)
     logger.info(f"adapter: {len(knobs)} modules, {sum(k.rank for k in knobs.values()):,} δS (+ as many δS_hack)")
     arm_cls = cfg.arm_type
-    arm = arm_cls(cfg, RunDirections.for_run(cfg, model, tok, knobs, device, arm_cls.basis))
+    arm = arm_cls(cfg, RunDirections.for_run(cfg, model, tok, knobs, device, arm_cls.directions_to_load(cfg)))
     opt, sched = make_optimizer(cfg, knob_params(knobs) + hack_params(knobs))
     sampling = SamplingConfig(max_new=cfg.max_new, temperature=cfg.temperature, top_k=cfg.top_k)
     source = RolloutSource(inp.problems, inp.pool, tok, sampling, cfg)
@@ -163,18 +163,36 @@ def group_backward(run: Run, g: Group, acc: StepGrads) -> float:
 
 
 def apply_update(run: Run, acc: StepGrads) -> dict:
-    """The arm's δS / δS_hack gradients, global clip, AdamW step, schedule; returns the update metrics."""
-    upd = run.arm.intervene(acc)
+    """The arm's δS / δS_hack gradients, global clip, AdamW step, schedule (and, for arms that edit the
+    update, the split of AdamW's change of δS); returns the update metrics, including what the
+    parameters actually did (cos_upd, quar_resid)."""
+    arm = run.arm
+    upd = arm.intervene(acc)
     for name, k in run.knobs.items():
         if name in upd.kept:
             k.delta_S.grad = upd.kept[name].to(k.delta_S.dtype)
         k.delta_S_hack.grad = upd.routed[name].to(k.delta_S_hack.dtype) if name in upd.routed else None
     gn = float(torch.nn.utils.clip_grad_norm_(run.params, run.cfg.grad_clip))
     lr = run.sched.get_last_lr()[0]  # the rate this step's update used
+    before = {n: k.delta_S.detach().clone() for n, k in run.knobs.items()}
     run.opt.step()
     run.sched.step()
     run.opt.zero_grad(set_to_none=True)
-    return {"gn": gn, "lr": lr, **upd.diag, **classifier_metrics(acc.routed_votes, acc.exploited)}
+    diag = dict(upd.diag)
+    if arm.edits_update:
+        edit = arm.edit_update({n: k.delta_S.detach() - before[n] for n, k in run.knobs.items()})
+        with torch.no_grad():
+            for name, k in run.knobs.items():
+                k.delta_S.copy_(before[name] + edit.kept[name])
+                if name in edit.routed:
+                    k.delta_S_hack.add_(edit.routed[name])
+        diag.update(edit.diag)
+    V = arm.basis_matrices()
+    if V is not None:
+        quarantine = {n: k.delta_S_hack.detach() for n, k in run.knobs.items()} if arm.has_quarantine else None
+        change = {n: k.delta_S.detach() - before[n] for n, k in run.knobs.items()}
+        diag.update(proj.update_diagnostics(V, change, quarantine))
+    return {"gn": gn, "lr": lr, **diag, **classifier_metrics(acc.routed_votes, acc.exploited)}
 
 
 def train_step(run: Run, step: int) -> tuple[dict, list[Group]]:
@@ -208,7 +226,8 @@ def train_step(run: Run, step: int) -> tuple[dict, list[Group]]:
 
         # ── 4. refresh directions, deploy eval ──
         refr = "-"
-        if cfg.vhack_refresh_every > 0 and (step + 1) % cfg.vhack_refresh_every == 0 and run.dirs.refreshable:
+        refresh_due = cfg.vhack_refresh_every > 0 and (step + 1) % cfg.vhack_refresh_every == 0
+        if refresh_due and run.arm.uses_directions and run.dirs.refreshable:
             refr = run.dirs.refresh(run.model, run.tok, run.knobs, step)
         ev = None
         if run.evals.due(step):
