@@ -19,7 +19,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 GOLDEN_FILE = HERE / "data" / "golden_rows.json"
-TIMING = {"gen", "fb", "t_rew", "sec"}
+TIMING = {"gen", "fb", "t_rew", "rew_wait", "sec"}
 # keys the refactor removed from rows (they duplicated hack_deploy / solve_deploy)
 RETIRED = {"hk_dep", "sv_dep"}
 # keys added since the golden file was written (new information, not changed values)

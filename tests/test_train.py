@@ -24,7 +24,7 @@ ROW_KEYS = {
 }
 ROLLOUT_KEYS = {"step", "problem_id", "env_mode", "prompt", "reward", "gt_pass", "gt_correct", "passed",
                 "exploited", "mechanism", "hacked_S", "hacked_D", "hacked_E", "format_ok", "text"}
-TIMING = {"gen", "fb", "t_rew", "sec"}
+TIMING = {"gen", "fb", "t_rew", "rew_wait", "sec"}
 
 
 @pytest.fixture(scope="module")

@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 import torch
 
 from .env.problems import Problem
-from .env.rewards import DEFAULT_TIME, RelativeTime, grade_batch
-from .rollout import SamplingConfig, encode, render_prompt, sample
+from .env.rewards import DEFAULT_TIME, RelativeTime
+from .rollout import BackgroundGrader, SamplingConfig, encode, render_prompt, sample
 
 
 @dataclass
@@ -59,7 +59,8 @@ def evaluate(
     max_seq_len: int,
     time_limit: RelativeTime | None = DEFAULT_TIME,
 ) -> EvalResult:
-    """Sample and grade `n_samples` completions per problem.
+    """Sample and grade `n_samples` completions per problem (each generation chunk is graded in the
+    background while the next one generates).
 
     deploy=True ablates the quarantine (the model that ships); deploy=False keeps it on
     (the trained policy). Problems whose prompt + max_new exceed max_seq_len are skipped.
@@ -74,14 +75,15 @@ def evaluate(
             if len(ids) + sampling.max_new <= max_seq_len:
                 kept.append(p)
                 prompts.append(ids)
-        comps = sample(model, tok, knobs, prompts, [n_samples] * len(prompts), sampling, ablate=deploy)
-        items = [
-            (tok.decode(c, skip_special_tokens=True), p)
-            for p, cs in zip(kept, comps, strict=True)
-            for c in cs
-        ]
-        res = grade_batch(items, relative_time=time_limit) if items else []
-        return tally([p for _, p in items], [r.exploited for r in res], [r.gt_correct for r in res])
+        grader, order = BackgroundGrader(time_limit), []
+
+        def submit(done: list[tuple[int, list[int]]]) -> None:
+            order.extend(kept[i] for i, _ in done)
+            grader.submit([(tok.decode(c, skip_special_tokens=True), kept[i]) for i, c in done])
+
+        sample(model, tok, knobs, prompts, [n_samples] * len(prompts), sampling, ablate=deploy, on_chunk=submit)
+        res = grader.results()
+        return tally(order, [r.exploited for r in res], [r.gt_correct for r in res])
     finally:
         model.train(was_training)
 

@@ -10,7 +10,8 @@ sandbox batch. Teacher rows carry their cached grades (never re-graded).
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 
@@ -19,7 +20,7 @@ from torch import Tensor
 
 from .adapter import ablate_quarantine, merged_for_generation
 from .env.problems import Problem
-from .env.rewards import DEFAULT_TIME, RelativeTime, RewardResult, grade_batch
+from .env.rewards import RelativeTime, RewardResult, grade_batch
 from .model import encode
 from .pool import TeacherPool, completion_token_ids, sample_rows
 
@@ -76,11 +77,14 @@ def sample(
     cfg: SamplingConfig,
     *,
     ablate: bool = False,
+    on_chunk: Callable[[list[tuple[int, list[int]]]], None] | None = None,
 ) -> list[list[list[int]]]:
     """Sample n_per_prompt[i] completions for each prompt (token ids, ending at the stop token).
 
     Runs on merged adapter weights (no adapter cost while decoding); `ablate` samples the
-    deployed model (quarantine δS_hack = 0).
+    deployed model (quarantine δS_hack = 0). Prompts are generated `cfg.batch_size` sequences at a
+    time; after each such chunk `on_chunk([(prompt index, completion), ...])` is called (e.g. to
+    start grading it while the next chunk generates).
     """
     stop = eos_ids(tok)
     pad = tok.pad_token_id
@@ -115,12 +119,46 @@ def sample(
                 )
                 comp = gen[:, width:].cpu()
                 mask = completion_mask(comp, stop)
-                for r, (i, _) in enumerate(chunk):
-                    n = int(mask[r].sum().item())
-                    out[i].append(comp[r, :n].tolist())
+                done = [(i, comp[r, : int(mask[r].sum().item())].tolist()) for r, (i, _) in enumerate(chunk)]
+                for i, c in done:
+                    out[i].append(c)
+                if on_chunk is not None:
+                    on_chunk(done)
     finally:
         model.config.use_cache = was_cache
     return out
+
+
+class BackgroundGrader:
+    """Grades batches of (text, problem) in one background thread, in submission order, while the caller
+    keeps generating; `results()` waits for the rest and returns every result in submission order.
+
+    Timing: `busy` is the wall the grading itself took, `wait` the wall the caller then spent waiting
+    for it; busy - wait is what the overlap with generation saved."""
+
+    def __init__(self, time_limit: RelativeTime | None) -> None:
+        self.time_limit = time_limit
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="grader")
+        self._futures: list[Future] = []
+        self.busy = self.wait = 0.0
+
+    def _grade(self, items: list[tuple[str, Problem]]) -> list[RewardResult]:
+        t0 = time.perf_counter()
+        try:
+            return grade_batch(items, relative_time=self.time_limit) if items else []
+        finally:
+            self.busy += time.perf_counter() - t0
+
+    def submit(self, items: list[tuple[str, Problem]]) -> None:
+        self._futures.append(self._pool.submit(self._grade, list(items)))
+
+    def results(self) -> list[RewardResult]:
+        t0 = time.perf_counter()
+        try:
+            return [r for f in self._futures for r in f.result()]
+        finally:
+            self.wait += time.perf_counter() - t0
+            self._pool.shutdown(wait=True)
 
 
 @dataclass(frozen=True)
@@ -155,7 +193,7 @@ class Verdict:
 class Group:
     """The G rollouts of one prompt, ready for the loss: students first, then teacher rows.
 
-    `verdicts` is filled by `grade_groups` (students) and `add_teacher_rows`; `mean_logp` by the
+    `verdicts` is filled by `RolloutSource.collect` (students) and `add_teacher_rows`; `mean_logp` by the
     loss (NaN for a group skipped for zero reward variance).
     """
 
@@ -181,17 +219,35 @@ class Group:
     def rewards(self) -> list[float]:
         return self.column("reward")
 
-    def tensors(self, pad_id: int, device) -> tuple[Tensor, Tensor, int]:
-        """(input_ids [G, plen+Lc] right-padded, completion mask [G, Lc], plen)."""
+    def tensors(self, pad_id: int, device, rows: Sequence[int] | None = None) -> tuple[Tensor, Tensor, int]:
+        """(input_ids [n, plen+Lc] right-padded, completion mask [n, Lc], plen) for `rows` (default all),
+        Lc the longest of those rows."""
+        comps = [self.completions[r] for r in (range(self.size) if rows is None else rows)]
         plen = len(self.prompt_ids)
-        lc = max(1, max(len(c) for c in self.completions))
-        ids = torch.full((self.size, plen + lc), pad_id, dtype=torch.long)
-        mask = torch.zeros((self.size, lc))
+        lc = max(1, max(len(c) for c in comps))
+        ids = torch.full((len(comps), plen + lc), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(comps), lc))
         ids[:, :plen] = torch.tensor(self.prompt_ids)
-        for r, c in enumerate(self.completions):
+        for r, c in enumerate(comps):
             ids[r, plen : plen + len(c)] = torch.tensor(c, dtype=torch.long)
             mask[r, : len(c)] = 1.0
         return ids.to(device), mask.to(device), plen
+
+    def length_buckets(self, min_fill: float = 0.5) -> list[list[int]]:
+        """Row indices in forward batches of similar completion length (longest first): a row joins the
+        current batch while it is at least `min_fill` of that batch's longest row, so padding stays
+        below (1/min_fill - 1) of each batch's tokens. Invariant: every row in exactly one batch.
+
+        A cached teacher row hundreds of tokens long then no longer pads short student rows to its length;
+        the loss is a sum over rows with a fixed normaliser, so batching does not change it."""
+        order = sorted(range(self.size), key=lambda r: -len(self.completions[r]))
+        out: list[list[int]] = []
+        for r in order:
+            if out and len(self.completions[r]) >= min_fill * len(self.completions[out[-1][0]]):
+                out[-1].append(r)
+            else:
+                out.append([r])
+        return out
 
     def add_teacher_rows(self, rows: Sequence[dict], tok, stop: Sequence[int]) -> None:
         """Append cached teacher rows (after grading): the live prompt + the cached completion."""
@@ -205,29 +261,15 @@ class Group:
             self.verdicts.append(Verdict.from_teacher_row(r))
 
 
-def grade_groups(
-    groups: Sequence[Group],
-    *,
-    workers: int | None = None,
-    time_limit: RelativeTime | None = DEFAULT_TIME,
-) -> None:
-    """Grade every (student) row of every group in one concurrent sandbox batch."""
-    items = [(text, g.problem) for g in groups for text in g.texts]
-    results = iter(grade_batch(items, workers=workers, relative_time=time_limit) if items else [])
-    for g in groups:
-        if g.verdicts:
-            raise RuntimeError("grade_groups runs once, before teacher rows are added")
-        g.verdicts = [Verdict.from_result(next(results)) for _ in g.texts]
-
-
 @dataclass
 class StepRollouts:
     """One step's graded groups, and what it cost."""
 
     groups: list[Group]
     n_skipped: int  # prompts skipped (too long, or no teacher rows in a mixed-pool run)
-    t_gen: float  # seconds sampling
-    t_rew: float  # seconds grading
+    t_gen: float  # wall seconds sampling (grading of earlier chunks runs meanwhile)
+    t_rew: float  # wall seconds the grading took (in the background)
+    t_wait: float  # wall seconds the step waited for grading after sampling ended
 
 
 class RolloutSource:
@@ -274,25 +316,43 @@ class RolloutSource:
 
     def collect(self, model, knobs, g_t: int, n_ablated: int) -> StepRollouts:
         """The step's groups for P prompts: G - g_t students (n_ablated of them sampled from the
-        deployed model, quarantine ablated), graded in one sandbox batch, then g_t teacher rows."""
+        deployed model, quarantine ablated), each generation chunk graded in the background while the
+        next one generates, then g_t teacher rows each."""
         g_s = self.group - g_t
         t0 = time.perf_counter()
         picks, n_skipped = self.pick(self.prompts_per_step, g_t)
         prompts = [ids for _, _, ids, _ in picks]
-        live = sample(model, self.tok, knobs, prompts, [g_s - n_ablated] * len(picks), self.sampling)
-        abl = sample(model, self.tok, knobs, prompts, [n_ablated] * len(picks), self.sampling, ablate=True)
-        groups = []
-        for (prob, text, ids, _), cs, ca in zip(picks, live, abl, strict=True):
-            comps = cs + ca
-            groups.append(Group(prob, text, ids, comps, [self.tok.decode(c, skip_special_tokens=True) for c in comps],
-                                [True] * len(comps), [False] * len(cs) + [True] * len(ca)))
+        grader = BackgroundGrader(self.time_limit)
+        order: list[tuple[int, bool]] = []  # (pick, ablated) of each submitted completion
+        texts: dict[tuple[int, bool], list[str]] = {}
+
+        def grade_chunk(ablated: bool) -> Callable[[list[tuple[int, list[int]]]], None]:
+            def submit(done: list[tuple[int, list[int]]]) -> None:
+                items = []
+                for i, c in done:
+                    order.append((i, ablated))
+                    texts.setdefault((i, ablated), []).append(self.tok.decode(c, skip_special_tokens=True))
+                    items.append((texts[(i, ablated)][-1], picks[i][0]))
+                grader.submit(items)
+            return submit
+
+        live = sample(model, self.tok, knobs, prompts, [g_s - n_ablated] * len(picks), self.sampling,
+                      on_chunk=grade_chunk(False))
+        abl = sample(model, self.tok, knobs, prompts, [n_ablated] * len(picks), self.sampling, ablate=True,
+                     on_chunk=grade_chunk(True))
         t_gen = time.perf_counter() - t0
-        t1 = time.perf_counter()
-        grade_groups(groups, time_limit=self.time_limit)
-        t_rew = time.perf_counter() - t1
-        for g, (_, _, _, trows) in zip(groups, picks, strict=True):
+        graded: dict[tuple[int, bool], list[RewardResult]] = {}
+        for key, res in zip(order, grader.results(), strict=True):
+            graded.setdefault(key, []).append(res)
+        groups = []
+        for i, ((prob, text, ids, trows), cs, ca) in enumerate(zip(picks, live, abl, strict=True)):
+            comps = cs + ca
+            g = Group(prob, text, ids, comps, texts.get((i, False), []) + texts.get((i, True), []),
+                      [True] * len(comps), [False] * len(cs) + [True] * len(ca))
+            g.verdicts = [Verdict.from_result(r) for r in graded.get((i, False), []) + graded.get((i, True), [])]
             g.add_teacher_rows(trows, self.tok, self.stop_ids)
-        return StepRollouts(groups, n_skipped, t_gen, t_rew)
+            groups.append(g)
+        return StepRollouts(groups, n_skipped, t_gen, grader.busy, grader.wait)
 
     def state_dict(self) -> dict:
         return {"problem_rng": self.problem_rng.get_state(), "teacher_rng": self.teacher_rng.get_state()}

@@ -138,27 +138,40 @@ def load_checkpoint(run: Run) -> None:
 
 
 def group_backward(run: Run, g: Group, acc: StepGrads) -> float:
-    """Dr.GRPO loss of one group and its backward; the group's gradient goes into `acc` (and, per
-    rollout, to the arm), and the knobs' .grad is cleared again. Sets g.mean_logp; returns the loss."""
-    cfg, knobs = run.cfg, run.knobs
-    ids, mask, plen = g.tensors(run.tok.pad_token_id, run.device)
-    rewards = torch.tensor(g.rewards, dtype=torch.float32, device=run.device)
-    ref = reference_logprobs(run.model, knobs, ids, plen) if cfg.beta > 0 else None
-    per_rollout = run.arm.needs_rollout_grads(acc.split)
-    with rollout_grads(knobs, g.size) if per_rollout else nullcontext():
-        logp = completion_logprobs(run.model, ids, plen)
-        adv = grpo.group_advantages(rewards, unbiased=cfg.unbiased)
-        # one inner step: the old policy is this forward's values (ratio == 1; clip form kept)
-        tok_loss = grpo.token_losses(logp, logp.detach(), adv, clip=cfg.clip, beta=cfg.beta, ref_logp=ref)
-        loss = grpo.reduce_loss(tok_loss, mask, unbiased=cfg.unbiased, max_new=cfg.max_new, group=cfg.group,
-                                prompts_per_step=cfg.prompts_per_step)
-        loss.backward()
-    g.mean_logp = grpo.masked_mean_per_row(logp.detach(), mask).cpu().tolist()
+    """Dr.GRPO loss of one group and its backward, in forward batches of similar length; the group's
+    gradient goes into `acc` (and, per rollout, to the arm), and the knobs' .grad is cleared again.
+    Sets g.mean_logp; returns the loss."""
+    knobs, per_rollout = run.knobs, run.arm.needs_rollout_grads(acc.split)
+    adv = grpo.group_advantages(torch.tensor(g.rewards, dtype=torch.float32, device=run.device),
+                                unbiased=run.cfg.unbiased)
+    loss, g.mean_logp, g_b = 0.0, [math.nan] * g.size, {}
+    for rows in g.length_buckets():
+        with rollout_grads(knobs, len(rows)) if per_rollout else nullcontext():
+            loss += batch_backward(run, g, rows, adv[rows])
+        for name, k in knobs.items():
+            if per_rollout and k.per_rollout_grad is not None:
+                g_b.setdefault(name, torch.zeros(g.size, k.rank, device=k.per_rollout_grad.device))[rows] = \
+                    k.per_rollout_grad
     totals = {n: k.delta_S.grad.detach() for n, k in knobs.items() if k.delta_S.grad is not None}
-    g_b = {n: knobs[n].per_rollout_grad for n in totals} if per_rollout else None
-    acc.add_group(g, totals, g_b, run.arm.observe_group(g, g_b, totals) if per_rollout else None)
+    acc.add_group(g, totals, g_b or None, run.arm.observe_group(g, g_b, totals) if per_rollout else None)
     for p in run.params:
         p.grad = None
+    return loss
+
+
+def batch_backward(run: Run, g: Group, rows: list[int], adv: torch.Tensor) -> float:
+    """Forward and backward of some rows of a group (their share of the Dr.GRPO loss); sets their mean_logp."""
+    cfg = run.cfg
+    ids, mask, plen = g.tensors(run.tok.pad_token_id, run.device, rows)
+    ref = reference_logprobs(run.model, run.knobs, ids, plen) if cfg.beta > 0 else None
+    logp = completion_logprobs(run.model, ids, plen)
+    # one inner step: the old policy is this forward's values (ratio == 1; clip form kept)
+    tok_loss = grpo.token_losses(logp, logp.detach(), adv, clip=cfg.clip, beta=cfg.beta, ref_logp=ref)
+    loss = grpo.reduce_loss(tok_loss, mask, unbiased=cfg.unbiased, max_new=cfg.max_new, group=cfg.group,
+                            prompts_per_step=cfg.prompts_per_step)
+    loss.backward()
+    for r, x in zip(rows, grpo.masked_mean_per_row(logp.detach(), mask).cpu().tolist(), strict=True):
+        g.mean_logp[r] = x
     return float(loss.detach())
 
 
@@ -206,7 +219,7 @@ def train_step(run: Run, step: int) -> tuple[dict, list[Group]]:
         g_t = cfg.teacher_split[1] if (run.inp.pool is not None and state.g_t_active) else 0
         n_abl = round((cfg.group - g_t) * cfg.rollout_ablate_frac) if run.arm.has_quarantine else 0
         ro = run.source.collect(run.model, run.knobs, g_t, n_abl)
-        times.update(gen=ro.t_gen, t_rew=ro.t_rew)
+        times.update(gen=ro.t_gen, t_rew=ro.t_rew, rew_wait=ro.t_wait)
 
         # ── 2. Dr.GRPO loss and backward, group by group (gradients accumulate) ──
         acc = StepGrads(split=run.arm.uses_directions and step % cfg.cos_pre_split_every == 0)
