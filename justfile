@@ -70,3 +70,7 @@ bench-adapter *ARGS:
 # Every benchmark (sandbox, adapter) plus the timed smoke run of all four arms.
 bench: bench-sandbox bench-adapter
     for arm in none erase route route2; do uv run python -m vgrout.train smoke --intervention=$arm | tail -1; done
+
+# Step cost vs a baseline in the same run: loss memory/time (chunked log-probs) and a fast-shaped CPU step.
+bench-step *ARGS:
+    uv run python benchmarks/bench_step.py {{ARGS}}

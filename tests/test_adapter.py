@@ -343,12 +343,16 @@ def test_save_load_round_trip_and_mismatches(tmp_path):
         A.save_adapter(path, knobs, model_id="rand-qwen3", metadata={"model": "x"})
 
 
+@pytest.mark.parametrize("head_trains", [False, True])
 @pytest.mark.parametrize("chunk_rows", [1, 5, 10_000])
-def test_chunked_head_logprobs_equal_the_full_log_softmax(tmp_path, chunk_rows):
+def test_chunked_head_logprobs_equal_the_full_log_softmax(tmp_path, chunk_rows, head_trains):
     """Values, δS gradients and per-rollout gradients of the chunked LM-head path equal the full
-    [B, L, V] log-softmax path (`logits_to_keep` + per_token_logps) to fp rounding."""
+    [B, L, V] log-softmax path (`logits_to_keep` + per_token_logps) to fp rounding, both with the
+    frozen head (gradient formed in the forward) and with a head that trains (checkpointed chunks)."""
     model, _, knobs = _wrapped(tmp_path)
     _randomise(knobs, hack=True)
+    head = model.get_output_embeddings()
+    head.weight.requires_grad_(head_trains)
     G, plen = 3, 4
     ids = _ids(G, 11)
     adv = torch.tensor([1.0, -0.5, 2.0])
@@ -363,11 +367,15 @@ def test_chunked_head_logprobs_equal_the_full_log_softmax(tmp_path, chunk_rows):
                 logits = model(input_ids=ids, logits_to_keep=ids.shape[1] - plen + 1).logits[:, :-1]
                 lp = per_token_logps(logits, ids[:, plen:])
             (-(adv[:, None] * lp).sum()).backward()
-        return lp.detach(), {n: (k.delta_S.grad.clone(), k.per_rollout_grad.clone()) for n, k in knobs.items()}
+        grads = {n: (k.delta_S.grad.clone(), k.per_rollout_grad.clone()) for n, k in knobs.items()}
+        if head_trains:
+            grads["head"] = (head.weight.grad.clone(), head.weight.grad.clone())
+        return lp.detach(), grads
 
     lp_full, g_full = run(False)
     lp_chunk, g_chunk = run(True)
     torch.testing.assert_close(lp_chunk, lp_full, rtol=0, atol=1e-5)
-    for n in knobs:
+    assert set(g_chunk) == set(g_full)
+    for n in g_full:
         torch.testing.assert_close(g_chunk[n][0], g_full[n][0], rtol=1e-5, atol=1e-7)
         torch.testing.assert_close(g_chunk[n][1], g_full[n][1], rtol=1e-5, atol=1e-7)
