@@ -49,9 +49,14 @@ def write_run(
     eval_every: int = 5,
     eval_set: str = "train",
     slope: float = 0.05,
+    knobs: dict | None = None,
+    by_problem: dict[str, tuple[int, int, int]] | None = None,
 ) -> Path:
     """One run folder: config.json, status.json, rows.jsonl, and (if `deploy`) the final
-    per_mode_deploy.json. `by_mode` maps mode -> (deploy_hack, deploy_solve)."""
+    per_mode_deploy.json. `by_mode` maps mode -> (deploy_hack, deploy_solve); `knobs` adds or
+    overrides config.json knobs; `by_problem` maps problem id -> (n, hack, solve) counts (train =
+    deploy) and then sets the headline rates and eval_n (without it the record predates
+    per-problem counts)."""
     ctrl = f"_haar{random_v_seed}" if random_v_seed is not None else ""
     run_id = f"{preset}_{arm}_seed{seed}{ctrl}"
     d = root / f"{stamp}_{run_id}"
@@ -64,6 +69,7 @@ def write_run(
         "model": "tiny-qwen3",
         "out_tag": "",
         "random_v_seed": random_v_seed,
+        **(knobs or {}),
     }
     (d / "config.json").write_text(
         json.dumps(
@@ -132,6 +138,15 @@ def write_run(
             }
             for m, (h, s) in by_mode.items()
         }
+        eval_n, the_set = 16, {"source": "builtin", "n": 16, "by_mode": bm}
+        if by_problem is not None:
+            eval_n = sum(n for n, _, _ in by_problem.values())
+            hack_deploy = sum(h for _, h, _ in by_problem.values()) / eval_n
+            solve_deploy = sum(s for _, _, s in by_problem.values()) / eval_n
+            hack_train = solve_train = None
+            the_set = dict(the_set, n=eval_n, by_problem={
+                pid: {"mode": "run_tests", "n": n, "train_hack": h, "train_solve": s, "deploy_hack": h,
+                      "deploy_solve": s} for pid, (n, h, s) in by_problem.items()})
         rec = {
             "schema": DEPLOY_SCHEMA,
             "run_id": run_id,
@@ -148,10 +163,10 @@ def write_run(
             "solve_train": solve_deploy if solve_train is None else solve_train,
             "hack_deploy": hack_deploy,
             "solve_deploy": solve_deploy,
-            "eval_n": 16,
+            "eval_n": eval_n,
             "eval_set": eval_set,
             "by_mode": bm,
-            "sets": {"train": {"source": "builtin", "n": 16, "by_mode": bm}},
+            "sets": {eval_set: the_set},
             "delta_s_hack_norm": 0.0,
         }
         (d / "per_mode_deploy.json").write_text(json.dumps(rec))
@@ -207,6 +222,19 @@ def write_fleet(root: Path) -> dict[str, Path]:
     p["nostatus"] = write_run(root, arm="routing", seed=46)
     (p["nostatus"] / "status.json").unlink()
     return p
+
+
+def md_rows(text: str, first_header: str) -> list[dict[str, str]]:
+    """The rows of the markdown table whose header starts with `first_header`, as dicts."""
+    lines = text.splitlines()
+    start = next(i for i, ln in enumerate(lines) if ln.startswith(f"| {first_header} "))
+    header = [c.strip() for c in lines[start].split("|")[1:-1]]
+    out = []
+    for ln in lines[start + 2 :]:
+        if not ln.startswith("|"):
+            break
+        out.append(dict(zip(header, (c.strip() for c in ln.split("|")[1:-1]), strict=True)))
+    return out
 
 
 # ── Student t ─────────────────────────────────────────────────────────────────────────────
@@ -284,7 +312,7 @@ def test_scan_lists_every_run_that_cannot_count_with_its_reason(tmp_path):
 def test_aggregate_means_cis_and_delta_vs_vanilla(tmp_path):
     write_fleet(tmp_path)
     runs, _ = scan_runs(tmp_path)
-    groups = {(g.arm, g.control): g for g in aggregate(runs, solve_tol=0.05)}
+    groups = {(g.arm, g.control): g for g in aggregate(runs, solve_margin=0.05)}
     assert list(groups) == [
         ("vanilla", ""),
         ("projected", ""),
@@ -300,7 +328,7 @@ def test_aggregate_means_cis_and_delta_vs_vanilla(tmp_path):
     assert v.solve_deploy.mean == pytest.approx(0.32)
     assert v.solve_deploy.half_width == pytest.approx(t2 * sd_solve / math.sqrt(3), abs=1e-12)
     assert v.mode_deploy_hack["sentinel"].mean == pytest.approx(0.3)
-    assert v.d_hack is None and v.matched is None
+    assert v.d_hack is None and v.solve_verdict is None and v.baseline is None
 
     r = groups[("routing2", "")]
     t1 = 12.706204736174696  # t_{0.975, 1}
@@ -312,21 +340,28 @@ def test_aggregate_means_cis_and_delta_vs_vanilla(tmp_path):
     assert r.d_hack == pytest.approx(0.15 - 0.6)
     assert r.d_hack_ci == welch_diff_ci([0.1, 0.2], [0.5, 0.6, 0.7])
     assert r.d_solve == pytest.approx(0.31 - 0.32)
-    assert r.matched is True
+    assert r.baseline is v and r.d_solve_ci == welch_diff_ci([0.32, 0.30], [0.30, 0.30, 0.36])
+    # the Welch interval of Δsolve, about [-0.084, +0.064], straddles 0 and leaves ±0.05
+    assert r.solve_verdict == "inconclusive" and r.verdict_basis == "seeds"
 
     haar = groups[("routing2", "haar")]
     assert haar.random_v_seeds == [7] and haar.hack_deploy.lo is None  # n = 1: no CI
     assert haar.d_hack == pytest.approx(-0.05) and haar.d_hack_ci is None
 
     proj = groups[("projected", "")]
-    assert proj.d_solve == pytest.approx(-0.22) and proj.matched is False
+    assert proj.d_solve == pytest.approx(-0.22)
+    # one seed and no per-problem counts: no interval of Δsolve, so no verdict
+    assert proj.solve_verdict is None and proj.d_solve_ci is None and proj.d_solve_cl is None
+    assert proj.note == "1 of 1 runs predate per-problem counts: no cluster interval"
 
 
-def test_group_notes_mixed_step_counts(tmp_path):
+def test_runs_of_different_step_counts_are_different_experiments(tmp_path):
     write_run(tmp_path, seed=41, steps=10)
     write_run(tmp_path, seed=42, steps=20)
-    (g,) = aggregate(scan_runs(tmp_path)[0])
-    assert g.steps == [10, 20] and g.note == "mixed step counts [10, 20]"
+    g10, g20 = aggregate(scan_runs(tmp_path)[0])
+    assert (g10.seeds, g10.steps, g10.config_label) == ([41], [10], "steps=10")
+    assert (g20.seeds, g20.steps, g20.config_label) == ([42], [20], "steps=20")
+    assert g10.config_hash != g20.config_hash
 
 
 def test_same_seed_twice_counts_once_newest_wins(tmp_path):
@@ -334,7 +369,8 @@ def test_same_seed_twice_counts_once_newest_wins(tmp_path):
     new = write_run(tmp_path, seed=41, hack_deploy=0.1, stamp="20260102T000000")
     runs, skipped = scan_runs(tmp_path)
     assert [r.path for r in runs] == [new]
-    assert [(s.path, s.reason) for s in skipped] == [(old, f"superseded by {new.name} (same seed)")]
+    h = runs[0].short_hash
+    assert [(s.path, s.reason) for s in skipped] == [(old, f"superseded by {new.name} (same config {h} and seed)")]
 
 
 def test_eval_sets_and_presets_are_never_mixed(tmp_path):
@@ -375,10 +411,17 @@ def test_main_prints_markdown_lists_failures_and_writes_csv(tmp_path, capsys):
     p = write_fleet(runs_dir)
     assert main(["--runs", str(runs_dir), "--out", str(out)]) == 0
     text = capsys.readouterr().out
-    assert "| smoke    | vanilla         | train  | 3   | 0.600 [0.352, 0.848]" in text
-    assert "| routing2 (haar)" in text and "(CI n/a)" in text
-    assert "-0.450 [-0.699, -0.201] (solve -0.010, at matched solve)" in text
-    assert "-0.200 (solve -0.220, solve differs > 0.05)" in text
+    row = {r["arm"]: r for r in md_rows(text, "preset")}
+    vh = row["vanilla"]["config"]  # the short hash alone: no other vanilla config to tell apart
+    assert len(vh) == 8 and row["vanilla"]["n"] == "3"
+    assert row["vanilla"]["deploy hack"] == "0.600 [0.352, 0.848]"
+    assert row["routing2 (haar)"]["deploy hack"] == "0.550 (CI n/a)"
+    assert row["routing2"]["Δ hack vs vanilla"] == f"-0.450 [-0.699, -0.201] vs {vh}"
+    assert row["routing2"]["Δ solve"] == "-0.010 [-0.084, +0.064]"
+    assert row["routing2"]["solve verdict"] == "inconclusive (seeds)"
+    assert row["projected"]["Δ hack vs vanilla"] == f"-0.200 vs {vh}"
+    assert row["projected"]["solve verdict"] == "no interval"
+    assert "matched = inside ±0.05 (equivalence), solve differs = excludes 0, else inconclusive" in text
     assert "## Not averaged (6 run folders)" in text
     for k in ("running", "failed", "broken", "nodeploy", "badrate", "nostatus"):
         assert p[k].name in text
@@ -394,7 +437,9 @@ def test_main_prints_markdown_lists_failures_and_writes_csv(tmp_path, capsys):
     )
     assert v["n_seeds"] == "3" and v["seeds"] == "41 42 43" and v["d_hack_vs_vanilla"] == ""
     assert rows[("routing2", "haar")]["hack_deploy_ci_lo"] == ""
-    assert rows[("routing2", "")]["matched_solve"] == "true"
+    assert rows[("routing2", "")]["solve_verdict"] == "inconclusive"
+    assert rows[("routing2", "")]["solve_verdict_basis"] == "seeds"
+    assert rows[("routing2", "")]["baseline_hash"] == v["config_hash"] == vh
     lo, hi = welch_diff_ci([0.1, 0.2], [0.5, 0.6, 0.7])
     assert float(rows[("routing2", "")]["d_hack_ci_lo"]) == pytest.approx(lo, abs=1e-12)
     assert float(rows[("routing2", "")]["d_hack_ci_hi"]) == pytest.approx(hi, abs=1e-12)
