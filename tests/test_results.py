@@ -805,3 +805,85 @@ def test_results_module_imports_no_torch():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "[]"
+
+
+# ── real run folders from tiny training runs ──────────────────────────────────────────────
+
+
+@pytest.fixture(scope="module")
+def real_runs(tmp_path_factory):
+    """Four 2-step smoke runs of the offline tiny model, in order: vanilla (preset lr 3e-3),
+    vanilla --lr=1e-3, erase --lr=1e-3 with its own direction knobs and --gate-mode=no_gate
+    (arm-only knobs), and vanilla again with only a non-science knob changed (--out-tag)."""
+    from vgrout.config import parse_cli
+    from vgrout.pairs import builtin_pairs, save_pairs_json
+    from vgrout.smoke_pool import build_smoke_pool
+    from vgrout.train import main as train_main
+
+    root = tmp_path_factory.mktemp("real_runs")
+    pool = build_smoke_pool(root / "pool")
+    bp = builtin_pairs()
+    pairs = save_pairs_json(root / "pairs.json", [bp[0], bp[5], bp[10], bp[15]])
+    base = ["smoke", "--steps=2", "--max-new=8", "--eval-n-prompts=2", f"--teacher-pool-dir={pool}",
+            f"--out-root={root / 'out'}"]
+    runs_dir = root / "out" / "runs"
+    made = {}
+    for name, extra in (
+        ("vanilla", ["--intervention=none"]),
+        ("vanilla_lr", ["--intervention=none", "--lr=1e-3"]),
+        ("erase_lr", ["--intervention=erase", "--lr=1e-3", "--gate-mode=no_gate", f"--vhack-pairs-path={pairs}",
+                      "--v-hack-extract-top-k=2", "--v-hack-k=1", "--v-hack-n-heldout=1"]),
+        ("vanilla_again", ["--intervention=none", "--out-tag=_again"]),
+    ):
+        before = set(runs_dir.iterdir()) if runs_dir.is_dir() else set()
+        assert train_main(parse_cli(base + extra)) == 0, name
+        (made[name],) = set(runs_dir.iterdir()) - before
+    return runs_dir, made
+
+
+@pytest.mark.slow
+def test_real_runs_group_by_config_supersede_and_pair(real_runs, tmp_path, capsys):
+    runs_dir, made = real_runs
+    knobs = {k: json.loads((d / "config.json").read_text())["config"] for k, d in made.items()}
+    # the rerun differs only in non-science knobs (out_tag), the lr run in lr
+    differ = {k for k in knobs["vanilla"] if knobs["vanilla"][k] != knobs["vanilla_again"][k]}
+    assert differ == {"out_tag"}
+    assert {k for k in knobs["vanilla"] if knobs["vanilla"][k] != knobs["vanilla_lr"][k]} == {"lr"}
+
+    runs, skipped = scan_runs(runs_dir)
+    by = {r.path: r for r in runs}
+    assert set(by) == {made["vanilla_lr"], made["erase_lr"], made["vanilla_again"]}
+    again = by[made["vanilla_again"]]
+    assert [(s.path, s.reason) for s in skipped] == [
+        (made["vanilla"], f"superseded by {made['vanilla_again'].name} (same config {again.short_hash} and seed)")]
+    for r in runs:  # the real eval records per-problem counts: 2 problems x G = 4 samples
+        assert r.by_problem is not None and len(r.by_problem) == 2 and r.eval_n == 8
+        assert r.cluster_ci("deploy_hack").n_clusters == 2
+
+    groups = aggregate(runs)
+    got = {(g.arm, g.config_label): g for g in groups}
+    assert sorted(got) == [("projected", "lr=0.001"), ("vanilla", "lr=0.001"), ("vanilla", "lr=0.003")]
+    assert all(g.seeds == [41] for g in groups)  # one seed each: the two vanilla configs are not pooled
+    erase, van_lr = got[("projected", "lr=0.001")], got[("vanilla", "lr=0.001")]
+    assert erase.baseline is van_lr and erase.runs[0].path == made["erase_lr"]
+    # same seed, same eval problems (the first 2 training problems): the cluster delta is paired
+    assert erase.d_hack_cl.paired and erase.d_hack_cl.n_clusters == 2
+    assert erase.verdict_basis == "paired clusters" and erase.solve_verdict in res.VERDICTS
+
+    assert main(["--runs", str(runs_dir), "--out", str(tmp_path / "o")]) == 0
+    rows = list(csv.DictReader((tmp_path / "o" / "results_latest.csv").open()))
+    assert sorted((r["arm"], r["config"], r["n_seeds"]) for r in rows) == [
+        ("projected", "lr=0.001", "1"), ("vanilla", "lr=0.001", "1"), ("vanilla", "lr=0.003", "1")]
+    assert next(r for r in rows if r["arm"] == "projected")["baseline_hash"] == van_lr.short_hash
+    assert "superseded by" in capsys.readouterr().out
+
+    # the plots group the same way: two vanilla lines, in two shades of the arm's colour
+    from vgrout.plots import collect_series, group_series
+
+    series, _, _ = collect_series(runs_dir)
+    lines, styles = group_series(series)
+    assert sorted((k[0], len(v)) for k, v in lines.items()) == [("projected", 1), ("vanilla", 1), ("vanilla", 1)]
+    assert sorted(styles[k].colour for k in lines if k[0] == "vanilla") == ["#000000", "#808080"]
+    assert {styles[k].label for k in lines} == {
+        f"vanilla lr=0.003 [{again.short_hash}]", f"vanilla lr=0.001 [{van_lr.short_hash}]",
+        f"projected lr=0.001 [{erase.short_hash}]"}
