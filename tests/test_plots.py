@@ -126,5 +126,5 @@ def test_different_configs_are_never_drawn_as_seeds_of_one_line(tmp_path):
     assert sorted(st.label.split(" [")[0] for st in styles.values()) == ["vanilla lr=(absent)", "vanilla lr=0.001"]
     dyn, bars = (tmp_path / "out" / n for n in ("dynamics_smoke.png", "per_mode_smoke.png"))
     assert {p.name for p in written} == {dyn.name, bars.name}
-    for png in (dyn, bars):
-        assert colour_pixels(png, "#000000") > 200 and colour_pixels(png, "#808080", tol=0.01) > 200, png.name
+    for png in (dyn, bars):  # anti-aliased black edges alone give a few hundred #808080 pixels
+        assert colour_pixels(png, "#000000") > 2000 and colour_pixels(png, "#808080", tol=0.01) > 2000, png.name
