@@ -675,6 +675,8 @@ def test_solve_verdict_is_an_equivalence_test_on_the_interval():
     assert v(-0.30, -0.06, 0.05) == "solve differs"
     assert v(-0.10, 0.02, 0.05) == "inconclusive"
     assert v(-0.051, 0.0, 0.05) == "inconclusive"
+    # zero width: every seed / cluster at one value (0 solves everywhere) estimates no spread
+    assert v(0.0, 0.0, 0.05) == "inconclusive" and v(0.3, 0.3, 0.05) == "inconclusive"
     with pytest.raises(ValueError):
         v(0.1, -0.1, 0.05)
 
@@ -869,6 +871,8 @@ def test_real_runs_group_by_config_supersede_and_pair(real_runs, tmp_path, capsy
     # same seed, same eval problems (the first 2 training problems): the cluster delta is paired
     assert erase.d_hack_cl.paired and erase.d_hack_cl.n_clusters == 2
     assert erase.verdict_basis == "paired clusters" and erase.solve_verdict in res.VERDICTS
+    if erase.d_solve_cl.lo == erase.d_solve_cl.hi:  # the untrained tiny model solves nothing
+        assert erase.solve_verdict == "inconclusive"
 
     assert main(["--runs", str(runs_dir), "--out", str(tmp_path / "o")]) == 0
     rows = list(csv.DictReader((tmp_path / "o" / "results_latest.csv").open()))

@@ -364,9 +364,13 @@ def solve_verdict(lo: float, hi: float, margin: float) -> str:
     """The verdict on a 95% interval [lo, hi] of Δsolve (arm minus vanilla):
     'matched' when it lies inside [-margin, +margin] (an equivalence test: two one-sided tests
     at 2.5% each), else 'solve differs' when it excludes 0, else 'inconclusive'.
-    A small real difference inside the margin counts as matched."""
+    A small real difference inside the margin counts as matched. A zero-width interval (every
+    seed or cluster at the same value, e.g. no solve anywhere on either side) estimated no spread
+    at all, so it supports no claim: inconclusive."""
     if not lo <= hi or margin < 0:
         raise ValueError(f"solve_verdict: need lo <= hi and margin >= 0, got [{lo}, {hi}], {margin}")
+    if lo == hi:
+        return "inconclusive"
     if -margin <= lo and hi <= margin:
         return "matched"
     if lo > 0.0 or hi < 0.0:
@@ -384,7 +388,7 @@ def science_config(knobs: Mapping[str, object]) -> dict[str, object]:
 
 def config_hash(science: Mapping[str, object]) -> str:
     """sha256 of the science knobs as canonical JSON (sorted keys): equal iff every value is equal."""
-    text = json.dumps(science, sort_keys=True, separators=(",", ":"), allow_nan=False)
+    text = json.dumps(science, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()
 
 
@@ -895,7 +899,8 @@ def _fmt_cl(c: ClusterCI | None) -> str:
         return ""
     if c.lo is None:
         return f"{c.rate:.3f} (CI n/a, C={c.n_clusters})"
-    return f"{c.rate:.3f} [{c.lo:.3f}, {c.hi:.3f}] C={c.n_clusters}"
+    zero = " (zero variance)" if c.lo == c.hi else ""
+    return f"{c.rate:.3f} [{c.lo:.3f}, {c.hi:.3f}] C={c.n_clusters}{zero}"
 
 
 def _fmt_d(d: float | None, ci: tuple[float, float] | None) -> str:
@@ -909,7 +914,8 @@ def _fmt_dcl(c: DiffCI | None) -> str:
         return ""
     kind = "paired" if c.paired else "unpaired"
     ci = " (CI n/a)" if c.lo is None else f" [{c.lo:+.3f}, {c.hi:+.3f}]"
-    return f"{c.diff:+.3f}{ci} {kind} C={c.n_clusters}"
+    zero = " (zero variance)" if c.lo is not None and c.lo == c.hi else ""
+    return f"{c.diff:+.3f}{ci} {kind} C={c.n_clusters}{zero}"
 
 
 def config_cell(g: GroupStats) -> str:
@@ -934,7 +940,7 @@ def table_legend(solve_margin: float = DEFAULT_SOLVE_MARGIN) -> str:
         "unpaired.",
         f"solve verdict: from the 95% CI of Δsolve (over seeds when both groups have >= 2 seeds, else over "
         f"clusters): matched = inside ±{solve_margin:g} (equivalence), solve differs = excludes 0, "
-        "else inconclusive.",
+        "else inconclusive (also when the interval has zero width: no spread was estimated).",
     ])
 
 
