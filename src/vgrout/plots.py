@@ -4,7 +4,7 @@ and the route2 gate diagnostics. PNGs via matplotlib's Agg backend (no display n
 One figure set per preset, written to `out/plots/`:
 - `dynamics_<preset>.png`: student hack rate and solve rate per step (knob on), and the
   deploy-eval points (quarantine ablated); each seed a thin line, the mean over seeds thick;
-- `per_mode_<preset>.png`: deploy hack and solve per loophole mode, one bar per arm
+- `per_mode_<preset>.png`: deploy hack and solve per loophole mode, one bar per experiment
   (mean with a 95% t-interval over seeds, each seed a dot);
 - `gate_<preset>.png`: route2's threshold τ, flagged fraction and gate precision per step.
 
@@ -369,7 +369,7 @@ def plot_dynamics(runs: Sequence[RunSeries], out_path: Path, preset: str, smooth
     for ax in axes[1]:
         ax.set_xlabel("optimizer step")
     fig.suptitle(
-        f"{preset}: hack and solve over training, per arm (thin: one seed, thick: mean over seeds)",
+        f"{preset}: hack and solve over training, per experiment (thin: one seed, thick: mean over seeds)",
         fontsize=13,
     )
     fig.legend(
