@@ -39,7 +39,7 @@ data DATA_DIR="../shared/data":
 sweep PRESET ARMS SEEDS *ARGS:
     uv run python scripts/sweep.py {{PRESET}} {{ARMS}} {{SEEDS}} {{ARGS}}
 
-# Deployed hack/solve per (preset, arm, control) with 95% CIs: markdown to stdout, CSV to out/results/.
+# Deployed hack/solve per experiment (preset, arm, control, config hash) with seed and problem-cluster 95% CIs; CSV to out/results/.
 results *ARGS:
     uv run python scripts/results.py {{ARGS}}
 

@@ -7,8 +7,8 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from _tiny import random_qwen3
 
+from _tiny import random_qwen3
 from vgrout import adapter as A
 from vgrout.arms import ARMS, StepGrads
 from vgrout.config import parse_cli

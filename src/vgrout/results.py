@@ -78,7 +78,8 @@ NON_SCIENCE_KNOBS: dict[str, str] = {
     "half_a": "logging: splits student hacks into halves A/B in the per-step row and the BLUF; "
     "training never reads it (move it to SCIENCE_KNOBS if it ever does)",
     "eval_ablate_every": "the periodic eval's schedule; the final eval, which results reads, is the "
-    "same (the periodic eval draws from the shared sampling RNG, so it moves later draws like a seed)",
+    "same, and evals sample under their own RNG (eval_seed), so training is unchanged (tests/test_eval.py)",
+    "measure_directions": "vanilla only: loads v_hack to log cos_upd; nothing it does acts on training",
     "eval_heldout_periodic": "which set the periodic eval uses; the final eval is the same",
 }
 
@@ -90,6 +91,7 @@ ARM_ONLY_KNOBS: dict[str, str] = {
     "gate_mode": "erase/route: which coefficients are removed",
     "project_overshoot": "erase/route: how much of the component is removed",
     "preserve_magnitude": "erase: rescale the edited gradient",
+    "intervene_on": "erase/route: edit the gradient or AdamW's update",
     "gate_anchor_teacher_only": "route2: the gate's anchors",
     "rollout_ablate_frac": "route/route2: rollouts sampled with the quarantine ablated",
     "random_v_seed": "Haar control directions (vanilla refuses the flag)",
@@ -101,6 +103,8 @@ ARM_ONLY_KNOBS: dict[str, str] = {
     "v_hack_drop_bottom_frac": "the hack directions",
     "v_hack_n_heldout": "the hack directions",
     "vhack_refresh_every": "the hack directions",
+    "v_hack_sign": "the hack directions",
+    "vhack_pair_loss": "the hack directions",
 }
 
 SCIENCE_KNOBS: frozenset[str] = frozenset(ARM_ONLY_KNOBS) | {
@@ -110,7 +114,7 @@ SCIENCE_KNOBS: frozenset[str] = frozenset(ARM_ONLY_KNOBS) | {
     "max_seq_len", "temperature", "top_k",
     "env_mode", "env_modes", "data_path", "grade_time_limit", "teacher_pool_dir", "mix_ratio",
     "teacher_off_step", "teacher_modes",
-    "eval_n_prompts", "eval_data_path",
+    "eval_n_prompts", "eval_data_path", "eval_seed",
 }  # fmt: skip
 
 
