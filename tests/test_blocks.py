@@ -672,6 +672,9 @@ def test_route_gate_recency_weights_forget_old_scores():
     # the old group has age 10 rollouts (weight 1/32 each, 0.625 in all) against the new group's 10, so
     # a tail needs weight 1.0625: the old scores + 1 at the bottom, 10 + 9 at the top
     assert r.t_lo == 1.0 and (~r.m).tolist() == [True] + [False] * 9 and r.t_hi == 9.0
+    # the rollouts of one group weigh the same, whatever their order in it (students first, teachers last)
+    short = VA.RouteAGate(["a", "b"], 1, tail_q=0.25, halflife=1.0).observe(_scalar_acts([1.0, 2.0, 3.0, 4.0]), V1)
+    assert (short.t_lo, short.t_hi) == (1.0, 4.0)
 
 
 def test_route_gate_warmup_capacity_and_state_roundtrip():
