@@ -349,6 +349,31 @@ def test_merged_generation_equals_unmerged_and_restores_bit_exactly(tmp_path):
     assert torch.equal(plain_gen, merged_gen)
 
 
+def test_bf16_weights_keep_fp32_offsets_and_the_exact_zero(tmp_path):
+    """bf16 base weights: A0/B0 in bf16, offsets fp32 with fp32 gradients; the net delta is still exactly 0
+    at init and a keep-only forward is still exactly the deployed model."""
+    model = random_qwen3().to(torch.bfloat16)
+    plain = copy.deepcopy(model)
+    ads = B.wrap_blocks(model, "rq3", init="pissa", r=R, svd_cache_root=tmp_path)
+    ids = _ids(2, 12)
+    assert torch.equal(_logits(model, ids), _logits(plain, ids))
+    a = next(iter(ads.values()))
+    assert a.A0_dep.dtype == torch.bfloat16 and a.a_dep.dtype == torch.float32
+    _perturb(ads, std=0.05)
+    with B.ablate_quarantine(ads):
+        deployed = _logits(model, ids)
+    with B.rollout_masks(ads, *_masks("keep", "keep")):
+        assert torch.equal(_logits(model, ids), deployed)
+        _rollout_loss(model, ids, torch.tensor([1.0, -1.0])).backward()
+    assert a.a_dep.grad.dtype == torch.float32 and float(a.a_dep.grad.abs().sum()) > 0
+    with B.merged_for_generation(ads):
+        merged = _logits(model, ids).float()
+    unmerged = _logits(model, ids).float()
+    with B.zero_delta(ads):
+        effect = float((unmerged - _logits(model, ids).float()).abs().max())
+    assert float((merged - unmerged).abs().max()) < 0.05 * effect  # bf16 rounding of W', far below the delta
+
+
 # ── the initialisations ─────────────────────────────────────────────────────────────────
 
 
