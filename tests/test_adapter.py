@@ -92,7 +92,7 @@ def test_wraps_only_block_linears_and_freezes_base(tmp_path):
     }
     assert isinstance(model.lm_head, nn.Linear) and not isinstance(model.lm_head, A.SVDKnob)
     trainable = {id(p) for p in model.parameters() if p.requires_grad}
-    assert trainable == {id(p) for p in A.knob_params(knobs) + A.hack_params(knobs)}
+    assert trainable == {id(p) for p in A.deployed_params(knobs) + A.quarantine_params(knobs)}
     k = knobs["model.layers.0.mlp.up_proj"]  # 32 -> 48: r = 32
     assert k.U.shape == (48, 32) and k.Vh.shape == (32, 32) and k.rank == 32
     assert k.delta_S.dtype == torch.float32 and torch.all(k.delta_S == 0)
@@ -333,10 +333,10 @@ def test_save_load_round_trip_and_mismatches(tmp_path):
     with pytest.raises(ValueError, match="other-model"):
         A.load_adapter(path, fresh, model_id="other-model")
     _, _, wider = _wrapped(tmp_path, model_id="wide", hidden_size=48, num_heads=4)
-    before = [p.clone() for p in A.knob_params(wider)]
+    before = [p.clone() for p in A.deployed_params(wider)]
     with pytest.raises(ValueError, match="rank differs"):
         A.load_adapter(path, wider, model_id="rand-qwen3")
-    assert all(torch.equal(a, b) for a, b in zip(before, A.knob_params(wider), strict=True))
+    assert all(torch.equal(a, b) for a, b in zip(before, A.deployed_params(wider), strict=True))
     with pytest.raises(FileNotFoundError):
         A.load_adapter(tmp_path / "missing.safetensors", fresh, model_id="rand-qwen3")
     with pytest.raises(ValueError, match="reserved"):

@@ -62,7 +62,7 @@ def test_bucketed_backward_equals_one_padded_batch(tmp_path, monkeypatch, arm, b
             monkeypatch.undo()
         run = SimpleNamespace(cfg=cfg, knobs=knobs, arm=ARMS[arm](cfg, dirs), device=torch.device("cpu"),
                               model=model, tok=SimpleNamespace(pad_token_id=0),
-                              params=A.knob_params(knobs) + A.hack_params(knobs))
+                              params=A.deployed_params(knobs) + A.quarantine_params(knobs))
         acc = StepGrads(split=True)
         loss = train.group_backward(run, g, acc)
         return loss, acc, list(g.mean_logp)

@@ -95,7 +95,53 @@ class _ScaleByKnob(torch.autograd.Function):
         return grad_h, grad_s, None, None
 
 
-class SVDKnob(nn.Module):
+class AdapterModule(nn.Module):
+    """What every adapter family's per-Linear module offers the loop and the contexts below.
+
+    - `deployed()` / `quarantine()`: its trainable tensors; the quarantine's are zero at its initial
+      value, so zeroing them is the deployed model (`ablate_quarantine`), zeroing both the base model.
+    - `merge_delta()`: the dense weight delta for merged decoding (`merged_for_generation`).
+    - flags the contexts set: `_bypass` (skip the adapter path: the base model), `_merged` (base.weight
+      holds W + delta), `_quar_off` (the quarantine is zeroed: a module may skip computing it).
+    Invariant every family keeps: with all of its trainable tensors zero it computes exactly its base Linear.
+    """
+
+    base: nn.Linear
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._bypass = False
+        self._merged = False
+        self._quar_off = False
+
+    def deployed(self) -> list[nn.Parameter]:
+        raise NotImplementedError
+
+    def quarantine(self) -> list[nn.Parameter]:
+        raise NotImplementedError
+
+    def merge_delta(self) -> Tensor:
+        raise NotImplementedError
+
+    # Linear look-alike attributes, for code that inspects projections.
+    @property
+    def weight(self) -> Tensor:
+        return self.base.weight
+
+    @property
+    def bias(self) -> Tensor | None:
+        return self.base.bias
+
+    @property
+    def in_features(self) -> int:
+        return self.base.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.base.out_features
+
+
+class SVDKnob(AdapterModule):
     """One frozen Linear plus its SVD knob: W' = W + U diag(δS + δS_hack) Vh.
 
     Buffers U [d_out, r] and Vh [r, d_in] in the weight dtype, S [r] fp32 (the base singular
@@ -121,25 +167,12 @@ class SVDKnob(nn.Module):
         self.delta_S_hack = nn.Parameter(torch.zeros(r, device=w.device, dtype=torch.float32))
         self.per_rollout_grad: Tensor | None = None
         self._n_rollouts = 0  # > 0 inside rollout_grads()
-        self._bypass = False  # inside zero_delta(): the adapter path is skipped
-        self._merged = False  # inside merged_for_generation(): base.weight already holds W'
 
-    # Linear look-alike attributes, for code that inspects projections.
-    @property
-    def weight(self) -> Tensor:
-        return self.base.weight
+    def deployed(self) -> list[nn.Parameter]:
+        return [self.delta_S]
 
-    @property
-    def bias(self) -> Tensor | None:
-        return self.base.bias
-
-    @property
-    def in_features(self) -> int:
-        return self.base.in_features
-
-    @property
-    def out_features(self) -> int:
-        return self.base.out_features
+    def quarantine(self) -> list[nn.Parameter]:
+        return [self.delta_S_hack]
 
     @property
     def rank(self) -> int:
@@ -153,6 +186,14 @@ class SVDKnob(nn.Module):
     def delta_weight(self) -> Tensor:
         """U diag(δS + δS_hack) Vh as a dense fp32 [d_out, d_in] matrix (no grad)."""
         return (self.U.float() * self.scale()) @ self.Vh.float()
+
+    @torch.no_grad()
+    def merge_delta(self) -> Tensor:
+        """The delta for merging: fp32 for fp32 weights; for low-precision weights the rank-r product
+        runs in their dtype on tensor cores (its rounding is tiny next to the final rounding of W')."""
+        if self.base.weight.dtype == torch.float32:
+            return self.delta_weight()
+        return (self.U * self.scale().to(self.U.dtype)) @ self.Vh
 
     def forward(self, x: Tensor) -> Tensor:
         y = self.base(x)
@@ -327,33 +368,66 @@ def wrap_model(
     return knobs
 
 
-def _knob_list(knobs: Mapping[str, SVDKnob] | Iterable[SVDKnob]) -> list[SVDKnob]:
+def _knob_list(knobs: Mapping[str, AdapterModule] | Iterable[AdapterModule]) -> list[AdapterModule]:
     items = list(knobs.values()) if isinstance(knobs, Mapping) else list(knobs)
     for k in items:
-        if not isinstance(k, SVDKnob):
-            raise TypeError(f"expected SVDKnob, got {type(k).__name__}")
+        if not isinstance(k, AdapterModule):
+            raise TypeError(f"expected an adapter module (SVDKnob, BlockLoRA), got {type(k).__name__}")
     return items
 
 
-def knob_params(knobs: Mapping[str, SVDKnob] | Iterable[SVDKnob]) -> list[nn.Parameter]:
-    """Every δS (the deployed knobs), in model order."""
-    return [k.delta_S for k in _knob_list(knobs)]
+def deployed_params(knobs: Mapping[str, AdapterModule] | Iterable[AdapterModule]) -> list[nn.Parameter]:
+    """Every deployed trainable tensor (δS for the SVD knob), in model order."""
+    return [p for k in _knob_list(knobs) for p in k.deployed()]
 
 
-def hack_params(knobs: Mapping[str, SVDKnob] | Iterable[SVDKnob]) -> list[nn.Parameter]:
-    """Every δS_hack (the quarantine, deleted at deploy), in model order."""
-    return [k.delta_S_hack for k in _knob_list(knobs)]
+def quarantine_params(knobs: Mapping[str, AdapterModule] | Iterable[AdapterModule]) -> list[nn.Parameter]:
+    """Every quarantine tensor (δS_hack for the SVD knob; reset to its initial value at deploy), model order."""
+    return [p for k in _knob_list(knobs) for p in k.quarantine()]
 
 
-def quarantine_norm(knobs: Mapping[str, SVDKnob] | Iterable[SVDKnob]) -> float:
-    """‖δS_hack‖: the global L2 norm of the quarantine over all modules (0.0 when it never moved)."""
-    return float(sum(float(p.detach().float().pow(2).sum()) for p in hack_params(knobs)) ** 0.5)
+def quarantine_norm(knobs: Mapping[str, AdapterModule] | Iterable[AdapterModule]) -> float:
+    """Global L2 norm of the quarantine over all modules (0.0 exactly while it never moved)."""
+    return float(sum(float(p.detach().double().pow(2).sum()) for p in quarantine_params(knobs)) ** 0.5)
+
+
+def _sq(ts: Iterable[Tensor | None]) -> float:
+    return sum(float(t.detach().double().pow(2).sum()) for t in ts if t is not None)
+
+
+def quarantine_mass(deployed: Iterable[Tensor | None], quarantine: Iterable[Tensor | None]) -> float:
+    """Share of the energy in the quarantine: Σ‖q‖² / (Σ‖d‖² + Σ‖q‖²) ∈ [0, 1] (None entries count 0;
+    NaN when both are zero). Pass gradients (the update's direction) or parameter changes (what moved)."""
+    d, q = _sq(deployed), _sq(quarantine)
+    return q / (d + q) if d + q > 0 else float("nan")
+
+
+def grad_mass(adapters) -> float:
+    """`quarantine_mass` of the offsets' current .grad (after the step's backwards)."""
+    return quarantine_mass([p.grad for p in deployed_params(adapters)],
+                           [p.grad for p in quarantine_params(adapters)])
+
+
+def snapshot(adapters) -> dict[str, list[Tensor]]:
+    """Clones of every offset, for `update_mass` after the optimizer step."""
+    return {"dep": [p.detach().clone() for p in deployed_params(adapters)],
+            "quar": [p.detach().clone() for p in quarantine_params(adapters)]}
+
+
+def update_mass(adapters, before: Mapping[str, list[Tensor]]) -> float:
+    """`quarantine_mass` of the parameter change since `snapshot` (what the optimizer actually did)."""
+    dep = [p.detach() - b for p, b in zip(deployed_params(adapters), before["dep"], strict=True)]
+    quar = [p.detach() - b for p, b in zip(quarantine_params(adapters), before["quar"], strict=True)]
+    return quarantine_mass(dep, quar)
 
 
 # ── contexts ─────────────────────────────────────────────────────────────────────────────
 
 
-def _refuse_if_merged(knobs: list[SVDKnob], what: str) -> None:
+# ── contexts ─────────────────────────────────────────────────────────────────────────────
+
+
+def _refuse_if_merged(knobs: list[AdapterModule], what: str) -> None:
     if any(k._merged for k in knobs):
         raise RuntimeError(
             f"{what} inside merged_for_generation(): the merged weights would "
@@ -377,57 +451,59 @@ def _zeroed(params: list[nn.Parameter]) -> Iterator[None]:
 
 
 @contextmanager
-def ablate_quarantine(knobs: Mapping[str, SVDKnob] | Iterable[SVDKnob]) -> Iterator[None]:
-    """δS_hack = 0 inside (the deployed model); restored bit-exactly afterwards."""
+def _flag(knobs: list[AdapterModule], name: str) -> Iterator[None]:
+    """Set a boolean flag on every module inside; restore each previous value on exit."""
+    prev = [getattr(k, name) for k in knobs]
+    for k in knobs:
+        setattr(k, name, True)
+    try:
+        yield
+    finally:
+        for k, v in zip(knobs, prev, strict=True):
+            setattr(k, name, v)
+
+
+@contextmanager
+def ablate_quarantine(knobs: Mapping[str, AdapterModule] | Iterable[AdapterModule]) -> Iterator[None]:
+    """The quarantine zeroed (its initial value) inside: the deployed model; restored bit-exactly afterwards."""
     ks = _knob_list(knobs)
     _refuse_if_merged(ks, "ablate_quarantine")
-    with _zeroed(hack_params(ks)):
+    with _zeroed(quarantine_params(ks)), _flag(ks, "_quar_off"):
         yield
 
 
 @contextmanager
-def zero_delta(knobs: Mapping[str, SVDKnob] | Iterable[SVDKnob]) -> Iterator[None]:
-    """δS = δS_hack = 0 inside (the base model, i.e. the KL reference); restored bit-exactly.
+def zero_delta(knobs: Mapping[str, AdapterModule] | Iterable[AdapterModule]) -> Iterator[None]:
+    """Every trainable tensor zeroed inside (the base model, i.e. the KL reference); restored bit-exactly.
 
     The adapter path is also skipped inside, so the forward costs what the base model costs.
     """
     ks = _knob_list(knobs)
     _refuse_if_merged(ks, "zero_delta")
-    prev = [k._bypass for k in ks]
-    with _zeroed(knob_params(ks) + hack_params(ks)):
-        for k in ks:
-            k._bypass = True
-        try:
-            yield
-        finally:
-            for k, b in zip(ks, prev, strict=True):
-                k._bypass = b
+    with _zeroed(deployed_params(ks) + quarantine_params(ks)), _flag(ks, "_bypass"):
+        yield
 
 
 @contextmanager
-def merged_for_generation(knobs: Mapping[str, SVDKnob] | Iterable[SVDKnob]) -> Iterator[None]:
-    """Inside, each base weight *is* W + U diag(δS + δS_hack) Vh and the adapter path is off,
-    so decoding costs exactly the plain model. On exit the original weight tensors are put
-    back (no arithmetic undo), so the weights are bit-identical however often this runs.
-    Knobs whose delta is all zero keep their weight untouched (no copy)."""
+def merged_for_generation(knobs: Mapping[str, AdapterModule] | Iterable[AdapterModule]) -> Iterator[None]:
+    """Inside, each base weight *is* W + the module's delta (`merge_delta`, added in fp32 and rounded once
+    to the weight dtype) and the adapter path is off, so decoding costs exactly the plain model. On exit
+    the original weight tensors are put back (no arithmetic undo), so the weights are bit-identical however
+    often this runs. Modules whose trainable tensors are all zero keep their weight untouched (no copy)."""
     ks = _knob_list(knobs)
     if any(k._merged for k in ks):
         raise RuntimeError("merged_for_generation() is not re-entrant")
-    swapped: list[tuple[SVDKnob, Tensor]] = []
+    if any(getattr(k, "_mask", None) is not None for k in ks):
+        raise RuntimeError("merged_for_generation() inside rollout_masks(): masks act on the adapter path")
+    swapped: list[tuple[AdapterModule, Tensor]] = []
     try:
         with torch.no_grad():
             for k in ks:
                 k._merged = True
-                s = k.scale()
-                if not bool((s != 0).any()):
+                if not any(bool((p != 0).any()) for p in k.deployed() + k.quarantine()):
                     continue
                 original = k.base.weight.data
-                if original.dtype == torch.float32:
-                    delta = k.delta_weight()
-                else:  # low-precision weights: the rank-r product runs on tensor cores; its
-                    # rounding error is tiny next to the final rounding of W' itself
-                    delta = (k.U * s.to(k.U.dtype)) @ k.Vh
-                merged = (original.float() + delta.float()).to(original.dtype)
+                merged = (original.float() + k.merge_delta().float()).to(original.dtype)
                 swapped.append((k, original))
                 k.base.weight.data = merged
         yield

@@ -48,7 +48,7 @@ import hashlib
 import json
 import math
 import re
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -61,7 +61,19 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from .adapter import SVDKnob, read_checked_safetensors, svd_cached
+from .adapter import AdapterModule, SVDKnob, _knob_list, _refuse_if_merged, read_checked_safetensors, svd_cached
+
+# the contexts and parameter lists are the adapter families' common ones (adapter.py), re-exported here
+from .adapter import ablate_quarantine as ablate_quarantine
+from .adapter import deployed_params as deployed_params
+from .adapter import grad_mass as grad_mass
+from .adapter import merged_for_generation as merged_for_generation
+from .adapter import quarantine_mass as quarantine_mass
+from .adapter import quarantine_norm as quarantine_norm
+from .adapter import quarantine_params as quarantine_params
+from .adapter import snapshot as snapshot
+from .adapter import update_mass as update_mass
+from .adapter import zero_delta as zero_delta
 from .atomic import atomic_path
 from .model import encode, model_slug
 from .pairs import Pair, pairs_fingerprint_text
@@ -78,7 +90,7 @@ _BLOCK_LINEAR = re.compile(r"(^|\.)layers\.(\d+)\.")
 # ── the module ───────────────────────────────────────────────────────────────────────────
 
 
-class BlockLoRA(nn.Module):
+class BlockLoRA(AdapterModule):
     """One frozen Linear plus a rank-2r block LoRA: W' = W + Σ_k (B_k A_k − B0_k A0_k), k ∈ {dep, quar}.
 
     Buffers A0_dep, A0_quar [r, d_in] and B0_dep, B0_quar [d_out, r] (weight dtype, frozen initial values);
@@ -109,26 +121,6 @@ class BlockLoRA(nn.Module):
         self.b_quar = nn.Parameter(torch.zeros(d_out, r, **f32))
         self._mask: tuple[Tensor, Tensor] | None = None  # inside rollout_masks(): (m, d) bool [G]
         self._capture: _Pool | None = None  # inside capture_bottleneck()
-        self._bypass = False  # inside zero_delta(): the adapter path is skipped (base model)
-        self._merged = False  # inside merged_for_generation(): base.weight already holds W'
-        self._quar_off = False  # inside ablate_quarantine(): the (zeroed) quarantine is not computed
-
-    # Linear look-alike attributes, for code that inspects projections.
-    @property
-    def weight(self) -> Tensor:
-        return self.base.weight
-
-    @property
-    def bias(self) -> Tensor | None:
-        return self.base.bias
-
-    @property
-    def in_features(self) -> int:
-        return self.base.in_features
-
-    @property
-    def out_features(self) -> int:
-        return self.base.out_features
 
     def deployed(self) -> list[nn.Parameter]:
         return [self.a_dep, self.b_dep]
@@ -157,6 +149,9 @@ class BlockLoRA(nn.Module):
         return self.B0 + torch.cat([self.b_dep, self.b_quar], 1).detach()
 
     @torch.no_grad()
+    def merge_delta(self) -> Tensor:
+        return self.delta_weight()
+
     def delta_weight(self, blocks: Sequence[str] = ("dep", "quar")) -> Tensor:
         """Σ over `blocks` of B_k A_k − B0_k A0_k as a dense fp32 [d_out, d_in] matrix (no grad)."""
         out = torch.zeros(self.out_features, self.in_features, device=self.weight.device)
@@ -631,137 +626,12 @@ def wrap_blocks(model: nn.Module, model_id: str, *, init: str = "lora2r", r: int
 # ── parameter lists ──────────────────────────────────────────────────────────────────────
 
 
-def _adapter_list(adapters: Mapping[str, BlockLoRA] | Iterable[BlockLoRA]) -> list[BlockLoRA]:
-    items = list(adapters.values()) if isinstance(adapters, Mapping) else list(adapters)
-    for a in items:
+def _blocks_only(adapters) -> list[BlockLoRA]:
+    ads = _knob_list(adapters)
+    for a in ads:
         if not isinstance(a, BlockLoRA):
             raise TypeError(f"expected BlockLoRA, got {type(a).__name__}")
-    return items
-
-
-def deployed_params(adapters) -> list[nn.Parameter]:
-    """Every deployed-block offset (a_dep, b_dep per module), in model order."""
-    return [p for a in _adapter_list(adapters) for p in a.deployed()]
-
-
-def quarantine_params(adapters) -> list[nn.Parameter]:
-    """Every quarantine-block offset (a_quar, b_quar per module), in model order: reset at deploy."""
-    return [p for a in _adapter_list(adapters) for p in a.quarantine()]
-
-
-def _sq(ts: Iterable[Tensor | None]) -> float:
-    return sum(float(t.detach().double().pow(2).sum()) for t in ts if t is not None)
-
-
-def quarantine_norm(adapters) -> float:
-    """Global L2 norm of the quarantine offsets (0.0 exactly while the quarantine never moved)."""
-    return _sq(quarantine_params(adapters)) ** 0.5
-
-
-def quarantine_mass(deployed: Iterable[Tensor | None], quarantine: Iterable[Tensor | None]) -> float:
-    """Share of the energy in the quarantine: Σ‖q‖² / (Σ‖d‖² + Σ‖q‖²) ∈ [0, 1] (None entries count 0;
-    NaN when both are zero). Pass gradients (the update's direction) or parameter changes (what moved)."""
-    d, q = _sq(deployed), _sq(quarantine)
-    return q / (d + q) if d + q > 0 else float("nan")
-
-
-def grad_mass(adapters) -> float:
-    """`quarantine_mass` of the offsets' current .grad (after the step's backwards)."""
-    return quarantine_mass([p.grad for p in deployed_params(adapters)],
-                           [p.grad for p in quarantine_params(adapters)])
-
-
-def snapshot(adapters) -> dict[str, list[Tensor]]:
-    """Clones of every offset, for `update_mass` after the optimizer step."""
-    return {"dep": [p.detach().clone() for p in deployed_params(adapters)],
-            "quar": [p.detach().clone() for p in quarantine_params(adapters)]}
-
-
-def update_mass(adapters, before: Mapping[str, list[Tensor]]) -> float:
-    """`quarantine_mass` of the parameter change since `snapshot` (what the optimizer actually did)."""
-    dep = [p.detach() - b for p, b in zip(deployed_params(adapters), before["dep"], strict=True)]
-    quar = [p.detach() - b for p, b in zip(quarantine_params(adapters), before["quar"], strict=True)]
-    return quarantine_mass(dep, quar)
-
-
-# ── contexts ─────────────────────────────────────────────────────────────────────────────
-
-
-def _refuse_if_merged(ads: list[BlockLoRA], what: str) -> None:
-    if any(a._merged for a in ads):
-        raise RuntimeError(f"{what} inside merged_for_generation(): the merged weights would ignore it. "
-                           "Enter it before merging.")
-
-
-@contextmanager
-def ablate_quarantine(adapters) -> Iterator[None]:
-    """The quarantine reset to its initial value inside (offsets zeroed: its term is exactly 0, so the
-    model is the deployed model; the quarantine is not even computed); restored bit-exactly on exit."""
-    ads = _adapter_list(adapters)
-    _refuse_if_merged(ads, "ablate_quarantine")
-    params = quarantine_params(ads)
-    with torch.no_grad():
-        saved = [p.detach().clone() for p in params]
-        for p in params:
-            p.zero_()
-    prev = [a._quar_off for a in ads]
-    for a in ads:
-        a._quar_off = True
-    try:
-        yield
-    finally:
-        with torch.no_grad():
-            for p, v in zip(params, saved, strict=True):
-                p.copy_(v)
-        for a, b in zip(ads, prev, strict=True):
-            a._quar_off = b
-
-
-@contextmanager
-def zero_delta(adapters) -> Iterator[None]:
-    """The base model inside (net delta 0: the adapter path is skipped, so the forward costs what the
-    base model costs): the KL reference. Nothing is modified."""
-    ads = _adapter_list(adapters)
-    _refuse_if_merged(ads, "zero_delta")
-    prev = [a._bypass for a in ads]
-    for a in ads:
-        a._bypass = True
-    try:
-        yield
-    finally:
-        for a, b in zip(ads, prev, strict=True):
-            a._bypass = b
-
-
-@contextmanager
-def merged_for_generation(adapters) -> Iterator[None]:
-    """Inside, each base weight *is* W + Σ_k (B_k A_k − B0_k A0_k) (fp32 sum rounded once to the weight
-    dtype) and the adapter path is off, so decoding costs what the plain model costs. On exit the original
-    weight tensors are put back (no arithmetic undo): bit-identical however often this runs. Modules whose
-    offsets are all zero keep their weight untouched. Use ablate_quarantine() outside it for the deployed
-    model."""
-    ads = _adapter_list(adapters)
-    if any(a._merged for a in ads):
-        raise RuntimeError("merged_for_generation() is not re-entrant")
-    if any(a._mask is not None for a in ads):
-        raise RuntimeError("merged_for_generation() inside rollout_masks(): masks act on the adapter path")
-    swapped: list[tuple[BlockLoRA, Tensor]] = []
-    try:
-        with torch.no_grad():
-            for a in ads:
-                a._merged = True
-                if not any(bool((p != 0).any()) for p in a.parameters()):
-                    continue
-                original = a.base.weight.data
-                merged = (original.float() + a.delta_weight()).to(original.dtype)
-                swapped.append((a, original))
-                a.base.weight.data = merged
-        yield
-    finally:
-        for a, original in swapped:
-            a.base.weight.data = original
-        for a in ads:
-            a._merged = False
+    return ads
 
 
 KEEP, ABSORB, ROUTE = (False, False), (True, False), (True, True)
@@ -788,7 +658,7 @@ def rollout_masks(adapters, m: Tensor, d: Tensor) -> Iterator[None]:
     """Forwards inside apply per-rollout block masks (row b of the batch is rollout b): keep (0,0) zeroes
     the quarantine's output (forward and backward), absorb (1,0) leaves both blocks, route (1,1) detaches
     the deployed block's output. Not re-entrant; refused inside merged_for_generation()."""
-    ads = _adapter_list(adapters)
+    ads = _blocks_only(adapters)
     _refuse_if_merged(ads, "rollout_masks")
     if any(a._mask is not None for a in ads):
         raise RuntimeError("rollout_masks() is not re-entrant")
@@ -834,7 +704,7 @@ def capture_bottleneck(adapters, weights: Tensor) -> Iterator[_Pool]:
     """Forwards inside record, per module, the deployed block's live bottleneck A_dep x pooled over each
     row's completion tokens (`weights` [B, L], e.g. `completion_weights`); `.stacked(names)` gives
     [B, M, r] fp32. Works in any mode (zero_delta, merged, ablated); recording is detached."""
-    ads = _adapter_list(adapters)
+    ads = _blocks_only(adapters)
     if any(a._capture is not None for a in ads):
         raise RuntimeError("capture_bottleneck() is not re-entrant")
     pool = _Pool(weights)
@@ -856,7 +726,7 @@ def adapter_fingerprint(adapters, *, blocks: Sequence[str] = ("dep",)) -> str:
     """blake2b-128 of every module's name, shapes, initial values and offsets of `blocks` (default the
     deployed block: what the deployed model's activations depend on)."""
     digest = hashlib.blake2b(digest_size=16)
-    for a in _adapter_list(adapters):
+    for a in _blocks_only(adapters):
         digest.update(f"{a.name}|{a.r}|{tuple(a.weight.shape)}|".encode())
         for k in blocks:
             for t in (getattr(a, f"A0_{k}"), getattr(a, f"B0_{k}"), getattr(a, f"a_{k}"), getattr(a, f"b_{k}")):
@@ -870,7 +740,7 @@ def save_blocks(path: str | Path, adapters: Mapping[str, BlockLoRA], *, model_id
     model is W + B_dep A_dep − B0_dep A0_dep, reproducible without the pairs that made the init) and, if
     asked, the quarantine's, as fp32 safetensors, atomically, with metadata: schema, model, dtype, init, r,
     shapes ({module: [d_out, d_in]}), include_quarantine, plus caller metadata."""
-    ads = _adapter_list(adapters)
+    ads = _blocks_only(adapters)
     extra = dict(metadata or {})
     clash = _RESERVED_META & extra.keys()
     if clash:
@@ -898,7 +768,7 @@ def load_blocks(path: str | Path, adapters: Mapping[str, BlockLoRA], *, model_id
     module set, shapes and finiteness are checked first; nothing is modified on error. Without
     include_quarantine the quarantine is left as it is. Returns the file's metadata."""
     path = Path(path)
-    ads = _adapter_list(adapters)
+    ads = _blocks_only(adapters)
     meta, tensors = read_checked_safetensors(path, schema=BLOCKS_SCHEMA, model_id=model_id, what="block adapter")
     want = {a.name: list(a.weight.shape) for a in ads}
     have = json.loads(meta.get("shapes", "{}"))

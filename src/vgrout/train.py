@@ -32,7 +32,7 @@ from tqdm import tqdm
 
 from . import checkpoint as ck
 from . import grpo, proj
-from .adapter import hack_params, knob_params, quarantine_norm, rollout_grads, save_adapter, wrap_model
+from .adapter import deployed_params, quarantine_norm, quarantine_params, rollout_grads, save_adapter, wrap_model
 from .arms import StepGrads, Vanilla
 from .atomic import write_json_atomic
 from .config import Config, parse_cli
@@ -73,7 +73,7 @@ class Run:
 
     @property
     def params(self) -> list[torch.nn.Parameter]:
-        return knob_params(self.knobs) + hack_params(self.knobs)
+        return deployed_params(self.knobs) + quarantine_params(self.knobs)
 
     def parts(self) -> dict:
         """Everything with its own state_dict(), by its key in resume.pt."""
@@ -108,7 +108,7 @@ def setup(cfg: Config, inp: Inputs, run_dir: Path, device: torch.device) -> Run:
     logger.info(f"adapter: {len(knobs)} modules, {sum(k.rank for k in knobs.values()):,} δS (+ as many δS_hack)")
     arm_cls = cfg.arm_type
     arm = arm_cls(cfg, RunDirections.for_run(cfg, model, tok, knobs, device, arm_cls.directions_to_load(cfg)))
-    opt, sched = make_optimizer(cfg, knob_params(knobs) + hack_params(knobs))
+    opt, sched = make_optimizer(cfg, deployed_params(knobs) + quarantine_params(knobs))
     sampling = SamplingConfig(max_new=cfg.max_new, temperature=cfg.temperature, top_k=cfg.top_k)
     source = RolloutSource(inp.problems, inp.pool, tok, sampling, cfg)
     run = Run(cfg, inp, run_dir, device, model, tok, knobs, arm, arm.dirs, opt, sched, source,
