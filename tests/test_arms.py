@@ -9,13 +9,23 @@ import pytest
 import torch
 
 from vgrout import proj
-from vgrout.arms import ARMS, DIAG_KEYS, Route, Route2, StepGrads, arm_class
-from vgrout.config import ARM_NAMES, Intervention, parse_cli
+from vgrout.adapter import AdapterModule
+from vgrout.arms import ARMS, BLOCK_ARMS, DIAG_KEYS, Route, Route2, StepGrads, arm_class
+from vgrout.config import ARM_NAMES, AdapterKind, Intervention, parse_cli
 
 
-def test_every_intervention_has_exactly_one_arm():
-    assert set(ARMS) == set(ARM_NAMES) == set(get_args(Intervention))
-    for name in ARM_NAMES:
+def test_every_intervention_has_exactly_one_arm_per_adapter_family():
+    assert set(ARMS) | set(BLOCK_ARMS) == set(ARM_NAMES) == set(get_args(Intervention))
+    for adapter in get_args(AdapterKind):
+        family = ARMS if adapter == "svd" else BLOCK_ARMS
+        for name in ARM_NAMES:
+            if name in family:
+                assert arm_class(name, adapter) is family[name]
+                assert family[name].family == ("svd" if adapter == "svd" else "block")
+            else:
+                with pytest.raises(ValueError, match=f"--intervention={name} does not exist for --adapter={adapter}"):
+                    arm_class(name, adapter)
+    for name in ARMS:
         cls = arm_class(name)
         assert cls.key == name
         arm = cls(parse_cli(["smoke", f"--intervention={name}"]))
@@ -38,7 +48,7 @@ def test_quarantine_rule_follows_the_trait():
         arm = cls(parse_cli(["smoke", f"--intervention={name}"]))
         if cls.has_quarantine:
             arm.check_quarantine(0.5)
-            with pytest.raises(RuntimeError, match="nothing was routed"):
+            with pytest.raises(RuntimeError, match="nothing went into the quarantine"):
                 arm.check_quarantine(0.0)
         else:
             arm.check_quarantine(0.0)
@@ -116,7 +126,7 @@ def smoke_inputs(tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", list(ARM_NAMES))
+@pytest.mark.parametrize("name", list(ARMS))
 def test_one_step_does_what_the_arm_declares(smoke_inputs, tmp_path, name):
     from vgrout import train
     from vgrout.inputs import load_inputs
@@ -141,8 +151,10 @@ def test_one_step_does_what_the_arm_declares(smoke_inputs, tmp_path, name):
         declared = key in arm.columns
         may_be_nan = key in ("quar_resid", "leak")  # NaN when nothing was routed / nothing was exploited
         assert math.isfinite(row[key]) or not declared or may_be_nan, (name, key)
-        if not arm.uses_directions and key != "cos_upd":
+        if not arm.uses_directions and key not in ("cos_upd", "q_mass"):
             assert math.isnan(row[key]), (name, key)
+    # the quarantine's share of what the optimizer moved: exactly 0 without one
+    assert (row["q_mass"] > 0) == arm.has_quarantine and row["q_mass"] < 1
     # every arm is read against a hack direction after the update (vanilla's v_hack is a yardstick only)
     assert 0.0 <= row["cos_upd"] <= 1.0
     if name in ("erase", "route"):  # the default --intervene-on=update: nothing hack-ward moves in δS
@@ -179,11 +191,19 @@ def test_route2_gate_is_what_proj_defines():
 # ── --intervene-on: the projection acts on AdamW's update, or (the reference) on the gradient ──
 
 
-class _Knob(torch.nn.Module):
+class _Knob(AdapterModule):
+    """δS / δS_hack without a model: all apply_update touches."""
+
     def __init__(self, r: int) -> None:
         super().__init__()
         self.delta_S = torch.nn.Parameter(torch.zeros(r))
         self.delta_S_hack = torch.nn.Parameter(torch.zeros(r))
+
+    def deployed(self) -> list[torch.nn.Parameter]:
+        return [self.delta_S]
+
+    def quarantine(self) -> list[torch.nn.Parameter]:
+        return [self.delta_S_hack]
 
 
 def _bases(shapes: dict[str, int], k: int, seed: int) -> dict[str, torch.Tensor]:
@@ -326,3 +346,43 @@ def test_grad_mode_is_the_gradient_edit_bit_for_bit(name):
         for n in run.knobs:
             assert torch.equal(run.knobs[n].delta_S, twin.knobs[n].delta_S)
             assert torch.equal(run.knobs[n].delta_S_hack, twin.knobs[n].delta_S_hack)
+
+
+# ── the block-adapter arms: one real step each on the tiny model ──
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("adapter,name", [("lora2r", "none"), ("scorda", "absorb"), ("scorda", "routeA"),
+                                          ("pissa", "routeA")])
+def test_one_block_step_does_what_the_arm_declares(smoke_inputs, tmp_path, adapter, name):
+    from vgrout import train
+    from vgrout.adapter import quarantine_norm
+    from vgrout.blocks import BlockLoRA
+    from vgrout.inputs import load_inputs
+
+    pool, pairs = smoke_inputs
+    cfg = parse_cli(["smoke", f"--adapter={adapter}", f"--intervention={name}", f"--teacher-pool-dir={pool}",
+                     f"--vhack-pairs-path={pairs}", f"--out-root={tmp_path}", "--steps=2", "--max-new=8",
+                     "--eval-ablate-every=0", "--block-r=4", "--v-hack-n-heldout=1", "--prompts-per-step=2",
+                     "--route-tail-q=0.25", "--rollout-ablate-frac=0.5"])
+    run = train.setup(cfg, load_inputs(cfg), tmp_path, torch.device("cpu"))
+    arm = run.arm
+    assert type(arm) is BLOCK_ARMS[name] and all(isinstance(k, BlockLoRA) for k in run.knobs.values())
+    assert not run.dirs.active  # v_hack lives in the SVD knob's coordinates
+    row, groups = train.train_step(run, 0)
+    assert row["zv"] < len(groups)
+    dep = math.sqrt(sum(float(p.detach().pow(2).sum()) for k in run.knobs.values() for p in k.deployed()))
+    assert dep > 0 and quarantine_norm(run.knobs) > 0  # both blocks trained (no rollout was all kept)
+    assert 0.0 < row["q_mass"] < 1.0
+    # the quarantine is ablated when sampling the deployed model exactly where the arm has one
+    assert (row["hack_abl"][1] > 0) == arm.has_quarantine
+    if name == "routeA":
+        shares = row["m_keep"] + row["m_absorb"] + row["m_route"]
+        assert shares == pytest.approx(1.0) and row["m_route"] > 0
+        from vgrout.grpo import has_reward_variance
+
+        scored = sum(g.size for g in groups if has_reward_variance(torch.tensor(g.rewards)))
+        assert len(arm.gate) == scored  # every rollout of every group with a gradient was scored once
+    else:
+        assert math.isnan(row["m_keep"]) and math.isnan(row["m_route"])
+    assert all(math.isnan(row[k]) for k in ("cos_pre", "cos_upd", "tau", "leak"))  # SVD-only diagnostics

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, ClassVar
 
@@ -30,6 +31,7 @@ from loguru import logger
 from torch import Tensor
 
 from . import proj
+from .adapter import rollout_grads
 from .config import ARM_NAMES
 
 if TYPE_CHECKING:
@@ -40,7 +42,7 @@ if TYPE_CHECKING:
 NAN = math.nan
 # every row carries these keys (NaN where the arm has no such diagnostic), so rows.jsonl has one schema
 DIAG_KEYS = ("cos_pre", "cos_pre_s", "cos_pre_t", "cos_post", "fired", "q_egy", "tau", "hkgap", "resid", "flag",
-             "cos_upd", "quar_resid", "leak", "prec_free", "rec_free")
+             "cos_upd", "quar_resid", "leak", "prec_free", "rec_free", "q_mass", "m_keep", "m_absorb", "m_route")
 SPAN_TOL = 1e-4  # route: largest relative residual of the quarantine gradient outside span(V)
 
 
@@ -104,6 +106,10 @@ class Vanilla:
     """`none`: plain Dr.GRPO. δS gets the whole gradient; δS_hack never moves."""
 
     key: ClassVar[str] = "none"
+    family: ClassVar[str] = "svd"  # the adapter family it works on: "svd" (the SVD knob) or "block"
+    # True: the step's gradient is collected per group (StepGrads) and the arm sets .grad from it;
+    # False: the backwards accumulate in .grad untouched (the block arms act through masks instead)
+    edits_gradient: ClassVar[bool] = True
     has_quarantine: ClassVar[bool] = False  # a δS_hack that trains and is deleted at deploy
     basis: ClassVar[str | None] = None  # hack direction it acts on: "v_hack", "v_grad" or None
     columns: ClassVar[tuple[str, ...]] = ("cos_upd",)  # per-step table columns it adds
@@ -147,16 +153,28 @@ class Vanilla:
         (a Haar control that routed nothing is a result: logged, not an error)."""
         if not self.has_quarantine:
             if hack_norm != 0.0:
-                raise RuntimeError(f"{self.key}: δS_hack moved (‖δS_hack‖={hack_norm}); it must stay exactly 0")
+                raise RuntimeError(f"{self.key}: the quarantine moved (‖quarantine‖={hack_norm}); it must stay "
+                                   "exactly 0")
         elif hack_norm == 0.0:
             if self.cfg.random_v_seed is None:
-                raise RuntimeError(f"{self.key}: nothing was routed into the quarantine (‖δS_hack‖ = 0)")
-            logger.warning("Haar control routed nothing (‖δS_hack‖ = 0): a result, not a failure")
-        logger.info(f"‖δS_hack‖ = {hack_norm:.6f} ({'> 0 with' if self.has_quarantine else 'exactly 0 without'} "
+                raise RuntimeError(f"{self.key}: nothing went into the quarantine (‖quarantine‖ = 0)")
+            logger.warning("Haar control routed nothing (‖quarantine‖ = 0): a result, not a failure")
+        logger.info(f"‖quarantine‖ = {hack_norm:.6f} ({'> 0 with' if self.has_quarantine else 'exactly 0 without'} "
                     "a quarantine)")
+
+    def attach(self, model, tok, knobs, pairs) -> None:
+        """Set up what the arm needs from the wrapped model (its directions come from RunDirections)."""
+        self.knobs = knobs
 
     def begin_step(self) -> None:
         pass
+
+    def prepare_group(self, model, group: Group, pad_id: int) -> None:
+        """Before a group's loss: anything decided per rollout ahead of the forward (routeA's masks)."""
+
+    def batch_context(self, rows: list[int], per_rollout: bool):
+        """The context one forward batch of a group's `rows` runs in: per-rollout gradient recording."""
+        return rollout_grads(self.knobs, len(rows)) if per_rollout else nullcontext()
 
     def needs_rollout_grads(self, split: bool) -> bool:
         return split
@@ -345,13 +363,119 @@ class Route2(Vanilla):
         self.gate.load_state_dict(state["gate"])
 
 
-ARMS: dict[str, type[Vanilla]] = {cls.key: cls for cls in (Vanilla, Erase, Route, Route2)}
+# ── arms on the block-split adapters (blocks.py): they choose per-rollout masks, not gradient edits ──
 
 
-def arm_class(intervention: str) -> type[Vanilla]:
-    """The arm registered under an `--intervention` value (the one lookup by name)."""
-    try:
-        return ARMS[intervention]
-    except KeyError:
-        raise ValueError(f"unknown --intervention {intervention!r}; valid: {', '.join(ARMS)}") from None
+class BlockVanilla(Vanilla):
+    """`none` on a block adapter: both blocks train on every rollout and both deploy (no reset), so the
+    deployed model is the trained one. Compared with `absorb` at the same init it isolates the reset."""
 
+    family = "block"
+    edits_gradient = False
+    basis = None
+    columns = ("q_mass",)
+
+    @classmethod
+    def directions_to_load(cls, cfg: Config) -> str | None:
+        return None  # v_hack lives in the SVD knob's coordinates
+
+    def check_quarantine(self, hack_norm: float) -> None:
+        logger.info(f"quarantine block ‖offsets‖ = {hack_norm:.6f} (trained and deployed: no reset for {self.key})")
+
+    def needs_rollout_grads(self, split: bool) -> bool:
+        return False
+
+
+class Absorb(BlockVanilla):
+    """`absorb`: every rollout trains both blocks (mask (1,0)); the quarantine block is reset at deploy,
+    taking with it whatever it absorbed (with scorda, it starts on the pairs' hack input axis)."""
+
+    key = "absorb"
+    has_quarantine = True
+
+    def check_quarantine(self, hack_norm: float) -> None:
+        Vanilla.check_quarantine(self, hack_norm)
+
+
+class RouteA(Absorb):
+    """`routeA`: per rollout, score = the deployed model's pooled bottleneck activations · v_act; against
+    a run-long recency-weighted buffer of scores, the low tail keeps (0,0), the high tail routes (1,1),
+    the rest absorbs (1,0); the quarantine is reset at deploy. `--random-v-seed` draws a Haar v_act."""
+
+    key = "routeA"
+    basis = "v_act"
+    columns = ("q_mass", "m_keep", "m_route")
+
+    def __init__(self, cfg: Config, dirs: RunDirections | None = None) -> None:
+        super().__init__(cfg, dirs)
+        self.gate = None
+        self.begin_step()
+
+    def attach(self, model, tok, knobs, pairs) -> None:
+        from . import vact
+
+        super().attach(model, tok, knobs, pairs)
+        c, device = self.cfg, next(model.parameters()).device
+        if c.random_v_seed is not None:
+            self.v_act = vact.haar_v_act(knobs, c.random_v_seed)
+            logger.info(f"v_act: Haar-random control (seed {c.random_v_seed})")
+        else:
+            self.v_act = vact.resolve_v_act(model, tok, knobs, pairs, model_id=c.model, out_dir=c.out_root / "vhack",
+                                            n_heldout=c.v_hack_n_heldout, device=device, path=c.v_hack_path)
+        self.gate = vact.RouteAGate(list(knobs), c.block_r, tail_q=c.route_tail_q)
+        self._v = self.v_act.stacked(list(knobs)).to(device)
+
+    def begin_step(self) -> None:
+        self.masks: tuple[Tensor, Tensor] | None = None
+        self.counts = [0, 0, 0]  # rollouts kept, absorbed, routed this step
+
+    def prepare_group(self, model, group: Group, pad_id: int) -> None:
+        """Score the group's rollouts (one no-grad forward of the deployed model) and choose their masks."""
+        from . import blocks, vact
+
+        ids, mask, plen = group.tensors(pad_id, next(model.parameters()).device)
+        acts = vact.pooled_bottleneck(model, self.knobs, ids, blocks.completion_weights(plen, mask))
+        dec = self.gate.observe(acts, self._v)
+        self.masks = (dec.m, dec.d)
+        self.counts[0] += int((~dec.m).sum())
+        self.counts[1] += int((dec.m & ~dec.d).sum())
+        self.counts[2] += int(dec.d.sum())
+
+    def batch_context(self, rows: list[int], per_rollout: bool):
+        from . import blocks
+
+        m, d = self.masks
+        return blocks.rollout_masks(self.knobs, m[rows], d[rows])
+
+    def observe_group(self, group: Group, g_b: Mapping[str, Tensor] | None, totals: Mapping[str, Tensor]) -> Tensor:
+        return self.masks[1].cpu()  # "routed" for the gate-as-classifier statistics: the route (1,1) rollouts
+
+    def intervene(self, acc: StepGrads) -> Update:
+        upd = super().intervene(acc)
+        n = sum(self.counts)
+        upd.diag.update(m_keep=self.counts[0] / n if n else NAN, m_absorb=self.counts[1] / n if n else NAN,
+                        m_route=self.counts[2] / n if n else NAN)
+        return upd
+
+    def state_dict(self) -> dict:
+        return {"gate": self.gate.state_dict()}
+
+    def load_state_dict(self, state: Mapping) -> None:
+        self.gate.load_state_dict(state["gate"])
+
+
+SVD_ARMS: dict[str, type[Vanilla]] = {cls.key: cls for cls in (Vanilla, Erase, Route, Route2)}
+BLOCK_ARMS: dict[str, type[Vanilla]] = {cls.key: cls for cls in (BlockVanilla, Absorb, RouteA)}
+ARMS = SVD_ARMS  # the SVD knob's arms (the default adapter)
+
+
+def arm_class(intervention: str, adapter: str = "svd") -> type[Vanilla]:
+    """The arm registered under an `--intervention` value for an `--adapter` family (the one lookup by name)."""
+    family = SVD_ARMS if adapter == "svd" else BLOCK_ARMS
+    if intervention not in family:
+        other = BLOCK_ARMS if family is SVD_ARMS else SVD_ARMS
+        hint = (f"; {intervention} is an arm of the {'block adapters' if other is BLOCK_ARMS else 'SVD knob'}"
+                if intervention in other else "")
+        raise ValueError(f"--intervention={intervention} does not exist for --adapter={adapter} (valid: "
+                         f"{', '.join(family)}){hint}")
+    return family[intervention]

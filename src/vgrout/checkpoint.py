@@ -61,21 +61,21 @@ def load_resume_state(run_dir: Path) -> dict:
 
 
 def save_run_state(run_dir: Path, knobs: dict, parts: dict) -> None:
-    """resume.pt from the knobs (δS, δS_hack), the RNGs and every stateful part of the run
-    ({key: object with state_dict()}: optimizer, scheduler, arm, directions, rollout draws, loop state)."""
+    """resume.pt from the adapter's trainable tensors (each module's deployed() + quarantine(): δS, δS_hack
+    for the SVD knob), the RNGs and every stateful part of the run ({key: object with state_dict()}:
+    optimizer, scheduler, arm, directions, rollout draws, loop state)."""
     save_resume_state(run_dir, {
-        "delta_S": {n: k.delta_S.detach().cpu().clone() for n, k in knobs.items()},
-        "delta_S_hack": {n: k.delta_S_hack.detach().cpu().clone() for n, k in knobs.items()},
+        "adapter": {n: [p.detach().cpu().clone() for p in k.deployed() + k.quarantine()] for n, k in knobs.items()},
         "rng": rng_state(), **{key: part.state_dict() for key, part in parts.items()}})
 
 
 def load_run_state(run_dir: Path, knobs: dict, parts: dict) -> None:
-    """The inverse of `save_run_state`: knobs, RNGs and each part's load_state_dict()."""
+    """The inverse of `save_run_state`: adapter tensors, RNGs and each part's load_state_dict()."""
     saved = load_resume_state(run_dir)
     with torch.no_grad():
         for name, k in knobs.items():
-            k.delta_S.copy_(saved["delta_S"][name])
-            k.delta_S_hack.copy_(saved["delta_S_hack"][name])
+            for p, v in zip(k.deployed() + k.quarantine(), saved["adapter"][name], strict=True):
+                p.copy_(v)
     for key, part in parts.items():
         part.load_state_dict(saved[key])
     set_rng_state(saved["rng"])

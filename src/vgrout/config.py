@@ -18,14 +18,17 @@ import tyro
 from .env.modes import ENV_MODES, EnvMode
 from .env.rewards import DEFAULT_TIME, RelativeTime
 
-Intervention = Literal["none", "erase", "route", "route2"]
+Intervention = Literal["none", "erase", "route", "route2", "absorb", "routeA"]
 GateMode = Literal["one_sided", "no_gate", "reverse"]
+AdapterKind = Literal["svd", "lora2r", "pissa", "corda", "scorda", "scorda_rev"]
 
 ARM_NAMES: dict[str, str] = {
     "none": "vanilla",
     "erase": "projected",
     "route": "routing",
     "route2": "routing2",
+    "absorb": "absorb",
+    "routeA": "routeA",
 }
 # --half-a codes: C = exploited (the strict oracle, every mode), and the run_tests detectors E, D, S
 # (docs/environment.md), which fire in any mode on a response that writes a run_tests()
@@ -36,11 +39,26 @@ DETECTOR_CODES = ("C", "D", "E", "S")
 class Config:
     """Knobs shared by all presets. Presets below override the scale knobs."""
 
-    # ── the arm ──
+    # ── the adapter and the arm ──
+    adapter: AdapterKind = "svd"
+    """svd = the full-rank SVD knob δS / δS_hack (arms none, erase, route, route2). The block-split
+    adapters (arms none, absorb, routeA): lora2r = one rank-2r LoRA per Linear, rows [:r] deployed and
+    [r:] the quarantine, Gaussian init; pissa = initialised from W's principal singular vectors; corda =
+    from the covariance of the pairs' contrastive input deltas; scorda = signed CorDA, the pairs' hack
+    input axis seeds the quarantine's top slot; scorda_rev = that seed in the deployed block (the
+    directional control). See docs/method.md."""
+    block_r: int = 8
+    """Block adapters: rank r of each block (the LoRA has rank 2r; the SVD inits need 2r <= min(d_in, d_out))."""
+    route_tail_q: float = 0.1
+    """routeA: share of the recency-weighted score buffer in each tail: the low tail keeps (deployed block
+    only), the high tail routes (quarantine only), the middle absorbs (both)."""
     intervention: Intervention = "erase"
-    """none = vanilla Dr.GRPO; erase = subtract the hack-ward part of δS.grad; route = park it in
-    the quarantine δS_hack (deleted at deploy); route2 = route whole rollouts whose gradient
-    points hack-ward (cos with v_grad above a calibrated τ)."""
+    """SVD knob: none = vanilla Dr.GRPO; erase = subtract the hack-ward part of δS's update; route = park
+    it in the quarantine δS_hack (deleted at deploy); route2 = route whole rollouts whose gradient points
+    hack-ward (cos with v_grad above a calibrated τ). Block adapters: none = both blocks train and deploy;
+    absorb = both train, the quarantine block is reset at deploy; routeA = per rollout, the activation
+    score against v_act sends the low tail to the deployed block only, the high tail to the quarantine
+    only, the rest to both; the quarantine is reset at deploy."""
 
     # ── scale knobs (every preset sets these) ──
     model: str = "Qwen/Qwen3-4B"
@@ -217,14 +235,15 @@ class Config:
     @property
     def run_id(self) -> str:
         ctrl = f"_haar{self.random_v_seed}" if self.random_v_seed is not None else ""
-        return f"{self.preset_name}_{self.arm}_seed{self.seed}{ctrl}{self.out_tag}"
+        adapter = f"-{self.adapter}" if self.adapter != "svd" else ""
+        return f"{self.preset_name}_{self.arm}{adapter}_seed{self.seed}{ctrl}{self.out_tag}"
 
     @property
     def arm_type(self):
-        """The arm class of `intervention` (arms.py): the one place a name becomes an arm."""
+        """The arm class of (`intervention`, `adapter`) (arms.py): the one place a name becomes an arm."""
         from .arms import arm_class  # arms imports torch: only when asked
 
-        return arm_class(self.intervention)
+        return arm_class(self.intervention, self.adapter)
 
     @property
     def half_a_codes(self) -> frozenset[str]:
@@ -278,7 +297,10 @@ class Config:
             errs.append("--teacher-modes needs --teacher-pool-dir (with a partition.json)")
         if self.cos_pre_split_every < 1:
             errs.append(f"--cos-pre-split-every must be >= 1 (got {self.cos_pre_split_every})")
-        errs += self.arm_type.config_errors(self)  # the arm checks its own knobs
+        try:
+            errs += self.arm_type.config_errors(self)  # the arm checks its own knobs
+        except ValueError as e:  # no such arm for this adapter
+            errs.append(str(e))
         if self.eval_heldout_periodic and self.eval_data_path is None:
             errs.append("--eval-heldout-periodic needs --eval-data-path")
         if self.ckpt_every < 1:

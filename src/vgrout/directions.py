@@ -18,6 +18,13 @@ from .config import Config
 from .pairs import Pair, builtin_pairs, load_pairs
 
 
+def run_pairs(cfg: Config) -> tuple[list[Pair], str]:
+    """The run's contrastive pairs (`--vhack-pairs-path`, else the built-in set) and their source name."""
+    if cfg.vhack_pairs_path is not None:
+        return load_pairs(cfg.vhack_pairs_path), str(cfg.vhack_pairs_path)
+    return builtin_pairs(), "builtin"
+
+
 class RunDirections:
     """`basis` ("v_hack" or "v_grad", the arm's) names the direction whose refresh overlap is reported."""
 
@@ -33,8 +40,7 @@ class RunDirections:
         """The run's directions for an arm acting on `basis`; none at all when `basis` is None."""
         if basis is None:
             return cls(cfg, None, [], device)
-        pairs = load_pairs(cfg.vhack_pairs_path) if cfg.vhack_pairs_path is not None else builtin_pairs()
-        source = str(cfg.vhack_pairs_path) if cfg.vhack_pairs_path is not None else "builtin"
+        pairs, source = run_pairs(cfg)
         d = vhack.resolve_directions(
             model, tok, knobs, pairs, model_id=cfg.model, pairs_source=source,
             out_dir=cfg.out_root / "vhack", path=cfg.v_hack_path, top_k=cfg.v_hack_extract_top_k,

@@ -50,12 +50,14 @@ class Job:
     @property
     def label(self) -> str:
         """The run_id stem the training loop will use (plus `_haar<k>` for controls)."""
-        ctrl = ""
+        ctrl = adapter = ""
         for a in self.extra:
             flag, _, val = a.partition("=")
             if flag in ("--random-v-seed", "--route2-random-v-seed") and val:
                 ctrl = f"_haar{val}"
-        return f"{self.preset}_{ARM_NAMES[self.intervention]}_seed{self.seed}{ctrl}"
+            if flag == "--adapter" and val and val != "svd":
+                adapter = f"-{val}"
+        return f"{self.preset}_{ARM_NAMES[self.intervention]}{adapter}_seed{self.seed}{ctrl}"
 
     def argv(self) -> list[str]:
         """The training command, exactly as it is run."""

@@ -20,7 +20,6 @@ import os
 import signal
 import sys
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,13 +29,21 @@ import torch
 from loguru import logger
 from tqdm import tqdm
 
+from . import blocks, grpo, proj
 from . import checkpoint as ck
-from . import grpo, proj
-from .adapter import deployed_params, quarantine_norm, quarantine_params, rollout_grads, save_adapter, wrap_model
+from .adapter import (
+    deployed_params,
+    quarantine_norm,
+    quarantine_params,
+    save_adapter,
+    snapshot,
+    update_mass,
+    wrap_model,
+)
 from .arms import StepGrads, Vanilla
 from .atomic import write_json_atomic
 from .config import Config, parse_cli
-from .directions import RunDirections
+from .directions import RunDirections, run_pairs
 from .env.modes import MODE_CODE
 from .eval import RunEvals, deploy_record
 from .inputs import Inputs, load_inputs
@@ -104,10 +111,10 @@ def setup(cfg: Config, inp: Inputs, run_dir: Path, device: torch.device) -> Run:
         logger.info(f"teacher pool {inp.pool.root}: {len(inp.pool.rows)} prompts, {inp.pool.n_rows} rows, "
                     f"cached hack rate {inp.pool.hack_rate():.2%}")
     model, tok = load_model_and_tokenizer(cfg.model, device)
-    knobs = wrap_model(model, cfg.model)
-    logger.info(f"adapter: {len(knobs)} modules, {sum(k.rank for k in knobs.values()):,} δS (+ as many δS_hack)")
     arm_cls = cfg.arm_type
+    knobs = wrap_adapter(cfg, model, tok, arm_cls.family, device)
     arm = arm_cls(cfg, RunDirections.for_run(cfg, model, tok, knobs, device, arm_cls.directions_to_load(cfg)))
+    arm.attach(model, tok, knobs, run_pairs(cfg)[0] if arm_cls.family == "block" else [])
     opt, sched = make_optimizer(cfg, deployed_params(knobs) + quarantine_params(knobs))
     sampling = SamplingConfig(max_new=cfg.max_new, temperature=cfg.temperature, top_k=cfg.top_k)
     source = RolloutSource(inp.problems, inp.pool, tok, sampling, cfg)
@@ -118,11 +125,27 @@ def setup(cfg: Config, inp: Inputs, run_dir: Path, device: torch.device) -> Run:
     return run
 
 
+def wrap_adapter(cfg: Config, model, tok, family: str, device: torch.device) -> dict:
+    """The run's adapter on `model`: the SVD knob, or a block-split adapter (its corda / scorda calibration
+    from the run's pairs, taken on the plain model and cached)."""
+    if family == "svd":
+        return wrap_model(model, cfg.model)
+    calib = None
+    if cfg.adapter in blocks.NEEDS_PAIRS:
+        calib = blocks.resolve_calibration(model, tok, run_pairs(cfg)[0], model_id=cfg.model,
+                                           out_dir=cfg.out_root / "vhack", device=device)
+    knobs = blocks.wrap_blocks(model, cfg.model, init=cfg.adapter, r=cfg.block_r, seed=cfg.seed, calibration=calib,
+                               n_heldout=cfg.v_hack_n_heldout)
+    logger.info(f"adapter: {cfg.adapter}, {len(knobs)} modules, rank 2 x {cfg.block_r}")
+    return knobs
+
+
 def save_checkpoint(run: Run, tag: str | None) -> None:
     """resume.pt (full state) + optionally a tagged deploy adapter (δS only)."""
     ck.save_run_state(run.run_dir, run.knobs, run.parts())
     if tag is not None:
-        save_adapter(run.run_dir / f"adapter_{tag}.safetensors", run.knobs, model_id=run.cfg.model, metadata={
+        save = blocks.save_blocks if run.arm.family == "block" else save_adapter
+        save(run.run_dir / f"adapter_{tag}.safetensors", run.knobs, model_id=run.cfg.model, metadata={
             "step": str(run.state.step), "run_id": run.cfg.run_id, "arm": run.cfg.arm})
 
 
@@ -138,20 +161,25 @@ def load_checkpoint(run: Run) -> None:
 
 
 def group_backward(run: Run, g: Group, acc: StepGrads) -> float:
-    """Dr.GRPO loss of one group and its backward, in forward batches of similar length; the group's
-    gradient goes into `acc` (and, per rollout, to the arm), and the knobs' .grad is cleared again.
-    Sets g.mean_logp; returns the loss."""
+    """Dr.GRPO loss of one group and its backward, in forward batches of similar length (each in the arm's
+    context: per-rollout gradient recording, or routeA's masks). For an arm that edits the gradient, the
+    group's gradient goes into `acc` (and, per rollout, to the arm) and .grad is cleared again; otherwise it
+    accumulates in .grad. Sets g.mean_logp; returns the loss."""
     knobs, per_rollout = run.knobs, run.arm.needs_rollout_grads(acc.split)
     adv = grpo.group_advantages(torch.tensor(g.rewards, dtype=torch.float32, device=run.device),
                                 unbiased=run.cfg.unbiased)
+    run.arm.prepare_group(run.model, g, run.tok.pad_token_id)
     loss, g.mean_logp, g_b = 0.0, [math.nan] * g.size, {}
     for rows in g.length_buckets():
-        with rollout_grads(knobs, len(rows)) if per_rollout else nullcontext():
+        with run.arm.batch_context(rows, per_rollout):
             loss += batch_backward(run, g, rows, adv[rows])
         for name, k in knobs.items():
             if per_rollout and k.per_rollout_grad is not None:
                 g_b.setdefault(name, torch.zeros(g.size, k.rank, device=k.per_rollout_grad.device))[rows] = \
                     k.per_rollout_grad
+    if not run.arm.edits_gradient:  # the gradient stays in .grad; the arm only reports its per-rollout choice
+        acc.add_group(g, {}, None, run.arm.observe_group(g, None, {}))
+        return loss
     totals = {n: k.delta_S.grad.detach() for n, k in knobs.items() if k.delta_S.grad is not None}
     acc.add_group(g, totals, g_b or None, run.arm.observe_group(g, g_b, totals) if per_rollout else None)
     for p in run.params:
@@ -181,13 +209,14 @@ def apply_update(run: Run, acc: StepGrads) -> dict:
     parameters actually did (cos_upd, quar_resid)."""
     arm = run.arm
     upd = arm.intervene(acc)
-    for name, k in run.knobs.items():
+    for name, k in run.knobs.items() if arm.edits_gradient else ():
         if name in upd.kept:
             k.delta_S.grad = upd.kept[name].to(k.delta_S.dtype)
         k.delta_S_hack.grad = upd.routed[name].to(k.delta_S_hack.dtype) if name in upd.routed else None
     gn = float(torch.nn.utils.clip_grad_norm_(run.params, run.cfg.grad_clip))
     lr = run.sched.get_last_lr()[0]  # the rate this step's update used
-    before = {n: k.delta_S.detach().clone() for n, k in run.knobs.items()}
+    snap = snapshot(run.knobs)
+    before = {n: k.deployed()[0].detach().clone() for n, k in run.knobs.items()}
     run.opt.step()
     run.sched.step()
     run.opt.zero_grad(set_to_none=True)
@@ -200,6 +229,7 @@ def apply_update(run: Run, acc: StepGrads) -> dict:
                 if name in edit.routed:
                     k.delta_S_hack.add_(edit.routed[name])
         diag.update(edit.diag)
+    diag["q_mass"] = update_mass(run.knobs, snap)
     V = arm.basis_matrices()
     if V is not None:
         quarantine = {n: k.delta_S_hack.detach() for n, k in run.knobs.items()} if arm.has_quarantine else None
