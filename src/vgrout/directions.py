@@ -15,7 +15,7 @@ from loguru import logger
 
 from . import vhack
 from .config import Config
-from .pairs import Pair, builtin_pairs, load_pairs
+from .pairs import Pair, builtin_pairs, for_chat_template, load_pairs
 
 
 class RunDirections:
@@ -30,6 +30,7 @@ class RunDirections:
         if cfg.intervention == "none":
             return cls(cfg, None, [], device)
         pairs = load_pairs(cfg.vhack_pairs_path) if cfg.vhack_pairs_path is not None else builtin_pairs()
+        pairs = for_chat_template(pairs, tok)  # as this model's rollouts see a prompt
         source = str(cfg.vhack_pairs_path) if cfg.vhack_pairs_path is not None else "builtin"
         if cfg.random_v_seed is not None:
             shapes = {n: k.rank for n, k in knobs.items()}
