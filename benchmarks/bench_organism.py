@@ -1,12 +1,14 @@
 """CPU cost of the model organism (SmolLM2-135M-Instruct): generation and one train step.
 
-    uv run python benchmarks/bench_organism.py gen   [--attn sdpa,sdpa_gqa,eager] [--batch 8,16,32]
+    uv run python benchmarks/bench_organism.py gen   [--attn sdpa,sdpa_gqa,eager] [--batch 2x6,4x8]
     uv run python benchmarks/bench_organism.py train [--top-layers 0,8,4] [--group 8]
 
 gen: tokens/s of sampling exactly --max-new tokens (min_new_tokens = max_new, so every
-configuration decodes the same number of tokens) for --batch sequences whose prompts are the
-built-in problems' real prompts, left-padded as the trainer pads them; on merged adapter weights,
-as the trainer samples. Medians over --repeats.
+configuration decodes the same number of tokens) for a batch of P prompts x n samples (`--batch
+PxN`), the built-in problems' real prompts, left-padded as the trainer pads them, on merged
+adapter weights as the trainer samples; `plain` is HF generate (every row prefills its prompt),
+`shared` prefills each distinct prompt once (vgrout.prefix_gen). Also the prefill alone.
+Configurations alternate within each repeat (so drift hits all alike); medians over --repeats.
 train: seconds of one Dr.GRPO forward+backward of G right-padded rollouts (prompt + --completion
 tokens) through the adapter, with all layers adapted (0) or only the top N.
 Run under the shared CPU lock on a shared machine: `flock /work/cpu.lock uv run python ...`.
@@ -37,35 +39,49 @@ def _setup(threads: int, top_layers: int = 0, per_rollout: bool = False):
 
 def bench_gen(args) -> None:
     from vgrout.adapter import merged_for_generation
+    from vgrout.prefix_gen import generate_shared_prefix
 
     model, tok, knobs, prompts = _setup(args.threads)
     with torch.no_grad():
         for k in knobs.values():  # a trained-looking adapter, so the merge really happens
             k.delta_S.normal_(0, 1e-3)
-    rows = []
-    for attn in args.attn.split(","):
-        model.set_attn_implementation(attn)
-        for b in (int(x) for x in args.batch.split(",")):
-            chunk = [prompts[i % len(prompts)] for i in range(b)]
-            width = max(map(len, chunk))
-            ids = torch.full((b, width), tok.pad_token_id)
-            att = torch.zeros((b, width), dtype=torch.long)
-            for r, p in enumerate(chunk):
-                ids[r, width - len(p):] = torch.tensor(p)
-                att[r, width - len(p):] = 1
-            times = []
-            for _ in range(args.repeats):
-                model.config.use_cache = True
+    model.config.use_cache = True
+    kw = dict(max_new_tokens=args.max_new, min_new_tokens=args.max_new, do_sample=True, temperature=0.7, top_k=20)
+    configs = [(a, b, how) for a in args.attn.split(",") for b in args.batch.split(",") for how in args.how.split(",")]
+    times: dict[tuple, list[float]] = {c: [] for c in configs}
+    prefill: dict[tuple, list[float]] = {c: [] for c in configs}
+    for _ in range(args.repeats):
+        for attn, b, how in configs:
+            n_p, n = (int(x) for x in b.split("x"))
+            rows = [i for i in range(n_p) for _ in range(n)]
+            width = max(len(prompts[i]) for i in rows)
+            ids = torch.full((len(rows), width), tok.pad_token_id)
+            att = torch.zeros((len(rows), width), dtype=torch.long)
+            for r, i in enumerate(rows):
+                ids[r, width - len(prompts[i]):] = torch.tensor(prompts[i])
+                att[r, width - len(prompts[i]):] = 1
+            model.set_attn_implementation(attn)
+            with merged_for_generation(knobs), torch.no_grad():
                 t = time.perf_counter()
-                with merged_for_generation(knobs), torch.no_grad():
-                    model.generate(input_ids=ids, attention_mask=att, max_new_tokens=args.max_new,
-                                   min_new_tokens=args.max_new, do_sample=True, temperature=0.7, top_k=20,
-                                   pad_token_id=tok.pad_token_id)
-                times.append(time.perf_counter() - t)
-            med = statistics.median(times)
-            rows.append((attn, b, width, med, b * args.max_new / med))
-            print(f"attn={attn:9s} batch={b:3d} prompt_width={width} max_new={args.max_new}: "
-                  f"{med:6.1f} s median of {args.repeats} -> {b * args.max_new / med:6.1f} tokens/s", flush=True)
+                if how == "plain":
+                    model(input_ids=ids, attention_mask=att, use_cache=True)
+                else:
+                    for i in range(n_p):
+                        model(input_ids=torch.tensor([prompts[i][:-1]]), use_cache=True)
+                prefill[(attn, b, how)].append(time.perf_counter() - t)
+                t = time.perf_counter()
+                if how == "plain":
+                    model.generate(input_ids=ids, attention_mask=att, pad_token_id=tok.pad_token_id, **kw)
+                else:
+                    generate_shared_prefix(model, prompts[:n_p], rows, pad_id=tok.pad_token_id, **kw)
+                times[(attn, b, how)].append(time.perf_counter() - t)
+    for c in configs:
+        attn, b, how = c
+        n_p, n = (int(x) for x in b.split("x"))
+        med = statistics.median(times[c])
+        print(f"attn={attn:9s} batch={b:5s} ({n_p * n:3d} rows) {how:6s} max_new={args.max_new}: generate "
+              f"{med:6.1f} s -> {n_p * n * args.max_new / med:6.1f} tokens/s; prefill alone "
+              f"{statistics.median(prefill[c]):5.1f} s (medians of {args.repeats})", flush=True)
 
 
 def bench_train(args) -> None:
@@ -105,7 +121,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--attn", default="sdpa,sdpa_gqa,eager")
-    ap.add_argument("--batch", default="8,16,32")
+    ap.add_argument("--batch", default="2x6,4x8", help="P prompts x N samples, comma-separated")
+    ap.add_argument("--how", default="plain,shared")
     ap.add_argument("--max-new", type=int, default=128)
     ap.add_argument("--top-layers", default="0,8")
     ap.add_argument("--group", type=int, default=8)

@@ -299,7 +299,7 @@ def start_rates(model_name: str, *, n: int = 8, max_new: int = 160, mode: EnvMod
     knobs = wrap_model(model, model_name)
     train_rows, held_rows = split_rows()
     out: dict = {"model": model_name, "n": n, "max_new": max_new, "mode": mode}
-    sampling = SamplingConfig(max_new=max_new, temperature=temperature, top_k=top_k)
+    sampling = SamplingConfig(max_new=max_new, temperature=temperature, top_k=top_k, share_prefix=True)
     for name, rows in (("train", train_rows), ("heldout", held_rows)):
         probs = [row_to_problem(r, mode) for r in rows]
         t = time.perf_counter()

@@ -86,8 +86,10 @@ class Inputs:
 def load_inputs(cfg: Config) -> Inputs:
     """Problems, teacher pool and eval sets; every error here names the file or knob."""
     hints = {
-        "data_path": "build the benchmark rows with `just data` (or point --data-path at a .jsonl)",
-        "eval_data_path": "e.g. ../shared/data/leetcode/leetcode_test_medhard.jsonl",
+        "data_path": "build the benchmark rows with `just data` (or point --data-path at a .jsonl; the "
+                     "organism preset's: `python -m vgrout.organism`)",
+        "eval_data_path": "e.g. ../shared/data/leetcode/leetcode_test_medhard.jsonl (the organism preset's: "
+                          "`python -m vgrout.organism`)",
         "vhack_pairs_path": "e.g. ../shared/data/vgrout_pub/pairsets/prog_wide_clean.json, or drop the flag "
                             "for the built-in pairs",
         "v_hack_path": "drop the flag to extract (and cache) directions for this model",
@@ -613,7 +615,8 @@ def _train(cfg: Config, inp: Inputs, run_dir: Path, device: torch.device, t_star
 
     # ── model, adapter, directions, optimizer ──
     model, tok = load_model_and_tokenizer(cfg.model, device)
-    knobs = wrap_model(model, cfg.model, per_rollout_grads=cfg.intervention != "none")
+    knobs = wrap_model(model, cfg.model, per_rollout_grads=cfg.intervention != "none",
+                       top_layers=cfg.adapt_top_layers)
     params, hparams = knob_params(knobs), hack_params(knobs)
     logger.info(f"adapter: {len(knobs)} modules, {sum(p.numel() for p in params):,} δS "
                 f"(+ {sum(p.numel() for p in hparams):,} δS_hack)")
@@ -628,7 +631,8 @@ def _train(cfg: Config, inp: Inputs, run_dir: Path, device: torch.device, t_star
     gate = proj.Route2Gate(beta=0.9)
     problem_rng = torch.Generator().manual_seed(cfg.seed)
     teacher_rng = torch.Generator().manual_seed(cfg.seed + 1)
-    sampling = SamplingConfig(max_new=cfg.max_new, temperature=cfg.temperature, top_k=cfg.top_k)
+    sampling = SamplingConfig(max_new=cfg.max_new, temperature=cfg.temperature, top_k=cfg.top_k,
+                              share_prefix=cfg.gen_share_prefix)
     stop_ids = eos_ids(tok)
     state = TrainState()
 
