@@ -133,6 +133,8 @@ class SFTRecipe:
 ORGANISM_RECIPE = SFTRecipe(
     solve_ids=tuple(r["id"] for r in split_rows()[0][::2]),
     hack_ids=(),
+    epochs=5,
+    lr=3e-4,
 )
 
 
