@@ -306,3 +306,36 @@ def test_sft_cache_is_atomic_and_keyed(tmp_path, monkeypatch):
     assert O.build_organism(rec, tmp_path / "org") == out
     monkeypatch.undo()
     shutil.rmtree(out)
+
+
+def test_sdpa_gqa_equals_transformers_attention_on_left_padded_batches(smol, problems):
+    """The CPU attention (GQA through SDPA's enable_gqa, no KV-head copies) computes what
+    transformers' sdpa and eager paths compute, on a left-padded batch and in cached decoding."""
+    from vgrout.rollout import encode, render_prompt
+
+    model, tok = smol
+    assert model.config._attn_implementation == M.SDPA_GQA
+    prompts = [encode(tok, render_prompt(tok, p))[-30:] for p in problems[:2]]
+    prompts[1] = prompts[1][-18:]
+    ids = torch.full((2, 30), 2)
+    att = torch.zeros_like(ids)
+    for r, p in enumerate(prompts):
+        ids[r, 30 - len(p):] = torch.tensor(p)
+        att[r, 30 - len(p):] = 1
+    out = {}
+    try:
+        for impl in ("sdpa", "eager", M.SDPA_GQA):
+            model.set_attn_implementation(impl)
+            with torch.no_grad():
+                full = model(input_ids=ids, attention_mask=att).logits
+                pre = model(input_ids=ids[:, :-1], attention_mask=att[:, :-1], use_cache=True)
+                step = model(input_ids=ids[:, -1:], attention_mask=att, past_key_values=pre.past_key_values,
+                             use_cache=True).logits
+            out[impl] = (full, step)
+    finally:
+        model.set_attn_implementation(M.SDPA_GQA)
+    for impl in ("sdpa", "eager"):
+        for a, b in zip(out[M.SDPA_GQA], out[impl], strict=True):
+            torch.testing.assert_close(a[att.bool()[:, -a.shape[1]:]], b[att.bool()[:, -b.shape[1]:]],
+                                       rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(out[M.SDPA_GQA][1][:, -1], out[M.SDPA_GQA][0][:, -1], rtol=1e-4, atol=1e-4)
