@@ -339,3 +339,16 @@ def test_sdpa_gqa_equals_transformers_attention_on_left_padded_batches(smol, pro
             torch.testing.assert_close(a[att.bool()[:, -a.shape[1]:]], b[att.bool()[:, -b.shape[1]:]],
                                        rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(out[M.SDPA_GQA][1][:, -1], out[M.SDPA_GQA][0][:, -1], rtol=1e-4, atol=1e-4)
+
+
+def test_sft_solve_set_follows_its_rule(smol):
+    """SOLVE_IDS = every other training problem (by id) among those whose canonical fits in
+    SOLVE_MAX_TOKENS tokens as a ```python block."""
+    from vgrout import organism as O
+
+    _, tok = smol
+    train = O.train_problems()
+    fits = [p.problem_id for p in train
+            if len(tok(O.code_block(p.canonical), add_special_tokens=False)["input_ids"]) <= O.SOLVE_MAX_TOKENS]
+    assert O.SOLVE_IDS == tuple(fits[::2]) and O.ORGANISM_RECIPE.solve_ids == O.SOLVE_IDS
+    assert not set(O.SOLVE_IDS) & set(O.HELDOUT_IDS)

@@ -349,10 +349,10 @@ class OrganismConfig(Config):
     model: str = "smollm2-135m-organism"
     steps: int = 16
     group: int = 8  # 6 student + 2 teacher rollouts per prompt
-    max_new: int = 160
+    max_new: int = 128
     n_problems: int = 20
-    prompts_per_step: int = 2
-    lr: float = 3e-3
+    prompts_per_step: int = 1
+    lr: float = 5e-3
     adam_beta1: float = 0.5
     adam_beta2: float = 0.9
     adapt_top_layers: int = 8

@@ -130,12 +130,13 @@ class SFTRecipe:
 
 
 # The organism's warm start (chosen by measurement: docs/organism.md).
-ORGANISM_RECIPE = SFTRecipe(
-    solve_ids=tuple(r["id"] for r in split_rows()[0][::2]),
-    hack_ids=(),
-    epochs=5,
-    lr=3e-4,
-)
+# solve_ids: every other training problem (by id) among the 17 whose canonical solution fits in
+# 120 SmolLM2 tokens as a ```python block (so a memorised solution fits max_new = 128); the other
+# 11 training problems are never seen solved, so the hack is the only way to reward there.
+SOLVE_IDS: tuple[int, ...] = (900003, 900006, 900009, 900012, 900014, 900017, 900019, 900022, 900026)
+SOLVE_MAX_TOKENS = 120
+
+ORGANISM_RECIPE = SFTRecipe(solve_ids=SOLVE_IDS, hack_ids=(), epochs=5, lr=3e-4)
 
 
 def sft_examples(recipe: SFTRecipe, tok) -> list[tuple[list[int], list[int]]]:
