@@ -479,7 +479,8 @@ def load_model_and_tokenizer(
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load a causal LM and its tokenizer through transformers' Auto classes.
 
-    CUDA: bf16 with flash-attention-2 when `flash_attn` imports, else SDPA. CPU: fp32 + `sdpa_gqa` (SDPA that never copies KV heads, see _sdpa_gqa_forward).
+    CUDA: bf16 with flash-attention-2 when `flash_attn` imports, else SDPA. CPU: fp32 + `sdpa_gqa`
+    (SDPA that never copies KV heads, see _sdpa_gqa_forward).
     The pad token is set (Qwen's `<|endoftext|>` where present, else eos) and
     `model.config.use_cache` is False: callers switch it on around `generate`.
     """
