@@ -22,24 +22,27 @@ checksum), the pool by its problems, mode and tokenizer.
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
-import hashlib
-import json
 import os
-import shutil
-import tempfile
-import time
-from dataclasses import dataclass
-from pathlib import Path
 
-import torch
-from loguru import logger
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads OpenMP (see train.py)
 
-from .env.builtin_problems import builtin_rows
-from .env.modes import EnvMode, check_mode
-from .env.problems import Problem, load_rows, row_to_problem, write_rows
-from .model import ORGANISM, SMOLLM2, build_smollm2, models_dir
+import argparse  # noqa: E402
+import dataclasses  # noqa: E402
+import hashlib  # noqa: E402
+import json  # noqa: E402
+import shutil  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import torch  # noqa: E402
+from loguru import logger  # noqa: E402
+
+from .env.builtin_problems import builtin_rows  # noqa: E402
+from .env.modes import EnvMode, check_mode  # noqa: E402
+from .env.problems import Problem, load_rows, row_to_problem, write_rows  # noqa: E402
+from .model import ORGANISM, SMOLLM2, build_smollm2, models_dir  # noqa: E402
 
 # Held out of the SFT and of RL: the seven built-in problems with the longest canonical solutions
 # (143-196 SmolLM2 tokens in a ```python fence; every training problem's fits in 142), so the
