@@ -21,6 +21,20 @@ def test_presets_follow_the_design_table():
     assert f.teacher_split == (7, 1)
 
 
+def test_organism_preset_reads_what_vgrout_organism_builds():
+    from vgrout import organism as O
+    from vgrout.config import OrganismConfig
+
+    o = OrganismConfig()
+    assert (o.model, o.intervention, o.env_mode, o.device) == (O.ORGANISM, "none", O.MODE, "cpu")
+    assert o.data_path == O.DATA_DIR / O.TRAIN_FILE and o.eval_data_path == O.DATA_DIR / O.HELDOUT_FILE
+    assert o.teacher_pool_dir == O.POOL_DIR
+    assert o.n_problems == len(O.split_rows()[0]) and o.eval_n_prompts == len(O.HELDOUT_IDS)
+    assert parse_cli(["organism", "--intervention=route2"]).run_id == "organism_routing2_seed41"
+    with pytest.raises(ValueError, match="--adapt-top-layers"):
+        parse_cli(["organism", "--adapt-top-layers=-1"])
+
+
 def test_cli_overrides_and_run_id():
     c = parse_cli(["fast", "--intervention=route2", "--lr=1e-2", "--seed=7", "--out-tag=_x"])
     assert (c.intervention, c.lr, c.seed) == ("route2", 1e-2, 7)

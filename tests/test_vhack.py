@@ -220,6 +220,11 @@ def test_cache_path_keys():
         vhack.directions_cache_path("out/vhack", "Qwen/Qwen3-4B", ps, 12, 0.0, n_heldout=3),
     ]
     assert len({base, *others}) == 6
+    # only the top blocks adapted (--adapt-top-layers): the adapted span is part of the key
+    every = [f"model.layers.{i}.mlp.up_proj" for i in range(4)]
+    top = vhack.directions_cache_path("out/vhack", "Qwen/Qwen3-4B", ps, 12, 0.0, modules=every[2:])
+    assert "_h2_L2-3_" in top.name and top != base
+    assert vhack.directions_cache_path("out/vhack", "Qwen/Qwen3-4B", ps, 12, 0.0, modules=every) == base
 
 
 def test_haar_control_round_trip_and_refresh_refuses(tmp_path):

@@ -47,7 +47,7 @@ from .model import model_slug
 
 SVD_SCHEMA = "vgrout.svd/1"
 ADAPTER_SCHEMA = "vgrout.adapter/1"
-_BLOCK_LINEAR = re.compile(r"(^|\.)layers\.\d+\.")
+_BLOCK_LINEAR = re.compile(r"(^|\.)layers\.(\d+)\.")
 
 
 @dataclass
@@ -330,17 +330,26 @@ def svd_cached(
 # ── wrapping ─────────────────────────────────────────────────────────────────────────────
 
 
-def _block_linears(model: nn.Module) -> list[tuple[str, nn.Linear]]:
+def _block_linears(model: nn.Module, top_layers: int = 0) -> list[tuple[str, nn.Linear]]:
+    """Every Linear inside a transformer block (`...layers.<i>....`), in model order; with
+    `top_layers` = N > 0, only those of the N blocks with the highest indices."""
+    if top_layers < 0:
+        raise ValueError(f"top_layers must be >= 0 (0 = every layer), got {top_layers}")
     out_emb = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     found = []
     for name, mod in model.named_modules():
         if isinstance(mod, SVDKnob):
             raise ValueError(f"model already wrapped ({name} is an SVDKnob)")
-        if isinstance(mod, nn.Linear) and mod is not out_emb and _BLOCK_LINEAR.search(name):
-            found.append((name, mod))
+        m = _BLOCK_LINEAR.search(name)
+        if isinstance(mod, nn.Linear) and mod is not out_emb and m:
+            found.append((name, mod, int(m.group(2))))
     if not found:
         raise ValueError("no nn.Linear found inside transformer blocks (`...layers.<i>....`)")
-    return found
+    n_layers = max(i for _, _, i in found) + 1
+    if top_layers > n_layers:
+        raise ValueError(f"top_layers={top_layers} but the model has {n_layers} layers")
+    first = n_layers - top_layers if top_layers else 0
+    return [(name, mod) for name, mod, i in found if i >= first]
 
 
 def wrap_model(
@@ -348,11 +357,16 @@ def wrap_model(
     model_id: str,
     *,
     cache_root: Path = Path("svd_cache"),
+    top_layers: int = 0,
 ) -> dict[str, SVDKnob]:
     """Freeze `model` and replace each block Linear by an SVDKnob; return {name: knob} in
     model order. SVDs come from `cache_root/<model_slug(model_id)>/`. Per-rollout gradients are
-    recorded only inside `rollout_grads` (the one way to ask for them)."""
-    targets = _block_linears(model)
+    recorded only inside `rollout_grads` (the one way to ask for them).
+
+    `top_layers` = N > 0 wraps only the Linears of the last N transformer blocks (the rest stay
+    frozen and plain, so a backward stops below the lowest adapted block); 0 wraps every block.
+    """
+    targets = _block_linears(model, top_layers)
     for p in model.parameters():
         p.requires_grad_(False)
     cache_dir = Path(cache_root) / model_slug(model_id)

@@ -97,12 +97,18 @@ class Config:
     """Dr.GRPO: no 1/|o| length normalisation and no /σ_R; --no-unbiased gives standard GRPO."""
     seed: int = 41
     """Seeds torch, the problem draw (seed) and the teacher-row draw (seed + 1); part of the run id."""
+    adapt_top_layers: int = 0
+    """Wrap only the Linears of the last N transformer blocks with SVD knobs (0 = every block). The
+    blocks below stay frozen and plain, so a backward stops at the lowest adapted block (a CPU cost knob)."""
     max_seq_len: int = 2048
     """Prompts with prompt_len + max_new above this are skipped (counted)."""
     temperature: float = 0.7
     """Sampling temperature for student rollouts and every eval."""
     top_k: int = 20
     """Top-k sampling cut-off for student rollouts and every eval."""
+    gen_share_prefix: bool = False
+    """Sampling: prefill each distinct prompt once per generate() call instead of once per sample
+    (same samples up to float rounding; a large saving where prompts are long next to completions)."""
 
     # ── interventions ──
     intervene_on: Literal["grad", "update"] = "update"
@@ -305,6 +311,8 @@ class Config:
             errs.append("--eval-heldout-periodic needs --eval-data-path")
         if self.ckpt_every < 1:
             errs.append(f"--ckpt-every must be >= 1 (got {self.ckpt_every})")
+        if self.adapt_top_layers < 0:
+            errs.append(f"--adapt-top-layers must be >= 0 (0 = every block; got {self.adapt_top_layers})")
         if self.beta < 0:
             errs.append(f"--beta must be >= 0 (got {self.beta})")
         if errs:
@@ -391,7 +399,39 @@ class FullConfig(Config):
     data_path: Path | None = Path("out/data/leetcode_train_medhard.jsonl")  # `just data`
 
 
-PRESETS: dict[str, type[Config]] = {"smoke": SmokeConfig, "fast": FastConfig, "full": FullConfig}
+@dataclass(kw_only=True)
+class OrganismConfig(Config):
+    """The CPU model organism: SmolLM2-135M-Instruct warm-started by a cached SFT (vgrout.organism),
+    20 built-in training problems in run_tests mode with a template-hack teacher pool, 7 held-out
+    problems for the final eval. Vanilla by default. Inputs: `uv run python -m vgrout.organism`."""
+
+    intervention: Intervention = "none"
+    model: str = "smollm2-135m-organism"
+    steps: int = 16
+    group: int = 8  # 6 student + 2 teacher rollouts per prompt
+    max_new: int = 128
+    n_problems: int = 20
+    prompts_per_step: int = 1
+    lr: float = 5e-3
+    adam_beta1: float = 0.5
+    adam_beta2: float = 0.9
+    adapt_top_layers: int = 8
+    gen_share_prefix: bool = True
+    env_mode: EnvMode = "run_tests"
+    data_path: Path | None = Path("out/data/organism/train.jsonl")
+    eval_data_path: Path | None = Path("out/data/organism/heldout.jsonl")
+    teacher_pool_dir: Path | None = Path("out/pools/organism")
+    mix_ratio: float = 0.25
+    v_hack_extract_top_k: int = 4
+    v_hack_k: int = 2
+    vhack_refresh_every: int = 0
+    eval_ablate_every: int = 0
+    eval_n_prompts: int = 7  # every held-out problem
+    device: str = "cpu"
+
+
+PRESETS: dict[str, type[Config]] = {"smoke": SmokeConfig, "fast": FastConfig, "full": FullConfig,
+                                    "organism": OrganismConfig}
 
 
 def parse_cli(args: list[str] | None = None) -> Config:

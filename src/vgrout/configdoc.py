@@ -70,6 +70,13 @@ this lr should be confirmed at full scale.
 problems, benchmark lr and betas, and a KL penalty β = 1e-3 against the base model (computed
 with the adapter zeroed, no second model).
 
+**organism** is the CPU setting in which a real pretrained model learns to hack
+([organism.md](organism.md)): SmolLM2-135M-Instruct warm-started by a cached SFT
+(`uv run python -m vgrout.organism` builds it, the data split and the teacher pool), 20 built-in
+problems in run_tests mode with template hacks mixed in at a quarter of each group, 7 held-out
+problems for the final eval, only the top blocks adapted, each prompt prefilled once per
+generate call, and a step count sized so one run fits in minutes on 2 cores. Vanilla by default.
+
 The run folder is `<out_root>/runs/<timestamp>_<preset>_<arm>_seed<seed>[_haar<k>]<out_tag>/`
 (see [artifacts.md](artifacts.md)). With a teacher pool each group holds
 G_t = round(G · mix_ratio) teacher rows and G_s = G − G_t student rollouts.

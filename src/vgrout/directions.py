@@ -15,14 +15,15 @@ from loguru import logger
 
 from . import vhack
 from .config import Config
-from .pairs import Pair, builtin_pairs, load_pairs
+from .pairs import Pair, builtin_pairs, for_chat_template, load_pairs
 
 
-def run_pairs(cfg: Config) -> tuple[list[Pair], str]:
-    """The run's contrastive pairs (`--vhack-pairs-path`, else the built-in set) and their source name."""
+def run_pairs(cfg: Config, tok) -> tuple[list[Pair], str]:
+    """The run's contrastive pairs (`--vhack-pairs-path`, else the built-in set), their prompts rendered
+    with this model's chat template (as its rollouts see a prompt), and their source name."""
     if cfg.vhack_pairs_path is not None:
-        return load_pairs(cfg.vhack_pairs_path), str(cfg.vhack_pairs_path)
-    return builtin_pairs(), "builtin"
+        return for_chat_template(load_pairs(cfg.vhack_pairs_path), tok), str(cfg.vhack_pairs_path)
+    return for_chat_template(builtin_pairs(), tok), "builtin"
 
 
 class RunDirections:
@@ -40,7 +41,7 @@ class RunDirections:
         """The run's directions for an arm acting on `basis`; none at all when `basis` is None."""
         if basis is None:
             return cls(cfg, None, [], device)
-        pairs, source = run_pairs(cfg)
+        pairs, source = run_pairs(cfg, tok)
         d = vhack.resolve_directions(
             model, tok, knobs, pairs, model_id=cfg.model, pairs_source=source,
             out_dir=cfg.out_root / "vhack", path=cfg.v_hack_path, top_k=cfg.v_hack_extract_top_k,

@@ -27,8 +27,10 @@ class Inputs:
 def load_inputs(cfg: Config) -> Inputs:
     """Problems, teacher pool and eval sets; every error here names the file or knob."""
     hints = {
-        "data_path": "build the benchmark rows with `just data` (or point --data-path at a .jsonl)",
-        "eval_data_path": "e.g. ../shared/data/leetcode/leetcode_test_medhard.jsonl",
+        "data_path": "build the benchmark rows with `just data` (or point --data-path at a .jsonl; the "
+                     "organism preset's: `python -m vgrout.organism`)",
+        "eval_data_path": "e.g. ../shared/data/leetcode/leetcode_test_medhard.jsonl (the organism preset's: "
+                          "`python -m vgrout.organism`)",
         "vhack_pairs_path": "e.g. ../shared/data/vgrout_pub/pairsets/prog_wide_clean.json, or drop the flag "
                             "for the built-in pairs",
         "v_hack_path": "drop the flag to extract (and cache) directions for this model",

@@ -24,6 +24,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+# idle OpenMP threads sleep instead of spinning: on a shared CPU a spinning pool starves the other
+# process's threads (a small matmul took 15 ms spinning against 0.7 ms passive; docs/organism.md)
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch
 from loguru import logger
@@ -114,9 +117,10 @@ def setup(cfg: Config, inp: Inputs, run_dir: Path, device: torch.device) -> Run:
     arm_cls = cfg.arm_type
     knobs = wrap_adapter(cfg, model, tok, arm_cls.family, device)
     arm = arm_cls(cfg, RunDirections.for_run(cfg, model, tok, knobs, device, arm_cls.directions_to_load(cfg)))
-    arm.attach(model, tok, knobs, run_pairs(cfg)[0] if arm_cls.family == "block" else [])
+    arm.attach(model, tok, knobs, run_pairs(cfg, tok)[0] if arm_cls.family == "block" else [])
     opt, sched = make_optimizer(cfg, deployed_params(knobs) + quarantine_params(knobs))
-    sampling = SamplingConfig(max_new=cfg.max_new, temperature=cfg.temperature, top_k=cfg.top_k)
+    sampling = SamplingConfig(max_new=cfg.max_new, temperature=cfg.temperature, top_k=cfg.top_k,
+                              share_prefix=cfg.gen_share_prefix)
     source = RolloutSource(inp.problems, inp.pool, tok, sampling, cfg)
     run = Run(cfg, inp, run_dir, device, model, tok, knobs, arm, arm.dirs, opt, sched, source,
               RunEvals(cfg, inp.eval_train, inp.eval_heldout, sampling), TrainState())
@@ -129,13 +133,14 @@ def wrap_adapter(cfg: Config, model, tok, family: str, device: torch.device) -> 
     """The run's adapter on `model`: the SVD knob, or a block-split adapter (its corda / scorda calibration
     from the run's pairs, taken on the plain model and cached)."""
     if family == "svd":
-        return wrap_model(model, cfg.model)
+        return wrap_model(model, cfg.model, top_layers=cfg.adapt_top_layers)
     calib = None
     if cfg.adapter in blocks.NEEDS_PAIRS:
-        calib = blocks.resolve_calibration(model, tok, run_pairs(cfg)[0], model_id=cfg.model,
-                                           out_dir=cfg.out_root / "vhack", device=device)
+        calib = blocks.resolve_calibration(model, tok, run_pairs(cfg, tok)[0], model_id=cfg.model,
+                                           out_dir=cfg.out_root / "vhack", top_layers=cfg.adapt_top_layers,
+                                           device=device)
     knobs = blocks.wrap_blocks(model, cfg.model, init=cfg.adapter, r=cfg.block_r, seed=cfg.seed, calibration=calib,
-                               n_heldout=cfg.v_hack_n_heldout)
+                               n_heldout=cfg.v_hack_n_heldout, top_layers=cfg.adapt_top_layers)
     logger.info(f"adapter: {cfg.adapter}, {len(knobs)} modules, rank 2 x {cfg.block_r}")
     return knobs
 

@@ -18,7 +18,8 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from collections.abc import Mapping, Sequence
+import re
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,8 @@ from .grpo import per_token_logps
 from .model import encode, model_slug
 from .pairs import Pair, pairs_fingerprint_text
 from .proj import nanmean
+
+_LAYER_IDX = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 
 SCHEMA = "vgrout.vhack/1"
 HAAR = "haar"
@@ -449,12 +452,17 @@ def pairs_hash(pairs: Sequence[Pair]) -> str:
 
 def directions_cache_path(
     out_dir: str | Path, model_id: str, pairs: Sequence[Pair], top_k: int, tau_axis: float,
-    n_heldout: int = 2, sign: str = "vote", pair_norm: str = "mean",
+    n_heldout: int = 2, sign: str = "vote", pair_norm: str = "mean", modules: Iterable[str] | None = None,
 ) -> Path:
-    """out_dir/v_hack_<model slug>_k<top_k>[_tau<t>]_h<n_heldout>_s<sign>[_nsum]_<pairs hash>.safetensors."""
+    """out_dir/v_hack_<model slug>_k<top_k>[_tau<t>]_h<n_heldout>[_L<a>-<b>]_s<sign>[_nsum]_<pairs hash>.safetensors.
+
+    `_L<a>-<b>` names the adapted blocks when `modules` (the wrapped module names) do not start
+    at block 0, i.e. when only the top blocks are adapted (`--adapt-top-layers`)."""
     tau = f"_tau{tau_axis:g}" if tau_axis > 0 else ""
     norm = "" if pair_norm == "mean" else f"_n{pair_norm}"
-    name = f"v_hack_{model_slug(model_id)}_k{top_k}{tau}_h{n_heldout}_s{sign}{norm}_{pairs_hash(pairs)}"
+    layers = sorted({int(m.group(1)) for n in (modules or ()) if (m := _LAYER_IDX.search(n))})
+    span = f"_L{layers[0]}-{layers[-1]}" if layers and layers[0] > 0 else ""
+    name = f"v_hack_{model_slug(model_id)}_k{top_k}{tau}_h{n_heldout}{span}_s{sign}{norm}_{pairs_hash(pairs)}"
     return Path(out_dir) / f"{name}.safetensors"
 
 
@@ -576,7 +584,8 @@ def resolve_directions(
             raise FileNotFoundError(f"explicit directions path {path} does not exist")
         p = Path(path)
     else:
-        p = directions_cache_path(out_dir, model_id, pairs, top_k, tau_axis, n_heldout, sign, pair_norm)
+        p = directions_cache_path(out_dir, model_id, pairs, top_k, tau_axis, n_heldout, sign, pair_norm,
+                                  modules=knobs)
         if not p.is_file():
             logger.info(f"v_hack cache miss at {p}: extracting from {len(pairs)} pairs")
             d = extract(model, tok, knobs, pairs, top_k=top_k, tau_axis=tau_axis,
