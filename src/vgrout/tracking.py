@@ -128,9 +128,18 @@ class Tracker:
         pass
 
     def log_plots(self, run_dir: Path) -> None:
-        """Render this run's PNGs and log them (nothing is drawn when tracking is off)."""
-        if self.active:
-            self.log_images(run_plots(run_dir))
+        """Render this run's PNGs and log them (nothing is drawn when tracking is off). Called
+        after the run is complete: a figure that fails to draw is a warning, never a failed run."""
+        if not self.active:
+            return
+        try:
+            paths = run_plots(run_dir)
+        except Exception as e:  # noqa: BLE001 - the run's data is safe in rows.jsonl; say what broke
+            from loguru import logger
+
+            logger.warning(f"{self.name}: could not draw the run's plots ({type(e).__name__}: {e}); none logged")
+            return
+        self.log_images(paths)
 
     def finish(self, exit_code: int = 0) -> None:
         pass
