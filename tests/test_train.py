@@ -267,3 +267,32 @@ def test_missing_input_files_name_the_fix(inputs, tmp_path, flag, needle):
     with pytest.raises(FileNotFoundError, match=needle):
         main(parse_cli(base_args(inputs, tmp_path, "--intervention=route2", flag)))
     assert not (tmp_path / "runs").exists()
+
+
+def test_short_training_set_log_names_the_pools_partition(inputs, tmp_path):
+    """The pool's partition (not the data file) limits the set: the log says so, with both counts."""
+    from loguru import logger
+
+    from vgrout.env.builtin_problems import builtin_rows
+    from vgrout.train import load_inputs
+
+    pool = tmp_path / "pool"
+    pool.mkdir()
+    src = inputs[0]
+    part = json.loads((src / "partition.json").read_text())
+    keep = sorted(part)[:5]
+    for pid in keep:
+        name = f"prompt_{int(pid):04d}.jsonl.gz"
+        (pool / name).write_bytes((src / name).read_bytes())
+    (pool / "partition.json").write_text(json.dumps({k: part[k] for k in keep}))
+    msgs: list[str] = []
+    sink = logger.add(lambda m: msgs.append(str(m).strip()), level="INFO", format="{message}")
+    try:
+        inp = load_inputs(parse_cli(base_args(inputs, tmp_path / "out", f"--teacher-pool-dir={pool}",
+                                              "--n-problems=200")))
+    finally:
+        logger.remove(sink)
+    assert len(inp.problems) == 5
+    n = len(builtin_rows())
+    assert (f"asked for 200 problems, the teacher pool's {pool}/partition.json (5 problem ids) keeps 5 of the "
+            f"{n} rows of builtin: using all 5") in msgs, msgs
