@@ -162,6 +162,10 @@ def test_bad_pool_fails_before_any_work(inputs, tmp_path, kind, err, needle):
     (["--mix-ratio=1.0"], "--mix-ratio must be in [0, 1)"),
     (["--group=2", "--mix-ratio=0.75"], "G_s=0"),
     (["--half-a=E,Q"], "unknown detector codes"),
+    (["--lr=-1"], "--lr must be > 0 (got -1.0)"),
+    (["--temperature=0"], "--temperature must be > 0"),
+    (["--warmup-frac=1.5"], "--warmup-frac must be in [0, 1]"),
+    (["--grad-clip=nan"], "--grad-clip must be > 0 (got nan)"),
 ])
 def test_bad_knobs_fail_at_parse(inputs, tmp_path, flags, needle):
     with pytest.raises(ValueError) as e:
@@ -241,6 +245,11 @@ def test_cli_reports_input_errors_without_traceback(tmp_path):
                               f"--teacher-pool-dir={tmp_path / 'nope'}", f"--out-root={tmp_path}"],
                              capture_output=True, text=True, timeout=120)
     assert missing.returncode == 2 and "does not exist" in missing.stderr
+    # the example: a negative lr used to make a run folder, load the model and die in AdamW
+    lr = subprocess.run([sys.executable, "-m", "vgrout.train", "smoke", "--lr=-1", f"--out-root={tmp_path}"],
+                        capture_output=True, text=True, timeout=120)
+    assert lr.returncode == 2 and "Traceback" not in lr.stderr
+    assert lr.stderr.strip().splitlines()[-1].strip() == "--lr must be > 0 (got -1.0)"
     assert not (tmp_path / "runs").exists()
 
 
