@@ -368,6 +368,7 @@ NUMERIC_RANGES: dict[str, Range] = {
     "mix_ratio": Range(0, 1, hi_open=True, why="1.0 leaves no student rollouts"),
     "teacher_off_step": Range(0),
     "eval_ablate_every": Range(0, why="0 = off"),
+    "eval_seed": Range(0, 2**32 - 1),
     "eval_n_prompts": Range(1),
     "cos_pre_split_every": Range(1),
     "ckpt_every": Range(1),
