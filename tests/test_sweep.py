@@ -274,3 +274,19 @@ def test_bad_arguments_exit_with_a_message(capsys):
     with pytest.raises(SystemExit):
         main(["smoke", "none", "1", "--parallel", "0"], which=lambda _n: None)
     assert "--parallel must be >= 1" in capsys.readouterr().err
+
+
+def test_slurm_cpu_runs_request_no_gpu_and_log_where_asked(tmp_path, capsys):
+    out, logs = tmp_path / "cpu.sbatch", tmp_path / "task_logs"
+    rc = main(["smoke", "none", "1,2", "--slurm", str(out), "--slurm-gpus=0", "--slurm-cpus=1",
+               f"--slurm-log-dir={logs}", "--workdir", str(tmp_path)], which=lambda _n: None)
+    assert rc == 0
+    header = [ln for ln in out.read_text().splitlines() if ln.startswith("#SBATCH")]
+    assert not any("--gres" in ln for ln in header)
+    assert "#SBATCH --cpus-per-task=1" in header and f"#SBATCH --output={logs}/%x_%A_%a.out" in header
+    assert logs.is_dir()
+    two = slurm_script(plan_jobs("fast", ["none"], [1]), workdir=tmp_path, gpus=2)
+    assert "#SBATCH --gres=gpu:2" in two.splitlines()
+    with pytest.raises(SystemExit):
+        main(["smoke", "none", "1", "--slurm", str(out), "--slurm-gpus=-1"], which=lambda _n: None)
+    assert "--slurm-gpus must be >= 0" in capsys.readouterr().err

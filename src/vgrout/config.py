@@ -9,6 +9,7 @@ a bad flag costs seconds, not a GPU start-up.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Literal
@@ -17,6 +18,7 @@ import tyro
 
 from .env.modes import ENV_MODES, EnvMode
 from .env.rewards import DEFAULT_TIME, RelativeTime
+from .tracking import missing_package
 
 Intervention = Literal["none", "erase", "route", "route2", "absorb", "routeA"]
 GateMode = Literal["one_sided", "no_gate", "reverse"]
@@ -228,6 +230,11 @@ class Config:
     continue later with --resume."""
     device: str = "auto"
     """auto = CUDA when available, else CPU; or any torch device string."""
+    report_to: Literal["none", "wandb", "tensorboard"] = "none"
+    """Experiment tracker for the per-step rows, config + provenance, final per-mode tables and
+    plots: wandb (under the run folder's wandb/; WANDB_MODE=offline works without network) or
+    tensorboard (event files in the run folder's tensorboard/). Needs `uv sync --extra wandb`
+    or `--extra tensorboard`."""
 
     # ── derived ──
     @property
@@ -270,29 +277,23 @@ class Config:
         return self.group - g_t, g_t
 
     def validate(self) -> None:
-        """Raise ValueError naming the offending knob; cheap checks only (no model, no data)."""
-        errs = []
-        if self.steps < 1:
-            errs.append(f"--steps must be >= 1 (got {self.steps})")
-        if self.group < 1:
-            errs.append(f"--group must be >= 1 (got {self.group})")
-        if self.prompts_per_step < 1:
-            errs.append(f"--prompts-per-step must be >= 1 (got {self.prompts_per_step})")
-        if not 0.0 <= self.mix_ratio < 1.0:
-            errs.append(f"--mix-ratio must be in [0, 1) (got {self.mix_ratio}); 1.0 leaves no student rollouts")
+        """Raise ValueError naming the offending knob; cheap checks only (no model, no data).
+
+        Every numeric knob has a range (NUMERIC_RANGES; NaN and inf are refused everywhere), then
+        the checks that involve several knobs."""
+        errs = [e for name, rng in NUMERIC_RANGES.items() if (e := rng.check(name, getattr(self, name)))]
+        if errs:  # the cross-knob checks below assume every number is in range
+            raise ValueError("invalid config:\n  " + "\n  ".join(errs))
         g_s, _ = self.teacher_split
         if g_s < 1:
             errs.append(f"--group={self.group} with --mix-ratio={self.mix_ratio} leaves G_s={g_s} student rollouts; "
                         "need >= 1")
-        if not 0.0 <= self.rollout_ablate_frac <= 1.0:
-            errs.append(f"--rollout-ablate-frac must be in [0, 1] (got {self.rollout_ablate_frac})")
-        if self.max_new < 1:
-            errs.append(f"--max-new must be >= 1 (got {self.max_new})")
-        if self.v_hack_k < 1 or self.v_hack_k > self.v_hack_extract_top_k:
+        if self.v_hack_k > self.v_hack_extract_top_k:
             errs.append(f"--v-hack-k must be in [1, v_hack_extract_top_k={self.v_hack_extract_top_k}] "
                         f"(got {self.v_hack_k})")
-        if not 0.0 <= self.v_hack_drop_bottom_frac < 1.0:
-            errs.append(f"--v-hack-drop-bottom-frac must be in [0, 1) (got {self.v_hack_drop_bottom_frac})")
+        if self.max_new >= self.max_seq_len:
+            errs.append(f"--max-new={self.max_new} leaves no room for a prompt in --max-seq-len={self.max_seq_len}; "
+                        "every prompt would be skipped")
         if self.half_a_codes - set(DETECTOR_CODES):
             errs.append(f"--half-a has unknown detector codes {sorted(self.half_a_codes - set(DETECTOR_CODES))}; "
                         f"valid: {', '.join(DETECTOR_CODES)}")
@@ -301,20 +302,14 @@ class Config:
                 errs.append(f"unknown mode {m!r}; valid: {', '.join(ENV_MODES)}")
         if self.teacher_modes is not None and self.teacher_pool_dir is None:
             errs.append("--teacher-modes needs --teacher-pool-dir (with a partition.json)")
-        if self.cos_pre_split_every < 1:
-            errs.append(f"--cos-pre-split-every must be >= 1 (got {self.cos_pre_split_every})")
         try:
             errs += self.arm_type.config_errors(self)  # the arm checks its own knobs
         except ValueError as e:  # no such arm for this adapter
             errs.append(str(e))
         if self.eval_heldout_periodic and self.eval_data_path is None:
             errs.append("--eval-heldout-periodic needs --eval-data-path")
-        if self.ckpt_every < 1:
-            errs.append(f"--ckpt-every must be >= 1 (got {self.ckpt_every})")
-        if self.adapt_top_layers < 0:
-            errs.append(f"--adapt-top-layers must be >= 0 (0 = every block; got {self.adapt_top_layers})")
-        if self.beta < 0:
-            errs.append(f"--beta must be >= 0 (got {self.beta})")
+        if (missing := missing_package(self.report_to)) is not None:
+            errs.append(missing)
         if errs:
             raise ValueError("invalid config:\n  " + "\n  ".join(errs))
 
@@ -333,7 +328,83 @@ class Config:
 
 
 # Knobs that may differ between a run and its resume (they do not change the science).
-RESUME_MUTABLE = frozenset({"resume", "device", "stop_after_steps"})
+RESUME_MUTABLE = frozenset({"resume", "device", "stop_after_steps", "report_to"})
+
+
+@dataclass(frozen=True)
+class Range:
+    """The allowed values of one numeric knob: lo / hi bounds (None = unbounded), each inclusive
+    or not, plus why (shown in the error). None passes for the knobs typed `int | None`."""
+
+    lo: float | None = None
+    hi: float | None = None
+    lo_open: bool = False
+    hi_open: bool = False
+    why: str = ""
+
+    def text(self) -> str:
+        if self.hi is None:
+            return f"{'>' if self.lo_open else '>='} {self.lo:g}"
+        if self.lo is None:
+            return f"{'<' if self.hi_open else '<='} {self.hi:g}"
+        return f"in {'(' if self.lo_open else '['}{self.lo:g}, {self.hi:g}{')' if self.hi_open else ']'}"
+
+    def check(self, name: str, v: object) -> str | None:
+        """None when `v` is allowed, else the one-line error naming the flag."""
+        if v is None:
+            return None
+        ok = isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+        if ok and self.lo is not None:
+            ok = v > self.lo if self.lo_open else v >= self.lo
+        if ok and self.hi is not None:
+            ok = v < self.hi if self.hi_open else v <= self.hi
+        if ok:
+            return None
+        why = f"; {self.why}" if self.why else ""
+        return f"--{name.replace('_', '-')} must be {self.text()} (got {v!r}){why}"
+
+
+# Every int/float knob of Config and its range, checked by validate() at parse time (a test
+# fails when a numeric knob is added without one).
+NUMERIC_RANGES: dict[str, Range] = {
+    "steps": Range(1),
+    "group": Range(2, why="the GRPO advantage is relative within a group; one rollout has none"),
+    "max_new": Range(1),
+    "n_problems": Range(1),
+    "beta": Range(0),
+    "prompts_per_step": Range(1),
+    "lr": Range(0, lo_open=True),
+    "adam_beta1": Range(0, 1, hi_open=True),
+    "adam_beta2": Range(0, 1, hi_open=True),
+    "clip": Range(0, lo_open=True),
+    "weight_decay": Range(0),
+    "warmup_frac": Range(0, 1),
+    "grad_clip": Range(0, lo_open=True),
+    "seed": Range(0, 2**32 - 1),
+    "max_seq_len": Range(2),
+    "temperature": Range(0, lo_open=True, why="sampling needs a positive temperature"),
+    "top_k": Range(0, why="0 = no top-k cut-off"),
+    "project_overshoot": Range(0, lo_open=True),
+    "rollout_ablate_frac": Range(0, 1),
+    "random_v_seed": Range(0, 2**32 - 1),
+    "v_hack_extract_top_k": Range(1),
+    "v_hack_k": Range(1),
+    "v_hack_tau_axis": Range(0, 1, hi_open=True, why="a ratio S_i/S_0; 1 would drop every axis but the top"),
+    "v_hack_drop_bottom_frac": Range(0, 1, hi_open=True),
+    "v_hack_n_heldout": Range(0),
+    "vhack_refresh_every": Range(0, why="0 = never"),
+    "mix_ratio": Range(0, 1, hi_open=True, why="1.0 leaves no student rollouts"),
+    "teacher_off_step": Range(0),
+    "eval_ablate_every": Range(0, why="0 = off"),
+    "eval_seed": Range(0, 2**32 - 1),
+    "eval_n_prompts": Range(1),
+    "cos_pre_split_every": Range(1),
+    "ckpt_every": Range(1),
+    "stop_after_steps": Range(1),
+    "adapt_top_layers": Range(0, why="0 = every block"),
+    "block_r": Range(1),
+    "route_tail_q": Range(0, 0.5, lo_open=True, why="the share of the score buffer in each tail"),
+}
 
 
 @dataclass(kw_only=True)

@@ -36,9 +36,11 @@ FALLBACK_NOTES: dict[str, str] = {}  # every knob documents itself in config.py
 INTRO = """\
 Every knob of `vgrout.train`, its default in each preset, and what it does. Pass knobs after
 the preset name, e.g. `uv run python -m vgrout.train fast --intervention=route2 --seed=42`;
-booleans take `--knob` / `--no-knob`. `Config.validate()` rejects inconsistent values (it names
-the flag) before any model is loaded, and a `--resume` must repeat the original flags (only
-`resume`, `device` and `stop_after_steps` may change).
+booleans take `--knob` / `--no-knob`. `Config.validate()` range-checks every numeric knob
+(`NUMERIC_RANGES` in config.py; NaN and inf are refused) and rejects inconsistent values with a
+one-line error naming the flag, before any run folder exists or any model is loaded; and a
+`--resume` must repeat the original flags (only `resume`, `device`, `stop_after_steps` and
+`report_to` may change).
 
 ## Why these defaults
 

@@ -49,7 +49,7 @@ def load_inputs(cfg: Config) -> Inputs:
     partition = pool.partition if pool is not None else None
     modes = list(cfg.env_modes) if cfg.env_modes else [cfg.env_mode]
     problems = load_problems(cfg.n_problems, modes, cfg.seed, partition=partition, data_path=cfg.data_path,
-                             rows=rows)
+                             rows=rows, partition_source=f"the teacher pool's {cfg.teacher_pool_dir}/partition.json")
     if pool is not None and cfg.teacher_modes is not None:
         pool = pool.restrict_modes(cfg.teacher_modes)
         logger.info(f"teacher_modes={list(cfg.teacher_modes)}: pool restricted to {len(pool.rows)} prompts; "

@@ -194,6 +194,7 @@ def slurm_script(
     time: str = "24:00:00",
     mem: str = "64G",
     cpus: int = 8,
+    gpus: int = 1,
     parallel: int | None = None,
     partition: str | None = None,
     account: str | None = None,
@@ -204,16 +205,20 @@ def slurm_script(
 
     With VGROUT_SLURM_DRY=1 in the environment the script prints task i's command and exits
     instead of running it (check the mapping on a login node: no GPU, no training).
+    `gpus=0` requests no GPU (CPU runs, e.g. the smoke preset); `log_dir` is relative to
+    `workdir` unless absolute.
     """
     if not jobs:
         raise ValueError("slurm_script: no jobs")
+    if gpus < 0 or cpus < 1:
+        raise ValueError(f"slurm_script: need gpus >= 0 and cpus >= 1 (got gpus={gpus}, cpus={cpus})")
     name = job_name or f"vgrout-{jobs[0].preset}"
     throttle = f"%{parallel}" if parallel else ""
     lines = [
         "#!/bin/bash",
         f"#SBATCH --job-name={name}",
         f"#SBATCH --array=0-{len(jobs) - 1}{throttle}",
-        "#SBATCH --gres=gpu:1",
+        *([f"#SBATCH --gres=gpu:{gpus}"] if gpus else []),
         "#SBATCH --ntasks=1",
         f"#SBATCH --cpus-per-task={cpus}",
         f"#SBATCH --mem={mem}",
@@ -286,6 +291,14 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--slurm-time", default="24:00:00", help="SLURM --time per run")
     ap.add_argument("--slurm-mem", default="64G", help="SLURM --mem per run")
     ap.add_argument("--slurm-cpus", type=int, default=8, help="SLURM --cpus-per-task")
+    ap.add_argument(
+        "--slurm-gpus", type=int, default=1, help="GPUs per run (--gres=gpu:N); 0 = CPU-only runs"
+    )
+    ap.add_argument(
+        "--slurm-log-dir",
+        default="logs/slurm",
+        help="where each task's stdout/stderr goes (relative to --workdir unless absolute)",
+    )
     ap.add_argument("--slurm-partition", default=None, help="SLURM --partition")
     ap.add_argument("--slurm-account", default=None, help="SLURM --account")
     return ap
@@ -302,6 +315,11 @@ def main(
         jobs = plan_jobs(args.preset, parse_arms(args.arms), parse_seeds(args.seeds), extra)
         if args.parallel < 1:
             raise ValueError(f"--parallel must be >= 1, got {args.parallel}")
+        if args.slurm_gpus < 0 or args.slurm_cpus < 1:
+            raise ValueError(
+                f"--slurm-gpus must be >= 0 and --slurm-cpus >= 1 "
+                f"(got {args.slurm_gpus}, {args.slurm_cpus})"
+            )
     except ValueError as e:
         ap.error(str(e))
     workdir = (args.workdir or Path.cwd()).resolve()
@@ -313,16 +331,18 @@ def main(
             time=args.slurm_time,
             mem=args.slurm_mem,
             cpus=args.slurm_cpus,
+            gpus=args.slurm_gpus,
             parallel=args.parallel if args.parallel > 1 else None,
             partition=args.slurm_partition,
             account=args.slurm_account,
+            log_dir=args.slurm_log_dir,
         )
         if args.dry_run:
             print(text)
             return 0
         write_text_atomic(args.slurm, text)
         args.slurm.chmod(0o755)
-        (workdir / "logs" / "slurm").mkdir(parents=True, exist_ok=True)
+        (workdir / args.slurm_log_dir).mkdir(parents=True, exist_ok=True)  # absolute stays absolute
         print(f"wrote {args.slurm}: {len(jobs)} array tasks. Submit with: sbatch {args.slurm}")
         return 0
 

@@ -56,6 +56,7 @@ from .model import load_model_and_tokenizer
 from .rollout import Group, RolloutSource, SamplingConfig, rollout_records
 from .runstate import TrainingDiverged, TrainState
 from .tablelog import StepTable, print_bluf, setup_logging, step_columns
+from .tracking import Tracker, make_tracker
 
 
 class Terminated(Exception):
@@ -321,7 +322,8 @@ def checkpoints_after(run: Run, step: int, row: dict) -> None:
 # ─────────────────────────────────────────────── the run ──
 
 
-def _train(cfg: Config, inp: Inputs, run_dir: Path, device: torch.device, t_start: float) -> int:
+def _train(cfg: Config, inp: Inputs, run_dir: Path, device: torch.device, t_start: float,
+           tracker: Tracker) -> int:
     run = setup(cfg, inp, run_dir, device)
     modes = sorted({p.env_mode for p in inp.problems})
     table = StepTable(step_columns(run.arm.columns, run.arm.uses_directions),
@@ -336,6 +338,7 @@ def _train(cfg: Config, inp: Inputs, run_dir: Path, device: torch.device, t_star
         row, groups = train_step(run, step)
         record_step(run, step, row, groups)
         table.emit(row)
+        tracker.log_row(step, row)
         checkpoints_after(run, step, row)
         if cfg.stop_after_steps is not None and n_done >= cfg.stop_after_steps and run.state.step < cfg.steps:
             save_checkpoint(run, None)
@@ -343,10 +346,10 @@ def _train(cfg: Config, inp: Inputs, run_dir: Path, device: torch.device, t_star
             logger.info(f"stopping after {n_done} steps (--stop-after-steps); continue with --resume {run_dir}")
             return 0
 
-    return finish(run, t_start)
+    return finish(run, t_start, tracker)
 
 
-def finish(run: Run, t_start: float) -> int:
+def finish(run: Run, t_start: float, tracker: Tracker) -> int:
     """The end: ‖δS_hack‖ rule, train-vs-deploy eval, artifacts, BLUF, the one-line summary."""
     cfg, run_dir = run.cfg, run.run_dir
     save_checkpoint(run, "final")
@@ -362,6 +365,8 @@ def finish(run: Run, t_start: float) -> int:
     record = deploy_record(cfg, sets, run.state.step, hack_norm)
     write_json_atomic(run_dir / "per_mode_deploy.json", record)
     ck.write_status(run_dir, "complete", cfg.steps - 1, cfg.steps)
+    tracker.log_final(record)
+    tracker.log_plots(run_dir)
     print_bluf(cfg, run.state, record, run_dir, ck.provenance()["command"])
     print(f"{cfg.preset_name} ok: {run_dir} arm={cfg.arm} hack_deploy={record['hack_deploy']:.3f} "
           f"solve_deploy={record['solve_deploy']:.3f} wall={time.time() - t_start:.0f}s")
@@ -395,7 +400,9 @@ def run(cfg: Config, inp: Inputs, run_dir: Path) -> int:
 
     old_handler = signal.signal(signal.SIGTERM, on_sigterm)
     try:
-        return _train(cfg, inp, run_dir, device, t_start)
+        with make_tracker(cfg, run_dir) as tracker:
+            tracker.start(cfg.to_dict(), ck.provenance())
+            return _train(cfg, inp, run_dir, device, t_start, tracker)
     except TrainingDiverged as e:
         ck.mark_ended(run_dir, "diverged", cfg.steps, str(e))
         logger.error(str(e))
