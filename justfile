@@ -15,6 +15,23 @@ lint:
 smoke *ARGS: smoke-pool
     uv run python -m vgrout.train smoke {{ARGS}}
 
+# The CPU model organism (SmolLM2-135M-Instruct, warm-started; docs/organism.md): one run, vanilla unless --intervention.
+organism *ARGS:
+    uv run python -m vgrout.organism
+    uv run python -m vgrout.train organism {{ARGS}}
+
+# Every arm and control on the organism over 3 seeds, resumable (finished runs are skipped); then results and plots.
+organism-sweep SEEDS="41-43" *ARGS:
+    uv run python -m vgrout.organism
+    uv run python scripts/sweep.py organism none,erase,route,route2 {{SEEDS}} --local {{ARGS}}
+    uv run python scripts/sweep.py organism erase,route,route2 {{SEEDS}} --local --random-v-seed=7 {{ARGS}}
+    uv run python scripts/sweep.py organism absorb {{SEEDS}} --local --adapter=scorda {{ARGS}}
+    uv run python scripts/sweep.py organism absorb {{SEEDS}} --local --adapter=scorda_rev {{ARGS}}
+    uv run python scripts/sweep.py organism routeA {{SEEDS}} --local --adapter=lora2r {{ARGS}}
+    uv run python scripts/sweep.py organism routeA {{SEEDS}} --local --adapter=lora2r --random-v-seed=7 {{ARGS}}
+    uv run python scripts/results.py --runs out/runs --out out/results
+    uv run python scripts/plot_dynamics.py --runs out/runs --out out/plots
+
 # All four arms of the smoke run, one after another.
 smoke-all *ARGS: smoke-pool
     for arm in none erase route route2; do uv run python -m vgrout.train smoke --intervention=$arm {{ARGS}}; done

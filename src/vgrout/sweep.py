@@ -249,6 +249,78 @@ def slurm_script(
     return "\n".join(lines)
 
 
+# ── local: one run after another on this machine, resumable ──────────────────────────────
+
+
+def job_config(job: Job) -> dict:
+    """The full config the job's training run will save (config.json's `config`)."""
+    from .config import parse_cli
+
+    return parse_cli([job.preset, f"--intervention={job.intervention}", f"--seed={job.seed}", *job.extra]).to_dict()
+
+
+def find_run(runs_dir: Path, job: Job) -> tuple[Path | None, str]:
+    """The newest run folder made for exactly this job's config (config.json equal up to the resume-
+    mutable knobs) and its status state; (None, "") when there is none."""
+    from .config import config_diff
+
+    want = job_config(job)
+    for d in sorted(runs_dir.glob(f"*_{job.label}*"), reverse=True):
+        try:
+            saved = json.loads((d / "config.json").read_text())["config"]
+        except (OSError, ValueError, KeyError):
+            continue
+        if not config_diff(saved, want):
+            try:
+                state = json.loads((d / "status.json").read_text())["state"]
+            except (OSError, ValueError, KeyError):
+                state = "unknown"
+            return d, state
+    return None, ""
+
+
+def local_plan(jobs: Sequence[Job], runs_dir: Path) -> list[tuple[Job, str, Path | None]]:
+    """Per job: ("skip", its complete run) / ("resume", an unfinished run with a checkpoint) / ("start", None).
+    A diverged run is a result: it is not run again."""
+    out = []
+    for job in jobs:
+        d, state = find_run(runs_dir, job)
+        if d is not None and state in ("complete", "diverged"):
+            out.append((job, "skip", d))
+        elif d is not None and (d / "resume.pt").exists():
+            out.append((job, "resume", d))
+        else:
+            out.append((job, "start", None))
+    return out
+
+
+def run_local(jobs: Sequence[Job], runs_dir: Path, workdir: Path) -> int:
+    """Run the sweep here, one run at a time: finished runs are skipped, interrupted ones resumed, so a
+    stopped or killed sweep continues where it stopped. Returns the number of runs that failed."""
+    plan = local_plan(jobs, runs_dir)
+    n_skip = sum(a == "skip" for _, a, _ in plan)
+    print(f"# {len(plan)} runs: {n_skip} already finished, {sum(a == 'resume' for _, a, _ in plan)} to resume, "
+          f"{sum(a == 'start' for _, a, _ in plan)} to start", flush=True)
+    failed = []
+    for i, (job, action, d) in enumerate(plan, 1):
+        if action == "skip":
+            print(f"[{i}/{len(plan)}] {job.label}: finished in {d}", flush=True)
+            continue
+        argv = job.argv() + ([f"--resume={d}"] if action == "resume" else [])
+        print(f"[{i}/{len(plan)}] {job.label}: {action} ({shlex.join(argv)})", flush=True)
+        proc = subprocess.run(argv, cwd=workdir, capture_output=True, text=True)
+        last = (proc.stdout.strip().splitlines() or [""])[-1]
+        if proc.returncode == 0:
+            print(f"    {last}", flush=True)
+        else:
+            failed.append(job.label)
+            tail = (proc.stderr.strip().splitlines() or [""])[-1]
+            print(f"    exit {proc.returncode}: {tail or last}", flush=True)
+    if failed:
+        print(f"# {len(failed)} runs did not finish: {', '.join(failed)} (rerun the same command to retry)")
+    return len(failed)
+
+
 # ── CLI ──────────────────────────────────────────────────────────────────────────────────
 
 
@@ -299,6 +371,11 @@ def build_parser() -> argparse.ArgumentParser:
         default="logs/slurm",
         help="where each task's stdout/stderr goes (relative to --workdir unless absolute)",
     )
+    ap.add_argument(
+        "--local",
+        action="store_true",
+        help="run here, one run after another; finished runs are skipped and interrupted ones resumed",
+    )
     ap.add_argument("--slurm-partition", default=None, help="SLURM --partition")
     ap.add_argument("--slurm-account", default=None, help="SLURM --account")
     return ap
@@ -323,6 +400,15 @@ def main(
     except ValueError as e:
         ap.error(str(e))
     workdir = (args.workdir or Path.cwd()).resolve()
+
+    if args.local:
+        out_root = next((Path(a.split("=", 1)[1]) for a in extra if a.startswith("--out-root=")), Path("out"))
+        runs_dir = out_root if out_root.is_absolute() else workdir / out_root
+        if args.dry_run:
+            for job, action, d in local_plan(jobs, runs_dir / "runs"):
+                print(f"{action:6s} {job.label} {d or ''}")
+            return 0
+        return 1 if run_local(jobs, runs_dir / "runs", workdir) else 0
 
     if args.slurm is not None:
         text = slurm_script(

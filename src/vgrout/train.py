@@ -368,9 +368,16 @@ def finish(run: Run, t_start: float, tracker: Tracker) -> int:
     tracker.log_final(record)
     tracker.log_plots(run_dir)
     print_bluf(cfg, run.state, record, run_dir, ck.provenance()["command"])
-    print(f"{cfg.preset_name} ok: {run_dir} arm={cfg.arm} hack_deploy={record['hack_deploy']:.3f} "
-          f"solve_deploy={record['solve_deploy']:.3f} wall={time.time() - t_start:.0f}s")
+    first, last = student_hacks(run.state.rows[:3]), student_hacks(run.state.rows[-3:])
+    print(f"{cfg.preset_name} ok: {run_dir} arm={cfg.arm} hack_s_start={first} hack_s_end={last} "
+          f"hack_deploy={record['hack_deploy']:.3f} solve_deploy={record['solve_deploy']:.3f} "
+          f"wall={time.time() - t_start:.0f}s")
     return 0
+
+
+def student_hacks(rows: list[dict]) -> str:
+    """Student rollouts exploited over some rows, as 'n/N' (the run's one-line summary)."""
+    return f"{sum(r['hack_s'][0] for r in rows)}/{sum(r['hack_s'][1] for r in rows)}"
 
 
 def prepare(cfg: Config) -> tuple[Inputs, Path]:
