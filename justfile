@@ -29,8 +29,8 @@ organism-sweep SEEDS="41-43" *ARGS:
     uv run python scripts/sweep.py organism absorb {{SEEDS}} --local --adapter=scorda_rev {{ARGS}}
     uv run python scripts/sweep.py organism routeA {{SEEDS}} --local --adapter=lora2r {{ARGS}}
     uv run python scripts/sweep.py organism routeA {{SEEDS}} --local --adapter=lora2r --random-v-seed=7 {{ARGS}}
-    uv run python scripts/results.py --runs out/runs --out out/results
-    uv run python scripts/plot_dynamics.py --runs out/runs --out out/plots
+    uv run python scripts/results.py --preset organism --per-run
+    uv run python scripts/plot_dynamics.py --preset organism
 
 # All four arms of the smoke run, one after another.
 smoke-all *ARGS: smoke-pool

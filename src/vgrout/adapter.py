@@ -338,8 +338,8 @@ def _block_linears(model: nn.Module, top_layers: int = 0) -> list[tuple[str, nn.
     out_emb = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     found = []
     for name, mod in model.named_modules():
-        if isinstance(mod, SVDKnob):
-            raise ValueError(f"model already wrapped ({name} is an SVDKnob)")
+        if isinstance(mod, AdapterModule):
+            raise ValueError(f"model already wrapped ({name} is a {type(mod).__name__}); wrap a fresh model")
         m = _BLOCK_LINEAR.search(name)
         if isinstance(mod, nn.Linear) and mod is not out_emb and m:
             found.append((name, mod, int(m.group(2))))

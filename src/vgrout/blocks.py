@@ -47,7 +47,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import re
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -61,7 +60,14 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from .adapter import AdapterModule, SVDKnob, _knob_list, _refuse_if_merged, read_checked_safetensors, svd_cached
+from .adapter import (
+    AdapterModule,
+    _block_linears,
+    _knob_list,
+    _refuse_if_merged,
+    read_checked_safetensors,
+    svd_cached,
+)
 
 # the contexts and parameter lists are the adapter families' common ones (adapter.py), re-exported here
 from .adapter import ablate_quarantine as ablate_quarantine
@@ -84,7 +90,6 @@ NEEDS_PAIRS: frozenset[str] = frozenset({"corda", "scorda", "scorda_rev"})  # ca
 SVD_INITS: frozenset[str] = frozenset({"pissa", "corda", "scorda", "scorda_rev"})  # need 2r <= min(d_out, d_in)
 BLOCKS_SCHEMA = "vgrout.blocks/1"
 CALIB_SCHEMA = "vgrout.calib/1"
-_BLOCK_LINEAR = re.compile(r"(^|\.)layers\.(\d+)\.")
 
 
 # ── the module ───────────────────────────────────────────────────────────────────────────
@@ -211,26 +216,9 @@ class BlockLoRA(AdapterModule):
 
 
 def target_linears(model: nn.Module, top_layers: int = 0) -> list[tuple[str, nn.Linear]]:
-    """Every Linear inside a transformer block (`...layers.<i>....`, never the output head), in model
-    order; with `top_layers` = N > 0 only those of the N blocks with the highest indices. The selection
-    of `adapter.wrap_model`, so a block adapter and an SVD knob adapt the same modules."""
-    if top_layers < 0:
-        raise ValueError(f"top_layers must be >= 0 (0 = every layer), got {top_layers}")
-    out_emb = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    found = []
-    for name, mod in model.named_modules():
-        if isinstance(mod, BlockLoRA | SVDKnob):
-            raise ValueError(f"model already wrapped ({name} is a {type(mod).__name__}); wrap a fresh model")
-        hit = _BLOCK_LINEAR.search(name)
-        if isinstance(mod, nn.Linear) and mod is not out_emb and hit:
-            found.append((name, mod, int(hit.group(2))))
-    if not found:
-        raise ValueError("no nn.Linear found inside transformer blocks (`...layers.<i>....`)")
-    n_layers = max(i for _, _, i in found) + 1
-    if top_layers > n_layers:
-        raise ValueError(f"top_layers={top_layers} but the model has {n_layers} layers")
-    first = n_layers - top_layers if top_layers else 0
-    return [(name, mod) for name, mod, i in found if i >= first]
+    """The Linears a block adapter wraps: exactly `adapter.wrap_model`'s selection (every Linear inside a
+    transformer block, or those of the top `top_layers` blocks), so both families adapt the same modules."""
+    return _block_linears(model, top_layers)
 
 
 # ── initialisations (pure) ───────────────────────────────────────────────────────────────

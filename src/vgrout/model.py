@@ -186,8 +186,9 @@ def _tiny_params(
     }
 
 
-def _is_valid_build(path: Path, params: dict[str, int]) -> bool:
-    marker = path / _BUILD_MARKER
+def _marked_model_dir(path: Path, marker_name: str, params: dict) -> bool:
+    """A finished model folder: its files present and its build marker equal to `params`."""
+    marker = path / marker_name
     needed = ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"]
     if not marker.is_file() or not all((path / f).is_file() for f in needed):
         return False
@@ -195,6 +196,10 @@ def _is_valid_build(path: Path, params: dict[str, int]) -> bool:
         return json.loads(marker.read_text()) == params
     except (OSError, json.JSONDecodeError):
         return False
+
+
+def _is_valid_build(path: Path, params: dict[str, int]) -> bool:
+    return _marked_model_dir(path, _BUILD_MARKER, params)
 
 
 def build_tiny_qwen3(
@@ -318,14 +323,7 @@ def _smollm2_params(gguf: Path) -> dict:
 
 
 def _smollm2_valid(path: Path, params: dict) -> bool:
-    marker = path / _SMOLLM2_MARKER
-    needed = ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"]
-    if not marker.is_file() or not all((path / f).is_file() for f in needed):
-        return False
-    try:
-        return json.loads(marker.read_text()) == params
-    except (OSError, json.JSONDecodeError):
-        return False
+    return _marked_model_dir(path, _SMOLLM2_MARKER, params)
 
 
 def build_smollm2(out_dir: Path | None = None, *, gguf: Path | None = None) -> Path:

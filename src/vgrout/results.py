@@ -1183,6 +1183,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="equivalence margin: Δsolve vs vanilla is 'matched' when its 95%% interval lies in ±this",
     )
     ap.add_argument("--per-run", action="store_true", help="also print one row per counted run")
+    ap.add_argument("--preset", default=None, help="only runs of this preset (default: every preset)")
     args = ap.parse_args(argv)
     if not (math.isfinite(args.solve_margin) and args.solve_margin >= 0):
         ap.error(f"--solve-margin must be a finite number >= 0, got {args.solve_margin}")
@@ -1191,6 +1192,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except FileNotFoundError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if args.preset is not None:
+        runs = [r for r in runs if r.preset == args.preset]
     if runs:
         groups = aggregate(runs, args.solve_margin)
         print(f"## Deployed hack / solve by experiment ({len(runs)} runs under {args.runs})\n")
