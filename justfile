@@ -91,3 +91,7 @@ bench: bench-sandbox bench-adapter
 # Step cost vs a baseline in the same run: loss memory/time (chunked log-probs) and a fast-shaped CPU step.
 bench-step *ARGS:
     uv run python benchmarks/bench_step.py {{ARGS}}
+
+# The GPU figures in one prepared run (a lent GPU machine): bench-adapter at Qwen3-4B shapes in bf16, two fast steps of a random Qwen3-4B.
+bench-gpu OUT="out/gpu_check":
+    uv run python benchmarks/gpu_check.py --out {{OUT}}

@@ -23,7 +23,7 @@ TIMING = {"gen", "fb", "t_rew", "rew_wait", "sec"}
 # keys the refactor removed from rows (they duplicated hack_deploy / solve_deploy)
 RETIRED = {"hk_dep", "sv_dep"}
 # keys added since the golden file was written (new information, not changed values)
-ADDED: set[str] = set()
+ADDED: set[str] = {"gen_tok", "gpu_mem"}
 
 COMMON = ["--steps=4", "--max-new=8", "--eval-n-prompts=2", "--eval-ablate-every=2",
           "--vhack-refresh-every=2", "--v-hack-extract-top-k=2", "--v-hack-k=1", "--v-hack-n-heldout=1",

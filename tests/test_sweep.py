@@ -296,7 +296,6 @@ def test_slurm_cpu_runs_request_no_gpu_and_log_where_asked(tmp_path, capsys):
 def test_local_sweep_skips_finished_resumes_interrupted_starts_new(tmp_path):
     """Real tiny runs: a paused run is resumed, a complete one skipped, another config started afresh."""
     from _golden import build_inputs
-
     from vgrout.config import parse_cli
     from vgrout.sweep import Job, local_plan, run_local
     from vgrout.train import main

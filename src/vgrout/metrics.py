@@ -73,6 +73,7 @@ def rollout_metrics(groups: Sequence[Group], run_modes: Sequence[str], half_a: f
         "lp_s": nanmean([x for x, s in zip(lp, stud, strict=True) if s]),
         "lp_t": nanmean([x for x, s in zip(lp, teach, strict=True) if s]),
         "hack_abl": frac(expl, abl_s), "solve_abl": frac(corr, abl_s),
+        "gen_tok": sum(len(c) for g in groups for c, s in zip(g.completions, g.is_student, strict=True) if s),
     }
 
 

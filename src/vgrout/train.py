@@ -247,6 +247,8 @@ def apply_update(run: Run, acc: StepGrads) -> dict:
 def train_step(run: Run, step: int) -> tuple[dict, list[Group]]:
     """One optimizer step, phase by phase; returns the step's row and its graded groups."""
     cfg, state, times = run.cfg, run.state, {}
+    if run.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(run.device)
     with timed(times, "sec"):
         # ── 1. rollouts: pick P problems, generate students, grade, mix in teacher rows ──
         if cfg.teacher_off_step is not None and step >= cfg.teacher_off_step and state.g_t_active:
@@ -288,7 +290,8 @@ def train_step(run: Run, step: int) -> tuple[dict, list[Group]]:
     n_prev = sum(r["N"] for r in state.rows)
     return {"step": step, "ref_eq": (n_prev + metrics["N"]) / REF_GENS_PER_STEP, **metrics, "loss": loss, **update,
             "refr": refr, **eval_metrics(ev), "zv": n_zerovar, "skipped": ro.n_skipped, "split": acc.split,
-            **times}, ro.groups
+            **times, "gpu_mem": torch.cuda.max_memory_allocated(run.device) / 2**30 if run.device.type == "cuda"
+            else math.nan}, ro.groups
 
 
 def record_step(run: Run, step: int, row: dict, groups: list[Group]) -> None:
