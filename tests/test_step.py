@@ -60,7 +60,9 @@ def test_bucketed_backward_equals_one_padded_batch(tmp_path, monkeypatch, arm, b
             monkeypatch.setattr(Group, "length_buckets", lambda self: [list(range(self.size))])
         else:
             monkeypatch.undo()
-        run = SimpleNamespace(cfg=cfg, knobs=knobs, arm=ARMS[arm](cfg, dirs), device=torch.device("cpu"),
+        the_arm = ARMS[arm](cfg, dirs)
+        the_arm.attach(model, None, knobs, None)
+        run = SimpleNamespace(cfg=cfg, knobs=knobs, arm=the_arm, device=torch.device("cpu"),
                               model=model, tok=SimpleNamespace(pad_token_id=0),
                               params=A.deployed_params(knobs) + A.quarantine_params(knobs))
         acc = StepGrads(split=True)

@@ -105,6 +105,8 @@ class SFTRecipe:
     hack_ids: tuple[int, ...] = ()
     """Training problems whose template hack (for `mode`) is an SFT example (a hack prior)."""
     epochs: int = 3
+    hack_epochs: int | None = None
+    """The hack examples are seen in the first `hack_epochs` epochs only (None = every epoch): a weak prior."""
     lr: float = 1e-4
     top_layers: int = 8
     """Full fine-tune of the last N transformer blocks (the rest, embeddings and norms frozen)."""
@@ -120,6 +122,8 @@ class SFTRecipe:
                              f"(held-out: {list(HELDOUT_IDS)})")
         if self.epochs < 1 or self.batch < 1 or self.top_layers < 1 or not self.lr > 0:
             raise ValueError(f"invalid SFT recipe {self}")
+        if self.hack_epochs is not None and not 1 <= self.hack_epochs <= self.epochs:
+            raise ValueError(f"SFT recipe: hack_epochs={self.hack_epochs} must be in [1, epochs={self.epochs}]")
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -143,8 +147,9 @@ ORGANISM_RECIPE = SFTRecipe(solve_ids=SOLVE_IDS, hack_ids=(), epochs=5, lr=3e-4)
 
 
 def sft_examples(recipe: SFTRecipe, tok) -> list[tuple[list[int], list[int]]]:
-    """(prompt ids, completion ids) per example: the hinted prompt as the trainer renders it,
-    the completion as the benchmark's response format ended by the end-of-turn token."""
+    """(prompt ids, completion ids) per example, solve examples first, then hack examples: the hinted
+    prompt as the trainer renders it, the completion as the benchmark's response format ended by the
+    end-of-turn token."""
     from .rollout import encode, eos_ids, render_prompt
     from .smoke_pool import template_hack
 
@@ -181,8 +186,11 @@ def run_sft(model, tok, recipe: SFTRecipe, *, log_every: int = 5) -> list[float]
     model.train()
     losses = []
     t0 = time.time()
+    n_solve = len(recipe.solve_ids)
     for epoch in range(recipe.epochs):
         order = torch.randperm(len(examples), generator=gen).tolist()
+        if recipe.hack_epochs is not None and epoch >= recipe.hack_epochs:
+            order = [i for i in order if i < n_solve]  # past hack_epochs: the solve examples only
         tot, n_tok = 0.0, 0
         for s in range(0, len(order), recipe.batch):
             batch = [examples[i] for i in order[s:s + recipe.batch]]

@@ -81,6 +81,9 @@ NON_SCIENCE_KNOBS: dict[str, str] = {
     "same, and evals sample under their own RNG (eval_seed), so training is unchanged (tests/test_eval.py)",
     "measure_directions": "vanilla only: loads v_hack to log cos_upd; nothing it does acts on training",
     "eval_heldout_periodic": "which set the periodic eval uses; the final eval is the same",
+    "report_to": "logging: mirrors the rows to wandb / tensorboard",
+    "gen_share_prefix": "speed: the group's prompt is prefilled once and its KV cache shared; the "
+    "completions have the same distribution (a different draw, as another seed gives)",
 }
 
 # Science knobs that only an arm with hack directions or a quarantine reads: vanilla ignores
@@ -95,6 +98,7 @@ ARM_ONLY_KNOBS: dict[str, str] = {
     "gate_anchor_teacher_only": "route2: the gate's anchors",
     "rollout_ablate_frac": "route/route2: rollouts sampled with the quarantine ablated",
     "random_v_seed": "Haar control directions (vanilla refuses the flag)",
+    "route_tail_q": "routeA: the quantile of the absorb score above which a rollout is routed",
     "v_hack_path": "the hack directions",
     "vhack_pairs_path": "the hack directions",
     "v_hack_extract_top_k": "the hack directions",
@@ -115,6 +119,7 @@ SCIENCE_KNOBS: frozenset[str] = frozenset(ARM_ONLY_KNOBS) | {
     "env_mode", "env_modes", "data_path", "grade_time_limit", "teacher_pool_dir", "mix_ratio",
     "teacher_off_step", "teacher_modes",
     "eval_n_prompts", "eval_data_path", "eval_seed",
+    "adapter", "block_r", "adapt_top_layers",
 }  # fmt: skip
 
 
