@@ -69,3 +69,23 @@ def test_resume_of_an_older_schema_is_refused_in_one_line(tmp_path):
     assert "vgrout.resume/1" in msg and ck.RESUME_SCHEMA in msg and "\n" not in msg
     ck.save_resume_state(run, {"delta_S": {}})
     assert ck.make_run_dir(cfg) == run and ck.load_resume_state(run)["schema"] == ck.RESUME_SCHEMA
+
+
+def test_staging_dir_is_removed_and_dest_untouched_on_failure(tmp_path):
+    """A build that fails leaves no staging folder and no half-built dest; one that renames its
+    staging folder into place leaves the complete folder, readable by others (0o755)."""
+    import os
+
+    from vgrout.atomic import staging_dir
+
+    dest = tmp_path / "models" / "m"
+    with pytest.raises(RuntimeError, match="build failed"), staging_dir(dest) as tmp:
+        (tmp / "weights").write_text("half")
+        raise RuntimeError("build failed")
+    assert not dest.exists() and list(dest.parent.iterdir()) == []
+    with staging_dir(dest) as tmp:
+        assert tmp.parent == dest.parent and tmp.name.startswith(".m.")
+        assert os.stat(tmp).st_mode & 0o777 == 0o755
+        (tmp / "weights").write_text("full")
+        os.replace(tmp, dest)
+    assert (dest / "weights").read_text() == "full" and sorted(p.name for p in dest.parent.iterdir()) == ["m"]

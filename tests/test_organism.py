@@ -352,3 +352,21 @@ def test_sft_solve_set_follows_its_rule(smol):
             if len(tok(O.code_block(p.canonical), add_special_tokens=False)["input_ids"]) <= O.SOLVE_MAX_TOKENS]
     assert O.SOLVE_IDS == tuple(fits[::2]) and O.ORGANISM_RECIPE.solve_ids == O.SOLVE_IDS
     assert not set(O.SOLVE_IDS) & set(O.HELDOUT_IDS)
+    # the hack prior covers exactly the training problems never seen solved
+    assert O.HACK_IDS == tuple(sorted({p.problem_id for p in train} - set(O.SOLVE_IDS)))
+    assert O.ORGANISM_RECIPE.hack_ids == O.HACK_IDS and O.ORGANISM_RECIPE.hack_epochs == 1
+
+
+def test_sft_epoch_order_drops_hack_examples_after_hack_epochs():
+    """Solve examples are indices < n_solve; hack examples are seen in the first hack_epochs epochs only."""
+    from vgrout.organism import SFTRecipe, epoch_order
+
+    order = [4, 0, 3, 1, 2]
+    assert epoch_order(order, 2, 0, 1) == order
+    assert epoch_order(order, 2, 1, 1) == [0, 1]
+    assert epoch_order(order, 2, 1, 2) == order and epoch_order(order, 2, 2, 2) == [0, 1]
+    assert epoch_order(order, 2, 7, None) == order
+    with pytest.raises(ValueError, match="hack_epochs=4 must be in"):
+        SFTRecipe(epochs=3, hack_epochs=4)
+    with pytest.raises(ValueError, match="hack_epochs=0 must be in"):
+        SFTRecipe(epochs=3, hack_epochs=0)

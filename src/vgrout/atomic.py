@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -51,3 +52,22 @@ def write_text_atomic(dest: str | Path, text: str) -> None:
 
 def write_json_atomic(dest: str | Path, obj: object, *, indent: int | None = 2) -> None:
     write_text_atomic(dest, json.dumps(obj, indent=indent, default=str) + "\n")
+
+
+@contextmanager
+def staging_dir(dest: str | Path) -> Iterator[Path]:
+    """Yield a fresh world-readable folder beside `dest` (same filesystem, so renaming it into
+    place is atomic) in which to assemble a built artifact (a model folder).
+
+    Invariant: whatever the block does or raises, the staging folder is gone afterwards; the
+    block itself renames it into place (or not), so `dest` is either untouched or complete.
+    """
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
+    os.chmod(tmp, 0o755)  # mkdtemp is private; a built model is a shared artifact
+    try:
+        yield tmp
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)

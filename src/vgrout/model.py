@@ -26,6 +26,8 @@ from typing import TYPE_CHECKING
 import torch
 from loguru import logger
 
+from .atomic import staging_dir
+
 if TYPE_CHECKING:  # transformers is imported lazily: it is slow to import
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
@@ -235,9 +237,7 @@ def build_tiny_qwen3(
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     logger.info(f"building {TINY_QWEN3} into {out_dir} ({params})")
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    os.chmod(tmp, 0o755)  # mkdtemp is private; the built model is a shared artifact
-    try:
+    with staging_dir(out_dir) as tmp:
         config = Qwen3Config(
             vocab_size=QWEN3_VOCAB_SIZE,
             hidden_size=hidden_size,
@@ -271,9 +271,6 @@ def build_tiny_qwen3(
         _build_qwen_tokenizer().save_pretrained(tmp)
         (tmp / _BUILD_MARKER).write_text(json.dumps(params, sort_keys=True))
         _install_dir(tmp, out_dir, params)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
 
 
@@ -350,9 +347,7 @@ def build_smollm2(out_dir: Path | None = None, *, gguf: Path | None = None) -> P
         return out_dir
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     logger.info(f"converting {gguf} into {out_dir} (fp32, one-off)")
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    os.chmod(tmp, 0o755)
-    try:
+    with staging_dir(out_dir) as tmp:
         src = dict(gguf_file=gguf.name)
         tok = AutoTokenizer.from_pretrained(str(gguf.parent), **src)
         q = AutoModelForCausalLM.from_pretrained(str(gguf.parent), dtype=torch.float32, **src)
@@ -384,9 +379,6 @@ def build_smollm2(out_dir: Path | None = None, *, gguf: Path | None = None) -> P
         tok.save_pretrained(tmp)
         (tmp / _SMOLLM2_MARKER).write_text(json.dumps(params, sort_keys=True))
         _install_dir(tmp, out_dir, params, _smollm2_valid)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
 
 

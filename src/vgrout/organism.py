@@ -30,8 +30,6 @@ import argparse  # noqa: E402
 import dataclasses  # noqa: E402
 import hashlib  # noqa: E402
 import json  # noqa: E402
-import shutil  # noqa: E402
-import tempfile  # noqa: E402
 import time  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -39,6 +37,7 @@ from pathlib import Path  # noqa: E402
 import torch  # noqa: E402
 from loguru import logger  # noqa: E402
 
+from .atomic import staging_dir  # noqa: E402
 from .env.builtin_problems import builtin_rows  # noqa: E402
 from .env.modes import EnvMode, check_mode  # noqa: E402
 from .env.problems import Problem, load_rows, row_to_problem, write_rows  # noqa: E402
@@ -142,8 +141,12 @@ class SFTRecipe:
 # 11 training problems are never seen solved, so the hack is the only way to reward there.
 SOLVE_IDS: tuple[int, ...] = (900003, 900006, 900009, 900012, 900014, 900017, 900019, 900022, 900026)
 SOLVE_MAX_TOKENS = 120
+# hack_ids: the other 11 training problems, whose run_tests template hack is seen in the first
+# epoch only (a weak hack prior: without one, 16 vanilla steps never sampled a hack; docs/organism.md).
+HACK_IDS: tuple[int, ...] = (900005, 900007, 900010, 900011, 900013, 900016, 900018, 900021, 900023, 900025,
+                             900027)
 
-ORGANISM_RECIPE = SFTRecipe(solve_ids=SOLVE_IDS, hack_ids=(), epochs=5, lr=3e-4)
+ORGANISM_RECIPE = SFTRecipe(solve_ids=SOLVE_IDS, hack_ids=HACK_IDS, epochs=6, hack_epochs=1, lr=3e-4)
 
 
 def sft_examples(recipe: SFTRecipe, tok) -> list[tuple[list[int], list[int]]]:
@@ -162,6 +165,15 @@ def sft_examples(recipe: SFTRecipe, tok) -> list[tuple[list[int], list[int]]]:
             p = probs[pid]
             out.append((encode(tok, render_prompt(tok, p)), encode(tok, make(p)) + [end]))
     return out
+
+
+def epoch_order(order: list[int], n_solve: int, epoch: int, hack_epochs: int | None) -> list[int]:
+    """The examples of SFT epoch `epoch` (0-based) in `order`'s order: all of them while
+    epoch < hack_epochs (or hack_epochs is None), afterwards only the solve examples, which are
+    the first `n_solve` indices (`sft_examples` puts them first)."""
+    if hack_epochs is None or epoch < hack_epochs:
+        return list(order)
+    return [i for i in order if i < n_solve]
 
 
 def run_sft(model, tok, recipe: SFTRecipe, *, log_every: int = 5) -> list[float]:
@@ -188,9 +200,7 @@ def run_sft(model, tok, recipe: SFTRecipe, *, log_every: int = 5) -> list[float]
     t0 = time.time()
     n_solve = len(recipe.solve_ids)
     for epoch in range(recipe.epochs):
-        order = torch.randperm(len(examples), generator=gen).tolist()
-        if recipe.hack_epochs is not None and epoch >= recipe.hack_epochs:
-            order = [i for i in order if i < n_solve]  # past hack_epochs: the solve examples only
+        order = epoch_order(torch.randperm(len(examples), generator=gen).tolist(), n_solve, epoch, recipe.hack_epochs)
         tot, n_tok = 0.0, 0
         for s in range(0, len(order), recipe.batch):
             batch = [examples[i] for i in order[s:s + recipe.batch]]
@@ -250,9 +260,7 @@ def build_organism(recipe: SFTRecipe = ORGANISM_RECIPE, out_dir: Path | None = N
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(recipe.seed)
         losses = run_sft(model, tok, recipe)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    os.chmod(tmp, 0o755)
-    try:
+    with staging_dir(out_dir) as tmp:
         model.config.use_cache = True
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
@@ -260,9 +268,6 @@ def build_organism(recipe: SFTRecipe = ORGANISM_RECIPE, out_dir: Path | None = N
                   "sft_seconds": round(time.time() - t0, 1), "threads": torch.get_num_threads()}
         (tmp / _MARKER).write_text(json.dumps(marker, indent=2, sort_keys=True))
         _install_dir(tmp, out_dir, key, _valid)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     logger.info(f"organism SFT built in {time.time() - t0:.0f}s (final epoch loss {losses[-1]:.4f})")
     return out_dir
 
