@@ -213,10 +213,10 @@ def _bases(shapes: dict[str, int], k: int, seed: int) -> dict[str, torch.Tensor]
 
 
 def _toy_run(arm_name: str, *flags: str, r: int = 24, seed: int = 0):
-    """A run-shaped object over plain knobs (no model): what train.apply_update touches."""
+    """A run-shaped object over plain knobs (no model): what update.apply_update touches."""
     from types import SimpleNamespace
 
-    from vgrout.train import make_optimizer
+    from vgrout.build import make_optimizer
 
     cfg = parse_cli(["smoke", f"--intervention={arm_name}", "--lr=0.05", "--adam-beta1=0.5", "--adam-beta2=0.9",
                      "--steps=40", *flags])
@@ -263,7 +263,7 @@ def _plain_adamw_change(run, grads: dict[str, torch.Tensor]) -> dict[str, torch.
 
 @pytest.mark.parametrize("preserve", [False, True])
 def test_erase_on_the_update_never_moves_hackward(preserve):
-    from vgrout.train import apply_update
+    from vgrout.update import apply_update
 
     flags = ["--intervene-on=update"] + ([] if preserve else ["--no-preserve-magnitude"])
     run, V = _toy_run("erase", *flags)
@@ -284,7 +284,7 @@ def test_erase_on_the_update_never_moves_hackward(preserve):
 
 def test_erase_on_the_gradient_lets_adam_move_hackward():
     """The reference behaviour, measured: edit the gradient and AdamW's update still drifts hack-ward."""
-    from vgrout.train import apply_update
+    from vgrout.update import apply_update
 
     run, V = _toy_run("erase", "--intervene-on=grad", "--no-preserve-magnitude")
     worst = 0.0
@@ -296,7 +296,7 @@ def test_erase_on_the_gradient_lets_adam_move_hackward():
 
 
 def test_route_on_the_update_conserves_it_and_quarantines_only_span():
-    from vgrout.train import apply_update
+    from vgrout.update import apply_update
 
     run, V = _toy_run("route", "--intervene-on=update")
     for step in range(30):
@@ -316,7 +316,7 @@ def test_route_on_the_update_conserves_it_and_quarantines_only_span():
 
 def test_route_on_the_gradient_leaves_the_quarantine_outside_span():
     """The reference behaviour: the routed *gradient* is in span(V), AdamW's δS_hack is not."""
-    from vgrout.train import apply_update
+    from vgrout.update import apply_update
 
     run, V = _toy_run("route", "--intervene-on=grad")
     rows = [apply_update(run, StepGrads(total=_uneven_grads(run, step))) for step in range(5)]
@@ -327,7 +327,7 @@ def test_route_on_the_gradient_leaves_the_quarantine_outside_span():
 def test_grad_mode_is_the_gradient_edit_bit_for_bit(name):
     """--intervene-on=grad: δS.grad / δS_hack.grad are proj's erase / route of the gradient, and the
     parameters are exactly what AdamW makes of them."""
-    from vgrout.train import apply_update
+    from vgrout.update import apply_update
 
     run, V = _toy_run(name, "--intervene-on=grad")
     twin, _ = _toy_run(name, "--intervene-on=grad")

@@ -1,4 +1,4 @@
-"""One group's loss and backward (train.group_backward) on a real random model: forward batches of
+"""One group's loss and backward (update.group_backward) on a real random model: forward batches of
 similar length give the same loss, gradient and per-rollout gradients as one padded batch."""
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ def test_length_buckets_cover_every_row_once_and_bound_padding():
 @pytest.mark.parametrize("arm", ["route2", "erase"])
 @pytest.mark.parametrize("beta", [0.0, 0.01])
 def test_bucketed_backward_equals_one_padded_batch(tmp_path, monkeypatch, arm, beta):
-    from vgrout import train
+    from vgrout import update
 
     model = random_qwen3(seed=0)
     knobs = A.wrap_model(model, "rand-qwen3", cache_root=tmp_path / "svd")
@@ -66,7 +66,7 @@ def test_bucketed_backward_equals_one_padded_batch(tmp_path, monkeypatch, arm, b
                               model=model, tok=SimpleNamespace(pad_token_id=0),
                               params=A.deployed_params(knobs) + A.quarantine_params(knobs))
         acc = StepGrads(split=True)
-        loss = train.group_backward(run, g, acc)
+        loss = update.group_backward(run, g, acc)
         return loss, acc, list(g.mean_logp)
 
     loss1, acc1, lp1 = run_once(True)

@@ -13,6 +13,7 @@ import json
 import os
 import platform
 import random
+import signal
 import subprocess
 import sys
 from collections.abc import Callable
@@ -24,6 +25,7 @@ import torch
 
 from .atomic import atomic_path, write_json_atomic
 from .config import Config, config_diff
+from .runstate import TrainingDiverged
 
 RESUME_FILE = "resume.pt"
 CONFIG_FILE = "config.json"
@@ -219,3 +221,33 @@ def provenance() -> dict:
         "packages": pkgs,
         "cuda": torch.version.cuda if torch.cuda.is_available() else None,
     }
+
+
+class Terminated(Exception):
+    """SIGTERM arrived (a queue or scheduler stopped the run)."""
+
+
+def run_recorded(run_dir: Path, steps: int, body: Callable[[], int]) -> int:
+    """`body()` with SIGTERM raised as `Terminated`; an abnormal end is written to status.json before
+    returning: diverged (exit 3), killed by SIGTERM or ^C (exit 143, resumable), failed (re-raised)."""
+    from loguru import logger
+
+    def on_sigterm(signum, frame):  # pueue kill / scancel / timeout: record it, then stop
+        raise Terminated(f"signal {signum}")
+
+    old_handler = signal.signal(signal.SIGTERM, on_sigterm)
+    try:
+        return body()
+    except TrainingDiverged as e:
+        mark_ended(run_dir, "diverged", steps, str(e))
+        logger.error(str(e))
+        return 3
+    except (Terminated, KeyboardInterrupt) as e:
+        mark_ended(run_dir, "killed", steps, f"{type(e).__name__}: {e}")
+        logger.error(f"stopped by {type(e).__name__}; resume with --resume {run_dir}")
+        return 143
+    except BaseException as e:
+        mark_ended(run_dir, "failed", steps, f"{type(e).__name__}: {e}")
+        raise
+    finally:
+        signal.signal(signal.SIGTERM, old_handler)

@@ -108,3 +108,8 @@ def row_json(row: dict) -> dict:
             v = None
         out[k] = v
     return out
+
+
+def student_hacks(rows: list[dict]) -> str:
+    """Student rollouts exploited over some rows, as 'n/N' (the run's one-line summary)."""
+    return f"{sum(r['hack_s'][0] for r in rows)}/{sum(r['hack_s'][1] for r in rows)}"

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import math
 import os
-import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -32,35 +31,24 @@ import torch
 from loguru import logger
 from tqdm import tqdm
 
-from . import blocks, grpo, proj
+from . import blocks, grpo
 from . import checkpoint as ck
-from .adapter import (
-    deployed_params,
-    quarantine_norm,
-    quarantine_params,
-    save_adapter,
-    snapshot,
-    update_mass,
-    wrap_model,
-)
+from . import metrics as mx
+from .adapter import deployed_params, quarantine_norm, quarantine_params, save_adapter
 from .arms import StepGrads, Vanilla
 from .atomic import write_json_atomic
+from .build import make_optimizer, wrap_adapter
 from .config import Config, parse_cli
 from .directions import RunDirections, run_pairs
 from .env.modes import MODE_CODE
 from .eval import RunEvals, deploy_record
 from .inputs import Inputs, load_inputs
-from .logprobs import completion_logprobs, reference_logprobs
-from .metrics import REF_GENS_PER_STEP, classifier_metrics, eval_metrics, mode_counts, rollout_metrics, row_json, timed
 from .model import load_model_and_tokenizer
 from .rollout import Group, RolloutSource, SamplingConfig, rollout_records
-from .runstate import TrainingDiverged, TrainState
+from .runstate import TrainState
 from .tablelog import StepTable, print_bluf, setup_logging, step_columns
 from .tracking import Tracker, make_tracker
-
-
-class Terminated(Exception):
-    """SIGTERM arrived (a queue or scheduler stopped the run)."""
+from .update import apply_update, group_backward
 
 
 @dataclass
@@ -95,17 +83,6 @@ class Run:
 # ─────────────────────────────────────────────── setup ──
 
 
-def make_optimizer(cfg: Config, params: list) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
-    """AdamW over δS and δS_hack; linear warmup over warmup_frac of the steps, then cosine to 0."""
-    opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.weight_decay)
-    warm = max(1, int(cfg.warmup_frac * cfg.steps))
-    sched = torch.optim.lr_scheduler.SequentialLR(opt, [
-        torch.optim.lr_scheduler.LinearLR(opt, start_factor=1e-3, end_factor=1.0, total_iters=warm),
-        torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, cfg.steps - warm)),
-    ], milestones=[warm])
-    return opt, sched
-
-
 def setup(cfg: Config, inp: Inputs, run_dir: Path, device: torch.device) -> Run:
     """Model, adapter, arm and its directions, optimizer, rollout source and evals (resumed if asked)."""
     g_s, g_t = cfg.teacher_split
@@ -130,22 +107,6 @@ def setup(cfg: Config, inp: Inputs, run_dir: Path, device: torch.device) -> Run:
     return run
 
 
-def wrap_adapter(cfg: Config, model, tok, family: str, device: torch.device) -> dict:
-    """The run's adapter on `model`: the SVD knob, or a block-split adapter (its corda / scorda calibration
-    from the run's pairs, taken on the plain model and cached)."""
-    if family == "svd":
-        return wrap_model(model, cfg.model, top_layers=cfg.adapt_top_layers)
-    calib = None
-    if cfg.adapter in blocks.NEEDS_PAIRS:
-        calib = blocks.resolve_calibration(model, tok, run_pairs(cfg, tok)[0], model_id=cfg.model,
-                                           out_dir=cfg.out_root / "vhack", top_layers=cfg.adapt_top_layers,
-                                           device=device)
-    knobs = blocks.wrap_blocks(model, cfg.model, init=cfg.adapter, r=cfg.block_r, seed=cfg.seed, calibration=calib,
-                               n_heldout=cfg.v_hack_n_heldout, top_layers=cfg.adapt_top_layers)
-    logger.info(f"adapter: {cfg.adapter}, {len(knobs)} modules, rank 2 x {cfg.block_r}")
-    return knobs
-
-
 def save_checkpoint(run: Run, tag: str | None) -> None:
     """resume.pt (full state) + optionally a tagged deploy adapter (δS only)."""
     ck.save_run_state(run.run_dir, run.knobs, run.parts())
@@ -163,85 +124,7 @@ def load_checkpoint(run: Run) -> None:
     logger.info(f"resumed {run.run_dir} at step {run.state.step} ({kept} rows kept)")
 
 
-# ─────────────────────────────────────────────── the step's pieces ──
-
-
-def group_backward(run: Run, g: Group, acc: StepGrads) -> float:
-    """Dr.GRPO loss of one group and its backward, in forward batches of similar length (each in the arm's
-    context: per-rollout gradient recording, or routeA's masks). For an arm that edits the gradient, the
-    group's gradient goes into `acc` (and, per rollout, to the arm) and .grad is cleared again; otherwise it
-    accumulates in .grad. Sets g.mean_logp; returns the loss."""
-    knobs, per_rollout = run.knobs, run.arm.needs_rollout_grads(acc.split)
-    adv = grpo.group_advantages(torch.tensor(g.rewards, dtype=torch.float32, device=run.device),
-                                unbiased=run.cfg.unbiased)
-    run.arm.prepare_group(run.model, g, run.tok.pad_token_id)
-    loss, g.mean_logp, g_b = 0.0, [math.nan] * g.size, {}
-    for rows in g.length_buckets():
-        with run.arm.batch_context(rows, per_rollout):
-            loss += batch_backward(run, g, rows, adv[rows])
-        for name, k in knobs.items():
-            if per_rollout and k.per_rollout_grad is not None:
-                g_b.setdefault(name, torch.zeros(g.size, k.rank, device=k.per_rollout_grad.device))[rows] = \
-                    k.per_rollout_grad
-    if not run.arm.edits_gradient:  # the gradient stays in .grad; the arm only reports its per-rollout choice
-        acc.add_group(g, {}, None, run.arm.observe_group(g, None, {}))
-        return loss
-    totals = {n: k.delta_S.grad.detach() for n, k in knobs.items() if k.delta_S.grad is not None}
-    acc.add_group(g, totals, g_b or None, run.arm.observe_group(g, g_b, totals) if per_rollout else None)
-    for p in run.params:
-        p.grad = None
-    return loss
-
-
-def batch_backward(run: Run, g: Group, rows: list[int], adv: torch.Tensor) -> float:
-    """Forward and backward of some rows of a group (their share of the Dr.GRPO loss); sets their mean_logp."""
-    cfg = run.cfg
-    ids, mask, plen = g.tensors(run.tok.pad_token_id, run.device, rows)
-    ref = reference_logprobs(run.model, run.knobs, ids, plen) if cfg.beta > 0 else None
-    logp = completion_logprobs(run.model, ids, plen)
-    # one inner step: the old policy is this forward's values (ratio == 1; clip form kept)
-    tok_loss = grpo.token_losses(logp, logp.detach(), adv, clip=cfg.clip, beta=cfg.beta, ref_logp=ref)
-    loss = grpo.reduce_loss(tok_loss, mask, unbiased=cfg.unbiased, max_new=cfg.max_new, group=cfg.group,
-                            prompts_per_step=cfg.prompts_per_step)
-    loss.backward()
-    for r, x in zip(rows, grpo.masked_mean_per_row(logp.detach(), mask).cpu().tolist(), strict=True):
-        g.mean_logp[r] = x
-    return float(loss.detach())
-
-
-def apply_update(run: Run, acc: StepGrads) -> dict:
-    """The arm's δS / δS_hack gradients, global clip, AdamW step, schedule (and, for arms that edit the
-    update, the split of AdamW's change of δS); returns the update metrics, including what the
-    parameters actually did (cos_upd, quar_resid)."""
-    arm = run.arm
-    upd = arm.intervene(acc)
-    for name, k in run.knobs.items() if arm.edits_gradient else ():
-        if name in upd.kept:
-            k.delta_S.grad = upd.kept[name].to(k.delta_S.dtype)
-        k.delta_S_hack.grad = upd.routed[name].to(k.delta_S_hack.dtype) if name in upd.routed else None
-    gn = float(torch.nn.utils.clip_grad_norm_(run.params, run.cfg.grad_clip))
-    lr = run.sched.get_last_lr()[0]  # the rate this step's update used
-    snap = snapshot(run.knobs)
-    before = {n: k.deployed()[0].detach().clone() for n, k in run.knobs.items()}
-    run.opt.step()
-    run.sched.step()
-    run.opt.zero_grad(set_to_none=True)
-    diag = dict(upd.diag)
-    if arm.edits_update:
-        edit = arm.edit_update({n: k.delta_S.detach() - before[n] for n, k in run.knobs.items()})
-        with torch.no_grad():
-            for name, k in run.knobs.items():
-                k.delta_S.copy_(before[name] + edit.kept[name])
-                if name in edit.routed:
-                    k.delta_S_hack.add_(edit.routed[name])
-        diag.update(edit.diag)
-    diag["q_mass"] = update_mass(run.knobs, snap)
-    V = arm.basis_matrices()
-    if V is not None:
-        quarantine = {n: k.delta_S_hack.detach() for n, k in run.knobs.items()} if arm.has_quarantine else None
-        change = {n: k.delta_S.detach() - before[n] for n, k in run.knobs.items()}
-        diag.update(proj.update_diagnostics(V, change, quarantine))
-    return {"gn": gn, "lr": lr, **diag, **classifier_metrics(acc.routed_votes, acc.exploited)}
+# ─────────────────────────────────────────────── the step ──
 
 
 def train_step(run: Run, step: int) -> tuple[dict, list[Group]]:
@@ -249,7 +132,7 @@ def train_step(run: Run, step: int) -> tuple[dict, list[Group]]:
     cfg, state, times = run.cfg, run.state, {}
     if run.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(run.device)
-    with timed(times, "sec"):
+    with mx.timed(times, "sec"):
         # ── 1. rollouts: pick P problems, generate students, grade, mix in teacher rows ──
         if cfg.teacher_off_step is not None and step >= cfg.teacher_off_step and state.g_t_active:
             state.g_t_active = False
@@ -264,7 +147,7 @@ def train_step(run: Run, step: int) -> tuple[dict, list[Group]]:
         run.arm.begin_step()
         run.opt.zero_grad(set_to_none=True)
         loss, n_zerovar = 0.0, 0
-        with timed(times, "fb"):
+        with mx.timed(times, "fb"):
             for g in ro.groups:
                 if not grpo.has_reward_variance(torch.tensor(g.rewards)):
                     n_zerovar += 1
@@ -286,10 +169,10 @@ def train_step(run: Run, step: int) -> tuple[dict, list[Group]]:
             logger.debug(f"step {step} deploy eval [{which}]: hack={ev.hack:.3f} solve={ev.solve:.3f} n={ev.n}")
 
     # ── 5. the row ──
-    metrics = rollout_metrics(ro.groups, sorted({p.env_mode for p in run.inp.problems}), cfg.half_a_codes)
+    metrics = mx.rollout_metrics(ro.groups, sorted({p.env_mode for p in run.inp.problems}), cfg.half_a_codes)
     n_prev = sum(r["N"] for r in state.rows)
-    return {"step": step, "ref_eq": (n_prev + metrics["N"]) / REF_GENS_PER_STEP, **metrics, "loss": loss, **update,
-            "refr": refr, **eval_metrics(ev), "zv": n_zerovar, "skipped": ro.n_skipped, "split": acc.split,
+    return {"step": step, "ref_eq": (n_prev + metrics["N"]) / mx.REF_GENS_PER_STEP, **metrics, "loss": loss, **update,
+            "refr": refr, **mx.eval_metrics(ev), "zv": n_zerovar, "skipped": ro.n_skipped, "split": acc.split,
             **times, "gpu_mem": torch.cuda.max_memory_allocated(run.device) / 2**30 if run.device.type == "cuda"
             else math.nan}, ro.groups
 
@@ -298,10 +181,10 @@ def record_step(run: Run, step: int, row: dict, groups: list[Group]) -> None:
     """Row and rollouts to disk, run tallies, tripwire, status."""
     state = run.state
     state.rows.append(row)
-    ck.append_jsonl(run.run_dir / "rows.jsonl", [row_json(row)])
+    ck.append_jsonl(run.run_dir / "rows.jsonl", [mx.row_json(row)])
     recs = rollout_records(step, groups)
     ck.append_jsonl(run.run_dir / "rollouts.jsonl", recs)
-    state.track_modes(step, mode_counts(groups))
+    state.track_modes(step, mx.mode_counts(groups))
     if recs:  # the newest student generation, shown if the run diverges and at the end
         state.last_sample = {"step": step, "reward": recs[0]["reward"], "text": recs[0]["text"]}
     state.check_divergence(row, step)
@@ -333,7 +216,7 @@ def _train(cfg: Config, inp: Inputs, run_dir: Path, device: torch.device, t_star
                       [MODE_CODE[m] for m in modes] if len(modes) > 1 else ())
     logger.info("per-step columns:\n" + table.legend())
     gens = cfg.prompts_per_step * cfg.group
-    logger.info(f"{gens} generations/step = {gens / REF_GENS_PER_STEP:.2f}x the benchmark's {REF_GENS_PER_STEP}")
+    logger.info(f"{gens} generations/step = {gens / mx.REF_GENS_PER_STEP:.2f}x the benchmark's {mx.REF_GENS_PER_STEP}")
     run.model.train()
     bar = tqdm(range(run.state.step, cfg.steps), initial=run.state.step, total=cfg.steps,
                desc=f"{cfg.arm} {cfg.preset_name}", disable=not sys.stdout.isatty(), mininterval=30)
@@ -371,16 +254,11 @@ def finish(run: Run, t_start: float, tracker: Tracker) -> int:
     tracker.log_final(record)
     tracker.log_plots(run_dir)
     print_bluf(cfg, run.state, record, run_dir, ck.provenance()["command"])
-    first, last = student_hacks(run.state.rows[:3]), student_hacks(run.state.rows[-3:])
+    first, last = mx.student_hacks(run.state.rows[:3]), mx.student_hacks(run.state.rows[-3:])
     print(f"{cfg.preset_name} ok: {run_dir} arm={cfg.arm} hack_s_start={first} hack_s_end={last} "
           f"hack_deploy={record['hack_deploy']:.3f} solve_deploy={record['solve_deploy']:.3f} "
           f"wall={time.time() - t_start:.0f}s")
     return 0
-
-
-def student_hacks(rows: list[dict]) -> str:
-    """Student rollouts exploited over some rows, as 'n/N' (the run's one-line summary)."""
-    return f"{sum(r['hack_s'][0] for r in rows)}/{sum(r['hack_s'][1] for r in rows)}"
 
 
 def prepare(cfg: Config) -> tuple[Inputs, Path]:
@@ -405,27 +283,12 @@ def run(cfg: Config, inp: Inputs, run_dir: Path) -> int:
                 f"P={cfg.prompts_per_step} max_new={cfg.max_new} beta={cfg.beta} seed={cfg.seed} device={device}")
     ck.write_start(run_dir, cfg)
 
-    def on_sigterm(signum, frame):  # pueue kill / scancel / timeout: record it, then stop
-        raise Terminated(f"signal {signum}")
-
-    old_handler = signal.signal(signal.SIGTERM, on_sigterm)
-    try:
+    def body() -> int:
         with make_tracker(cfg, run_dir) as tracker:
             tracker.start(cfg.to_dict(), ck.provenance())
             return _train(cfg, inp, run_dir, device, t_start, tracker)
-    except TrainingDiverged as e:
-        ck.mark_ended(run_dir, "diverged", cfg.steps, str(e))
-        logger.error(str(e))
-        return 3
-    except (Terminated, KeyboardInterrupt) as e:
-        ck.mark_ended(run_dir, "killed", cfg.steps, f"{type(e).__name__}: {e}")
-        logger.error(f"stopped by {type(e).__name__}; resume with --resume {run_dir}")
-        return 143
-    except BaseException as e:
-        ck.mark_ended(run_dir, "failed", cfg.steps, f"{type(e).__name__}: {e}")
-        raise
-    finally:
-        signal.signal(signal.SIGTERM, old_handler)
+
+    return ck.run_recorded(run_dir, cfg.steps, body)
 
 
 def cli() -> None:
