@@ -94,4 +94,4 @@ def apply_update(run: Run, acc: StepGrads) -> dict:
         quarantine = {n: k.delta_S_hack.detach() for n, k in run.knobs.items()} if arm.has_quarantine else None
         change = {n: k.delta_S.detach() - before[n] for n, k in run.knobs.items()}
         diag.update(proj.update_diagnostics(V, change, quarantine))
-    return {"gn": gn, "lr": lr, **diag, **mx.classifier_metrics(acc.routed_votes, acc.exploited)}
+    return {"gn": gn, "lr": lr, **diag, **classifier_metrics(acc.routed_votes, acc.exploited)}
