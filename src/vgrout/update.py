@@ -13,6 +13,7 @@ from . import grpo, proj
 from .adapter import snapshot, update_mass
 from .arms import StepGrads
 from .logprobs import completion_logprobs, reference_logprobs
+from .metrics import classifier_metrics
 from .rollout import Group
 
 if TYPE_CHECKING:
