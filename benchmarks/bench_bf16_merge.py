@@ -57,7 +57,8 @@ def logps(model, seqs) -> tuple[torch.Tensor, torch.Tensor]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--run", type=Path, required=True, help="a finished organism run folder")
-    ap.add_argument("--scales", default="0.1,0.3,1,3", help="multiples of the run's final δS")
+    ap.add_argument("--scales", default="0,0.1,0.3,1,3",
+                    help="multiples of the run's final δS (0: bf16 rounding of the base alone)")
     ap.add_argument("--n", type=int, default=12, help="completions scored")
     args = ap.parse_args()
     cfg = json.loads((args.run / "config.json").read_text())["config"]
