@@ -341,7 +341,9 @@ class ForkServerPool:
         self._all = workers
 
     def _new_worker(self, idx: int) -> _Worker:
-        """Start worker idx (and first the view process again, should it have died)."""
+        """Start worker idx (and first the view process again, should it have died); a
+        job cgroup its dead predecessor left is removed first."""
+        remove_cgroups(self._cgroups, [uid_for(idx)])
         with self._lock:
             if self._view is not None and self._view.ok and self._view.pid is None:
                 self._view.close()
@@ -368,6 +370,8 @@ class ForkServerPool:
         for w in got:
             if isinstance(w, int) or not w.alive():
                 idx = w if isinstance(w, int) else w.idx
+                if not isinstance(w, int):
+                    w.close()
                 try:
                     w = self._new_worker(idx)
                 except RuntimeError as e:

@@ -280,7 +280,9 @@ def build_seccomp_bpf(seccomp_dir: str) -> bytes:
         # kernel state that outlives a job or is shared with jobs running at the same time,
         # which honest programs never use: the page cache (drop or probe a page: fadvise,
         # mincore, readahead, cachestat, Linux AIO with RWF_NOWAIT), file locks (flock),
-        # watches on files other jobs read (inotify, fanotify), secret memory
+        # watches on files other jobs read (inotify, fanotify), secret memory, another
+        # process's pages (process_madvise), machine-wide load, free memory and process
+        # count (sysinfo; /proc shows none of them to a job)
         *PAGE_CACHE_CALLS,
         "flock",
         "inotify_init",
@@ -291,6 +293,7 @@ def build_seccomp_bpf(seccomp_dir: str) -> bytes:
         "fanotify_mark",
         "memfd_secret",
         "process_madvise",
+        "sysinfo",
     ):
         _deny(f, sc, sc.ERRNO(deny), name, missing)
     f.add_rule(sc.ERRNO(errno.EAFNOSUPPORT), "socket", sc.Arg(0, sc.NE, socket.AF_UNIX))
@@ -393,8 +396,10 @@ SCRATCH = JOBROOT + SCRATCH_IN  # ... and where the worker mounts it
 STDLIB_SKIP = ("test", "idlelib", "tkinter", "turtledemo", "ensurepip", "site-packages")
 DYNLOAD_SKIP = ("_test", "_xxtestfuzz", "xxlimited", "_ctypes_test", "_tkinter", "xxsubtype")
 # what glibc loads at run time besides the libraries: the loader's cache of library paths,
-# the local time zone, and libgcc_s (dlopened to unwind a thread that calls pthread_exit)
+# the local time zone, the C.UTF-8 locale of the workers' LANG (without it the interpreter
+# starts in the C locale), and libgcc_s (dlopened to unwind a thread that calls pthread_exit)
 SYSTEM_FILES = ("/etc/ld.so.cache", "/etc/localtime")
+LOCALE_DIRS = ("/usr/lib/locale/C.utf8", "/usr/lib/locale/C.UTF-8")
 ON_DEMAND_LIBS = ("libgcc_s.so.1",)
 DEVICES = {"null": (1, 3), "zero": (1, 5), "full": (1, 7), "random": (1, 8), "urandom": (1, 9)}
 
@@ -405,7 +410,7 @@ def allow_list() -> list[str]:
     The standard library of this interpreter (sys.path of `python -I -S`, minus
     STDLIB_SKIP, the static library dir `config-*` and bytecode for -O / -OO), the real
     interpreter binary, every shared library it or one of its kept extension modules
-    loads, and SYSTEM_FILES.
+    loads, SYSTEM_FILES and the files of LOCALE_DIRS.
     """
     paths: set[str] = set()
     dynload: list[str] = []
@@ -427,6 +432,8 @@ def allow_list() -> list[str]:
     paths.add(os.path.realpath(sys.executable))
     paths.update(_loaded_libraries(dynload))
     paths.update(p for p in SYSTEM_FILES if os.path.lexists(p))
+    for top in LOCALE_DIRS:
+        paths.update(os.path.join(d, n) for d, _, files in os.walk(top) for n in files)
     return sorted(paths)
 
 
@@ -655,7 +662,7 @@ class JobCgroup:
     """
 
     def __init__(self, parent: str, uid: int):
-        self.uid, self.generation, self.name = uid, 0, ""
+        self.uid, self.name = uid, ""
         self.parent_fd = os.open(parent, os.O_RDONLY | os.O_DIRECTORY)
         self.limit_mb = UNLIMITED
         self.fds: dict[str, int] = {}
@@ -666,12 +673,10 @@ class JobCgroup:
             raise
 
     def _open(self) -> None:
-        self.generation += 1
-        self.name = f"{CGROUP_PREFIX}{self.uid}-{self.generation}"
-        try:
-            os.mkdir(self.name, 0o755, dir_fd=self.parent_fd)
-        except FileExistsError:  # left by a worker of this index that was killed
-            pass
+        # a random suffix, not a count: a job reads its cgroup's name in /proc/self/cgroup,
+        # and whether the job before it forced a renewal must not show there
+        self.name = f"{CGROUP_PREFIX}{self.uid}-{os.urandom(6).hex()}"
+        os.mkdir(self.name, 0o755, dir_fd=self.parent_fd)
         d = self.fds["dir"] = os.open(
             self.name, os.O_RDONLY | os.O_DIRECTORY, dir_fd=self.parent_fd
         )
@@ -967,7 +972,10 @@ class Worker:
         if self.cgroup is not None:
             try:
                 if self.cgroup.usage() > CGROUP_LEFTOVER:
-                    self.cgroup.renew()  # what the last job left still counts: start afresh
+                    # what the last job left still counts: start afresh (and with a new
+                    # zygote: the old one holds the old cgroup's handle)
+                    self._stop_zygote()
+                    self.cgroup.renew()
                 self.cgroup.set_limit(int(lim["mem_mb"]))
                 ooms = self.cgroup.oom_kills()
             except OSError as e:
