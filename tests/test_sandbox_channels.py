@@ -465,7 +465,7 @@ for k in range(2):
         for i in range(0, len(hog), 4096):
             hog[i] = 1
         _note(f"child {k} holds 300")
-        time.sleep(3)
+        time.sleep(1.5)  # while the parent fills its memfds
         os._exit(0)
     kids.append(pid)
 time.sleep(0.5)

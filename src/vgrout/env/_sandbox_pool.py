@@ -178,7 +178,7 @@ def cgroup_parent() -> tuple[str | None, str]:
 
 
 def remove_cgroups(parent: str | None, uids) -> None:
-    """Remove the job cgroups of `uids` (all of their generations) under `parent`, and those
+    """Remove the job cgroups of `uids` (whatever their random suffix) under `parent`, and those
     left by trainers that no longer run; best effort (one still in use stays)."""
     if parent is None or not os.path.isdir(parent):
         return
