@@ -2,13 +2,16 @@
 
 Run as `python -I -S _sandbox_worker.py SOCK_FD` (its settings come in the first frame,
 not on the command line, so no job can read them from /proc): a long-lived, stdlib-only
-interpreter that enters its own network / mount namespaces once (a read-only view of the
-filesystem with homes, the repo and the data hidden) and then serves jobs one at a time.
+interpreter that makes its jobs' memory cgroup, enters its own network namespace and a copy
+of the view process's mount namespace once (a read-only view of the filesystem with homes,
+the repo and the data hidden, holding the jobs' allow-list tree) and then serves jobs one
+at a time. The same file run with the "view" role is that view process (`view_main`).
 
 Jobs run under a *zygote* (`_sandbox_zygote`): PID 1 of its own PID / mount / IPC / UTS
-namespaces, with no_new_privs and the seccomp deny-list loaded once, a fresh and small
-interpreter. Per job the zygote forks one child, which drops to the worker's
-unprivileged uid (in a fresh scratch directory, with rlimits) and runs the program; when
+namespaces, rooted in the allow-list tree (`pivot_root`), with no_new_privs and the seccomp
+deny-list loaded once, a fresh and small interpreter. Per job the zygote forks one child,
+which joins the job cgroup and drops to the worker's unprivileged uid (in a fresh scratch
+directory, with rlimits) and runs the program; when
 that child exits, the zygote SIGKILLs every other process in its namespace and reaps it
 before it reports, so nothing a job started survives into the next one. Jobs never
 overlap, cannot signal or trace the root zygote, cannot create SysV or POSIX IPC objects
