@@ -69,10 +69,14 @@ def test_planted_direction_recovered_and_haar_is_not():
 
 def test_every_axis_signed_hackward():
     grads, _ = _grads({"m": 64}, 10, 5)
-    V, _ = vhack.v_hack_from(grads, top_k=8)
-    mean = (grads["hack/m"] - grads["clean/m"]).mean(0)
-    assert bool(((V["m"] @ mean) >= 0).all())
+    D = grads["hack/m"] - grads["clean/m"]
+    V, _ = vhack.v_hack_from(grads, top_k=8, sign="mean")
+    assert bool(((V["m"] @ D.mean(0)) >= 0).all())
+    Vv, _ = vhack.v_hack_from(grads, top_k=8)  # the default: each axis signed by the pairs' majority vote
+    proj = D @ Vv["m"].T  # [pairs, axes]
+    assert bool(((proj > 0).sum(0) >= (proj < 0).sum(0)).all())
     assert V["m"].shape == (8, 64) and _orthonormal(V["m"])
+    assert torch.equal(Vv["m"].abs(), V["m"].abs())  # same axes, only the signs may differ
     # top_k beyond the number of pairs is capped at n
     V3, _ = vhack.v_hack_from({"hack/m": grads["hack/m"][:3], "clean/m": grads["clean/m"][:3]},
                               top_k=8)
@@ -177,7 +181,10 @@ def test_save_load_round_trip_and_mismatches(tmp_path):
     assert got.meta["model"] == "tiny-qwen3" and got.meta["schema"] == vhack.SCHEMA
     assert got.meta["pairs_source"] == "builtin" and got.meta["top_k"] == "4"
     assert json.loads(got.meta["ranks"]) == MODS and got.meta["dtype"] == "float32"
-    assert got.heldout == json.loads(json.dumps(d.heldout))
+    saved_report = json.loads(json.dumps(d.heldout))
+    assert {k: v for k, v in got.heldout.items() if k != "kept_axes"} == saved_report
+    # the load adds the held-out check over the axes it kept (all 4 per module here)
+    assert got.heldout["kept_axes"] == vhack.heldout_on_kept_axes(saved_report, {m: [0, 1, 2, 3] for m in MODS})
     sliced = vhack.load_directions(p, model_id="tiny-qwen3", k_use=2, drop_bottom_frac=0.0,
                                    knobs=MODS)
     assert all(v.shape[0] == 2 for v in sliced.v_hack.values())
@@ -213,6 +220,11 @@ def test_cache_path_keys():
         vhack.directions_cache_path("out/vhack", "Qwen/Qwen3-4B", ps, 12, 0.0, n_heldout=3),
     ]
     assert len({base, *others}) == 6
+    # only the top blocks adapted (--adapt-top-layers): the adapted span is part of the key
+    every = [f"model.layers.{i}.mlp.up_proj" for i in range(4)]
+    top = vhack.directions_cache_path("out/vhack", "Qwen/Qwen3-4B", ps, 12, 0.0, modules=every[2:])
+    assert "_h2_L2-3_" in top.name and top != base
+    assert vhack.directions_cache_path("out/vhack", "Qwen/Qwen3-4B", ps, 12, 0.0, modules=every) == base
 
 
 def test_haar_control_round_trip_and_refresh_refuses(tmp_path):
@@ -325,8 +337,10 @@ def test_end_to_end_extraction_and_cache(tiny, tiny_grads, tmp_path):
     for m, V in d.v_hack.items():
         assert 1 <= V.shape[0] <= 2 and V.shape[1] == knobs[m].rank
         assert _orthonormal(V)
-        mean = (tiny_grads[f"hack/{m}"] - tiny_grads[f"clean/{m}"])[:3].mean(0)
-        assert bool(((V @ mean) > 0).all()), m
+        D = (tiny_grads[f"hack/{m}"] - tiny_grads[f"clean/{m}"])[:3]
+        mean = D.mean(0)
+        proj = D @ V.T  # each axis signed by the extraction pairs' majority vote
+        assert bool(((proj > 0).sum(0) >= (proj < 0).sum(0)).all()), m
         assert float(d.v_grad[m] @ mean) > 0
         assert vhack.basis_overlap({m: ref_v[m]}, {m: V}) == pytest.approx(1.0, abs=1e-3)
     for v in d.v_grad.values():
@@ -351,3 +365,51 @@ def test_refresh_on_unchanged_model_reproduces_basis(tiny, tiny_grads):
     assert res.overlap_v_grad == pytest.approx(1.0, abs=1e-3)
     for k in knobs.values():
         assert k.delta_S.grad is None
+
+
+def test_axis_sign_vote_and_mean_disagree_where_one_pair_dominates():
+    """Three pairs project -1, -1, +10 on the axis: the mean says +, the majority vote says -;
+    a 1:1 tie is signed positive (the reference's rule)."""
+    v = torch.tensor([[1.0, 0.0]], dtype=torch.float64)
+    D = torch.tensor([[-1.0, 0.3], [-1.0, -0.2], [10.0, 0.0]], dtype=torch.float64)
+    assert vhack.axis_signs(D, v, "mean").tolist() == [1.0]
+    assert vhack.axis_signs(D, v, "vote").tolist() == [-1.0]
+    tie = torch.tensor([[-1.0, 0.0], [2.0, 0.0], [0.0, 5.0]], dtype=torch.float64)
+    assert vhack.axis_signs(tie, v, "vote").tolist() == [1.0]
+    assert vhack.axis_signs(-tie[:2], v, "vote").tolist() == [1.0]
+    with pytest.raises(ValueError, match="not one of"):
+        vhack.axis_signs(D, v, "median")
+
+
+def test_haar_control_matches_the_real_basis_module_set_and_axis_counts():
+    shapes = {"a": 16, "b": 24, "c": 8}
+    real = vhack.Directions({"a": torch.eye(16)[:3], "c": torch.eye(8)[:1]}, {"a": torch.ones(3), "c": torch.ones(1)},
+                            {m: torch.ones(r) / r**0.5 for m, r in shapes.items()}, dropped=["b"])
+    ctrl = vhack.haar_like(real, shapes, seed=5)
+    assert {m: v.shape for m, v in ctrl.v_hack.items()} == {"a": (3, 16), "c": (1, 8)}
+    assert set(ctrl.v_grad) == set(shapes) and ctrl.is_control and ctrl.dropped == ["b"]
+    for v in ctrl.v_hack.values():
+        assert _orthonormal(v)
+    again = vhack.haar_like(real, shapes, seed=5)
+    assert all(torch.equal(ctrl.v_hack[m], again.v_hack[m]) for m in ctrl.v_hack)
+    assert not torch.equal(vhack.haar_like(real, shapes, seed=6).v_hack["a"], ctrl.v_hack["a"])
+
+
+def test_pair_loss_norms_weight_tokens_as_documented():
+    lp = torch.tensor([[-1.0, -2.0, 0.0], [-3.0, 0.0, 0.0]])
+    mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0]])
+    assert float(vhack._pair_loss(lp, mask, "mean")) == pytest.approx(1.5 + 3.0)
+    assert float(vhack._pair_loss(lp, mask, "sum")) == pytest.approx(3.0 + 3.0)
+    with pytest.raises(ValueError):
+        vhack._pair_loss(lp, mask, "max")
+
+
+def test_heldout_check_covers_every_kept_axis():
+    report = {"axis_frac_pairs_pos": {"a": [1.0, 0.0, 0.75], "b": [0.5]}}
+    kept = vhack.heldout_on_kept_axes(report, {"a": [0, 2], "b": [0]})
+    assert kept == {"n_axes": 3, "n_axes_hackward": 2, "mean_frac_pairs_pos": pytest.approx(0.75)}
+    assert vhack.heldout_on_kept_axes({}, {"a": [0]}) == {}
+    S = {"a": torch.tensor([5.0, 4.0, 1.0]), "b": torch.tensor([0.5, 0.4])}
+    assert vhack.kept_axes(S, k_use=2, drop_bottom_frac=0.5) == {"a": [0, 1]}
+    assert vhack.kept_axes(S, k_use=3, drop_bottom_frac=0.0) == {"a": [0, 1, 2], "b": [0, 1]}
+
