@@ -755,6 +755,61 @@ def test_job_order_keeps_oracle_runs_before_secret_runs():
             assert max(e for _, e in first) <= min(s for s, _ in later), (backend, key, span)
 
 
+# Each run of this wrong solution notes on the report fd which run it is (the harness's
+# SPEC kind, found by walking its frames) and a window of its own lifetime.
+TIMED = r'''
+import os, sys, time
+def _kind():
+    f = sys._getframe(1)
+    while f is not None:
+        spec = f.f_locals.get("SPEC")
+        if isinstance(spec, dict) and "kind" in spec:
+            return spec["kind"]
+        f = f.f_back
+    return "?"
+_t0 = time.monotonic()
+time.sleep(0.15)
+os.write(3, f"VGT {_kind()} {_t0} {time.monotonic()}\n".encode())
+
+
+class Solution:
+    def pairIndices(self, nums, target):
+        # run_tests (named, so that every mode also runs the detectors, rt_canon among them)
+        return [0, 0]
+'''
+ANSWER_RUNS = {"plain", "swallow", "exitcode", "rt_canon"}  # hold the expected values or the canonical
+
+
+@pytest.mark.parametrize("backend", ["forkserver", "subprocess"])
+def test_graders_end_a_problems_oracle_runs_before_its_answer_runs_start(monkeypatch, backend):
+    """grade_batch on 2 workers, every mode twice, one problem: every run that holds the
+    expected values or the reference solution starts after every oracle run of the problem
+    has ended (each run reports its kind and a window of its lifetime)."""
+    from vgrout.env import rewards
+
+    windows: list[tuple[str, float, float]] = []
+    real = rewards.sandbox.run_jobs
+
+    def spy(jobs, **kw):
+        outs = real(jobs, **kw)
+        for o in outs:
+            for line in o.report.decode(errors="replace").splitlines():
+                if line.startswith("VGT "):
+                    kind, a, b = line.split()[1:]
+                    windows.append((kind, float(a), float(b)))
+        return outs
+
+    monkeypatch.setattr(rewards.sandbox, "run_jobs", spy)
+    monkeypatch.setenv("VGROUT_SANDBOX_BACKEND", backend)
+    rs = grade_batch([(fenced(TIMED), problem(m)) for m in ENV_MODES for _ in range(2)], workers=2, limits=LIMITS)
+    assert not any(r.gt_correct for r in rs)
+    kinds = {k for k, _, _ in windows}
+    assert {"oracle", *ANSWER_RUNS, "sentinel", "rt_own", "rt_stub"} <= kinds, kinds
+    oracle_end = max(b for k, _, b in windows if k == "oracle")
+    answer_start = min(a for k, a, _ in windows if k in ANSWER_RUNS)
+    assert oracle_end <= answer_start, (backend, sorted(windows, key=lambda w: w[1]))
+
+
 def test_a_job_runs_in_its_own_memory_cgroup():
     """The job's process is in its worker's job cgroup, the worker's zygote is not (it
     stays in the trainer's), and the pool removes the job cgroups when it stops."""
@@ -777,21 +832,27 @@ def test_a_job_runs_in_its_own_memory_cgroup():
 
 def test_cgroup_v2_without_memory_delegation_is_reported(monkeypatch):
     """Pointed at a cgroup v2 directory without the memory controller, the pool says in
-    its start-up line that memory is bounded per process only, and runs on."""
+    its start-up log line that memory is bounded per process only, and runs on."""
+    from loguru import logger
+
     unified = Path("/sys/fs/cgroup/unified")
     if not (unified / "cgroup.controllers").exists() or "memory" in (unified / "cgroup.controllers").read_text():
         pytest.skip("needs a cgroup v2 hierarchy without the memory controller (as here)")
     d = unified / f"vgrout-test-{secrets.token_hex(4)}"
     d.mkdir()
+    msgs: list[str] = []
+    sink = logger.add(lambda m: msgs.append(str(m).strip()), level="INFO", format="{message}")
     try:
         monkeypatch.setenv("VGROUT_SANDBOX_CGROUP", str(d))
         pool_mod.shutdown()
         pool = pool_mod.get_pool(2)
         assert not pool.level["memcg"], pool.describe()
-        assert any("memory is bounded per process only" in n for n in pool.notes), pool.describe()
-        assert "memcg" in pool.describe().split("off=")[1]
+        (line,) = [m for m in msgs if m.startswith("sandbox isolation")]  # logged once, at start-up
+        assert "memcg" in line.split("off=")[1].split(";")[0], line
+        assert "no memory cgroup per job" in line and "memory is bounded per process only" in line, line
         assert run_jobs([Job("print(1)", limits=LIMITS)], workers=1)[0].stdout == "1\n"
     finally:
+        logger.remove(sink)
         monkeypatch.delenv("VGROUT_SANDBOX_CGROUP")
         pool_mod.shutdown()
         for sub in d.iterdir() if d.exists() else ():
