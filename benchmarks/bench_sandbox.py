@@ -10,6 +10,13 @@ per-problem time limit (rewards.RelativeTime, timed once per problem before the 
 starts); --fixed-time gives every run 10 s.
 
     uv run python benchmarks/bench_sandbox.py [--limit N] [--workers 2] [--fixed-time]
+        [--save-verdicts FILE] [--order-ab N]
+
+--save-verdicts writes each completion's verdict fields on both backends as JSON lines, so
+that two versions of the sandbox can be compared completion by completion. --order-ab N
+measures what the graders' Job.order (a problem's oracle runs before its runs that hold the
+expected values) costs: N alternating fork-server gradings of all items with and without it,
+no baseline.
 """
 
 from __future__ import annotations
@@ -120,6 +127,30 @@ def split_costs(workers: int) -> dict[str, dict[str, tuple[int, float]]]:
     return {k: {c: (n, s / workers) for c, (n, s) in v.items()} for k, v in out.items()}
 
 
+def order_ab(items, workers: int, relative, rounds: int) -> None:
+    """Alternate gradings with the graders' Job.order and without it (same items, same pool)."""
+    order = dict(rewards._ORACLE_FIRST)
+    times: dict[str, list[float]] = {"with": [], "without": []}
+    verdicts: dict[str, list] = {}
+    try:
+        for r in range(rounds):
+            for name in ("with", "without") if r % 2 == 0 else ("without", "with"):
+                rewards._ORACLE_FIRST.clear()
+                if name == "with":
+                    rewards._ORACLE_FIRST.update(order)
+                res, t, n = timed_grade(items, "forkserver", workers, relative)
+                times[name].append(t)
+                verdicts.setdefault(name, [(x.gt_correct, x.reward) for x in res])
+                print(f"round {r + 1} {name:7s} order: {t:.1f} s, {n / t:.1f} exec/s", flush=True)
+    finally:
+        rewards._ORACLE_FIRST.clear()
+        rewards._ORACLE_FIRST.update(order)
+    w, wo = sum(times["with"]) / rounds, sum(times["without"]) / rounds
+    same = sum(a == b for a, b in zip(verdicts["with"], verdicts["without"], strict=True))
+    print(f"order_cost: {100 * (w / wo - 1):+.1f}% wall time with the order (mean {w:.1f} s vs {wo:.1f} s)")
+    print(f"verdicts equal with and without: {same}/{len(items)}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--limit", type=int, default=None, help="grade only the first N completions")
@@ -129,6 +160,18 @@ def main() -> None:
         action="store_true",
         help="grade every run with the fixed 10 s limit instead of the default per-problem "
         "rewards.RelativeTime() (clamp(10 x the canonical's runtime, 1 s, 10 s))",
+    )
+    ap.add_argument(
+        "--save-verdicts",
+        default=None,
+        help="write every completion's verdict fields (both backends) to this file, one JSON line each",
+    )
+    ap.add_argument(
+        "--order-ab",
+        type=int,
+        default=0,
+        metavar="N",
+        help="instead: N alternating fork-server gradings with and without the oracle-first order",
     )
     args = ap.parse_args()
     relative = None if args.fixed_time else rewards.DEFAULT_TIME
@@ -143,6 +186,8 @@ def main() -> None:
     if relative is not None:  # the one-off canonical timing runs (shared by both) stay untimed
         probs = list({id(p): (f"```python\n{p.canonical}\n```", p, None) for _, p, _ in items}.values())
         timed_grade(probs, "forkserver", args.workers, relative)
+    if args.order_ab:
+        return order_ab(items, args.workers, relative, args.order_ab)
     ours, t_ours, n_ours = timed_grade(items, "forkserver", args.workers, relative)
     base, t_base, n_base = timed_grade(items, "subprocess", args.workers, relative)
     for name, t, n in (
@@ -194,6 +239,13 @@ def main() -> None:
             f"  #{i} problem {p.problem_id} {k}: ours={getattr(ours[i], k)} baseline={getattr(base[i], k)}"
             f" notes: {ours[i].note!r} / {base[i].note!r}"
         )
+    if args.save_verdicts:
+        with open(args.save_verdicts, "w") as fh:
+            for i, (a, b) in enumerate(zip(ours, base, strict=True)):
+                row = {"i": i, "problem": items[i][1].problem_id}
+                row |= {f"ours_{k}": getattr(a, k) for k in keys}
+                row |= {f"base_{k}": getattr(b, k) for k in keys}
+                fh.write(json.dumps(row) + "\n")
     canon = [(r, p) for r, (_, p, lab) in zip(ours, items, strict=True) if lab is None]
     if canon:
         print(f"medhard canonicals gt_correct: {sum(r.gt_correct for r, _ in canon)}/{len(canon)}")

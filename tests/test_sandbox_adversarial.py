@@ -333,7 +333,8 @@ LOOK = (
     "s = socket.socket(socket.AF_UNIX)\n"
     "try: s.connect('\\0vgstash'); print('FOUND socket', s.recv(64))\n"
     "except OSError: print('no socket')\n"
-    "print('named sockets', [ln.split()[7:] for ln in open('/proc/net/unix').read().splitlines()[1:] if len(ln.split()) > 7])\n"
+    "lines = open('/proc/self/net/unix').read().splitlines()[1:]\n"
+    "print('named sockets', [ln.split()[7:] for ln in lines if len(ln.split()) > 7])\n"
     "print('procs', sorted(int(p) for p in os.listdir('/proc') if p.isdigit()), os.getpid(), os.stat('.').st_ino)\n"
 )
 
@@ -377,7 +378,10 @@ def test_a_socket_kept_alive_in_flight_is_gone_for_the_next_job(env):
         "fds = array.array('i', [g.fileno()]).tobytes()\n"
         "g.sendmsg([b'x'], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)])\ng.close()\n"
     )
-    look = "print([ln.split()[7:] for ln in open('/proc/net/unix').read().splitlines()[1:] if len(ln.split()) > 7])\n"
+    look = (
+        "lines = open('/proc/self/net/unix').read().splitlines()[1:]\n"
+        "print([ln.split()[7:] for ln in lines if len(ln.split()) > 7])\n"
+    )
     a, b = run_jobs([Job(kept, limits=LIM), Job(look, limits=LIM)], workers=1)
     assert a.ok and b.ok, (a, b)
     assert name not in b.stdout and b.stdout.strip() == "[]", b.stdout

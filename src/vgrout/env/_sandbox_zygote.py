@@ -244,7 +244,10 @@ def zygote_main(sock: socket.socket, cfg: dict) -> None:
     try:
         occupy_low_fds()
         # rewound after every job, so each job is PID 2 whatever the one before it spawned
-        last_pid = os.open("/proc/sys/kernel/ns_last_pid", os.O_WRONLY)
+        # (opened before exec: the /proc that jobs see has no /proc/sys)
+        last_pid = cfg["last_pid_fd"]
+        if not os.pread(last_pid, 32, 0).strip().isdigit():
+            raise OSError(f"fd {last_pid} is not this namespace's ns_last_pid")
         preimport()
         gc.freeze()
         sock.sendall(pack({"ready": True}, []))
@@ -253,7 +256,7 @@ def zygote_main(sock: socket.socket, cfg: dict) -> None:
             os.write(2, f"vgrout sandbox: zygote start failed: {type(e).__name__}: {e}\n".encode())
         finally:
             os._exit(125)
-    uid = cfg["uid"]
+    uid, cgroup_fd = cfg["uid"], cfg.get("cgroup_fd")
     cache, shared = CompileCache(), SharedCodeCache()
     while True:
         try:
@@ -272,7 +275,8 @@ def zygote_main(sock: socket.socket, cfg: dict) -> None:
         except OSError as e:
             pid, rep = -1, {"error": f"fork failed: {e}"}
         if pid == 0:
-            job_main(head["limits"], program or code, compiled, namespaces, fds, head["dir"], uid)
+            lim, where = head["limits"], head["dir"]
+            job_main(lim, program or code, compiled, namespaces, fds, where, uid, cgroup_fd)
         for fd in fds:
             os.close(fd)
         if pid > 0:
@@ -337,15 +341,26 @@ def job_main(
     fds: list[int],
     workdir: str,
     uid: int | None,
+    cgroup_fd: int | None = None,
     harden=None,
+    root: str | None = None,
 ) -> None:
-    """The job's process: fds, scratch, session, limits, uid; then the program. Never returns.
+    """The job's process: memory cgroup, root, scratch, fds, session, limits, uid; then the
+    program. Never returns.
 
-    Under a zygote, no_new_privs and seccomp are inherited from it (and the zygote's
-    death takes its whole PID namespace along); a plain fork of the worker passes `harden`,
-    which sets them and the parent-death signal up last.
+    `cgroup_fd`: the `cgroup.procs` of the job's memory cgroup, joined first (while this
+    process is still root), so everything the job does is charged there. `root`: the
+    directory to chroot into (a plain fork of the worker; a zygote has pivoted into it
+    already), before `workdir` is entered. Under a zygote, no_new_privs and seccomp are
+    inherited from it (and the zygote's death takes its whole PID namespace along); a
+    plain fork of the worker passes `harden`, which sets them and the parent-death signal
+    up last.
     """
     try:
+        if cgroup_fd is not None:
+            os.write(cgroup_fd, b"0")
+        if root is not None:
+            os.chroot(root)
         os.chdir(workdir)
         for i, fd in enumerate(fds):  # stdin, stdout, stderr, report -> 0..3 (all are >= 4)
             os.dup2(fd, i)

@@ -247,8 +247,16 @@ def _oracle_limits(limits: sandbox.Limits, tests: Sequence[GtTest]) -> sandbox.L
     return replace(limits, output_bytes=max(limits.output_bytes, need))
 
 
-def _plan(item: _Item, limits: sandbox.Limits, jobs: list[sandbox.Job]) -> None:
-    """Append this item's sandbox jobs to `jobs` and remember where they are."""
+# Runs that hold a problem's expected values (plain, swallow, exitcode: the asserts) or its
+# reference solution (rt_canon) start only after every oracle run of the same problem in
+# the batch has finished (sandbox.Job.order): whatever they leave in the machine cannot
+# reach an oracle run of that problem in the same batch.
+_ORACLE_FIRST = {"oracle": 0, "plain": 1, "swallow": 1, "exitcode": 1, "rt_canon": 1}
+
+
+def _plan(item: _Item, limits: sandbox.Limits, jobs: list[sandbox.Job], problem: str) -> None:
+    """Append this item's sandbox jobs to `jobs` and remember where they are; `problem`
+    names the item's problem within the batch (the key of the runs' order)."""
     if not item.can_compile:
         return
     code = item.code or ""
@@ -271,7 +279,9 @@ def _plan(item: _Item, limits: sandbox.Limits, jobs: list[sandbox.Job]) -> None:
             solution=item.solution,
         )
         item.jobs[kind] = len(jobs)
-        jobs.append(sandbox.Job(**run, read_files=read_files, limits=lim))
+        rank = _ORACLE_FIRST.get(kind)
+        order = None if rank is None else (problem, rank)
+        jobs.append(sandbox.Job(**run, read_files=read_files, limits=lim, order=order))
 
     add("oracle", {"calls": calls}, lim=_oracle_limits(limits, item.tests))
     mode = item.mode
@@ -501,8 +511,10 @@ def _grade(
         else [lim] * len(items)
     )
     jobs: list[sandbox.Job] = []
+    problems: dict[tuple, str] = {}  # (setup, tests) -> its name in this batch
     for it, it_lim in zip(items, per_item, strict=True):
-        _plan(it, it_lim, jobs)
+        name = problems.setdefault((it.setup, it.gt_tests), str(len(problems)))
+        _plan(it, it_lim, jobs, name)
     # expected values the parent cannot read off a literal: one setup-only run per problem
     pending: dict[tuple, tuple[int, str, tuple[tuple[int, str], ...], str]] = {}
     for it in items:

@@ -31,7 +31,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -79,6 +79,13 @@ class Job:
     module namespace, and skip the binding of hundreds of names that a star import costs
     each fresh process. Same secrecy rule as `shared_code`; the reference backend leaves
     the global out, so a program must run the text itself for any pair it does not find.
+
+    `order`: (key, rank). Within one `run_jobs` call, the job starts only once every job
+    with the same key and a lower rank has finished, on whatever worker, so the two never
+    overlap and the lower rank never runs after the higher one. The graders give a
+    problem's strict-oracle runs rank 0 and the runs that hold its expected values or
+    reference solution rank 1: nothing those leave behind in the machine can reach an
+    oracle run of the same problem in the same batch. None: no constraint.
     """
 
     code: str
@@ -87,6 +94,7 @@ class Job:
     limits: Limits = field(default_factory=Limits)
     shared_code: tuple[tuple[str, str, str], ...] = ()
     namespaces: tuple[tuple[str, str], ...] = ()
+    order: tuple[str, int] | None = None
 
 
 @dataclass(frozen=True)
@@ -282,10 +290,22 @@ def run_jobs(
         from ._sandbox_pool import get_pool
 
         return get_pool(min(max(n, default_workers()), 64)).run_jobs(jobs, workers=n)
-    if n == 1:
-        return [_run_subprocess(j) for j in jobs]
+    from ._sandbox_pool import Dispatch
+
+    # the same dispatch order as the fork-server's (longest wall limit first, Job.order)
+    results: list = [None] * len(jobs)
+    todo = Dispatch(jobs)
     with ThreadPoolExecutor(max_workers=n) as ex:
-        return list(ex.map(_run_subprocess, jobs))
+        running: dict = {}
+        while todo or running:
+            while len(running) < n and (i := todo.pop()) is not None:
+                running[ex.submit(_run_subprocess, jobs[i])] = i
+            finished, _ = wait(running, return_when=FIRST_COMPLETED)
+            for fut in finished:
+                i = running.pop(fut)
+                results[i] = fut.result()
+                todo.done(i)
+    return results
 
 
 def run_job(job: Job, *, backend: Backend | None = None) -> Outcome:
