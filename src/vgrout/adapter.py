@@ -438,9 +438,6 @@ def update_mass(adapters, before: Mapping[str, list[Tensor]]) -> float:
 # ── contexts ─────────────────────────────────────────────────────────────────────────────
 
 
-# ── contexts ─────────────────────────────────────────────────────────────────────────────
-
-
 def _refuse_if_merged(knobs: list[AdapterModule], what: str) -> None:
     if any(k._merged for k in knobs):
         raise RuntimeError(
