@@ -4,6 +4,7 @@ refresh, and one end-to-end extraction on the offline tiny Qwen3."""
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -123,12 +124,15 @@ def test_heldout_pairs_project_hackward():
     assert h["n_heldout"] == 2 and h["names"] == ["pair10", "pair11"]
     assert h["n_pairs_top_axis_hackward"] == 2 and h["n_pairs_v_grad_hackward"] == 2
     assert h["mean_frac_v_grad_pos"] == 1.0
-    # pure-noise pairs do not project consistently
+    # pure-noise pairs do not project consistently: held out, they fall on either side
     g = _gen(9)
-    noise = {f"hack/{m}": torch.randn(12, r, generator=g) for m, r in MODS.items()}
-    noise.update({f"clean/{m}": torch.zeros(12, r) for m, r in MODS.items()})
+    noise = {f"hack/{m}": torch.randn(40, r, generator=g) for m, r in MODS.items()}
+    noise.update({f"clean/{m}": torch.zeros(40, r) for m, r in MODS.items()})
+    hn = vhack.directions_from_grads(noise, top_k=3, tau_axis=0.0, n_heldout=20).heldout
+    assert 0.3 < hn["mean_frac_v_grad_pos"] < 0.7 and 0.3 < hn["mean_frac_top_axis_pos"] < 0.7
+    assert 3 < hn["n_pairs_v_grad_hackward"] < 17 and 3 < hn["n_pairs_top_axis_hackward"] < 17
     with pytest.raises(ValueError, match="need at least 2"):
-        vhack.directions_from_grads(noise, top_k=3, tau_axis=0.0, n_heldout=11)
+        vhack.directions_from_grads(noise, top_k=3, tau_axis=0.0, n_heldout=39)
 
 
 def test_haar_controls_reproducible():
@@ -156,6 +160,85 @@ def test_basis_overlap():
     assert vhack.basis_overlap(old, rot) == pytest.approx(1.0)  # same subspace, new basis
     assert vhack.basis_overlap({"v": torch.tensor([1.0, 0.0])},
                                {"v": torch.tensor([0.6, 0.8])}) == pytest.approx(0.36)
+    # different k: the fraction of the OLD subspace the new one spans (divided by k_old)
+    two, one = {"m": torch.eye(2, 6)}, {"m": torch.eye(1, 6)}
+    assert vhack.basis_overlap(two, one) == 0.5  # new spans half of old
+    assert vhack.basis_overlap(one, two) == 1.0  # new contains old
+    assert vhack.basis_overlap(one, {"m": torch.eye(6)[[1, 2, 3]]}) == 0.0
+    # an empty old basis is skipped; nothing shared is NaN
+    assert vhack.basis_overlap({"m": torch.zeros(0, 6), "n": torch.eye(1, 3)},
+                               {"m": torch.eye(1, 6), "n": torch.eye(1, 3)}) == 1.0
+    assert math.isnan(vhack.basis_overlap({"m": torch.eye(1, 3)}, {"n": torch.eye(1, 3)}))
+
+
+def test_heldout_pairs_are_kept_out_of_the_extraction():
+    """Only the first n - n_heldout pairs shape v_hack, sv and v_grad: poisoning the held-out
+    pairs changes the report, not the directions; v_grad has unit norm."""
+    grads, _ = _grads(MODS, 10, 3)
+    poisoned = {k: v.clone() for k, v in grads.items()}
+    for m, r in MODS.items():
+        poisoned[f"hack/{m}"][-2:] -= 1000.0 * torch.randn(2, r, generator=_gen(4))
+    d = vhack.directions_from_grads(poisoned, top_k=3, tau_axis=0.0, n_heldout=2,
+                                    names=[f"n{i}" for i in range(10)])
+    train = {k: v[:8] for k, v in grads.items()}
+    V, S = vhack.v_hack_from(train, top_k=3)
+    vg = vhack.v_grad_from(train)
+    for m in MODS:
+        assert torch.equal(d.v_hack[m], V[m]) and torch.equal(d.sv[m], S[m])
+        assert torch.equal(d.v_grad[m], vg[m])
+        assert float(d.v_grad[m].norm()) == pytest.approx(1.0, abs=1e-6)
+    assert d.heldout["names"] == ["n8", "n9"] and d.heldout["n_heldout"] == 2
+    no_report = vhack.directions_from_grads(grads, top_k=3, tau_axis=0.0, n_heldout=0)
+    assert no_report.heldout == {} and torch.equal(no_report.v_grad["layers.0.q"],
+                                                   vhack.v_grad_from(grads)["layers.0.q"])
+
+
+def test_no_signal_gives_zero_v_grad_and_no_axis():
+    h = torch.randn(4, 6, generator=_gen(2))
+    grads = {"hack/m": h, "clean/m": h.clone()}
+    assert torch.equal(vhack.v_grad_from(grads)["m"], torch.zeros(6))
+    V, S = vhack.v_hack_from(grads, top_k=3)
+    assert V["m"].shape == (0, 6) and S["m"].shape == (0,)
+
+
+def test_threshold_boundaries_keep_equal_values():
+    """tau_axis keeps S_i / S_0 == tau_axis; the quantile keeps s == threshold."""
+    D = torch.tensor([[0.0, 0.0, 10.0, 0.0], [0.0, 5.0, 0.0, 0.0], [2.5, 0.0, 0.0, 0.0]])
+    grads = {"hack/m": D, "clean/m": torch.zeros_like(D)}
+    for tau, want in ((0.25, [10.0, 5.0, 2.5]), (0.5, [10.0, 5.0]), (1.0, [10.0])):
+        _, S = vhack.v_hack_from(grads, top_k=3, tau_axis=tau)
+        assert S["m"].tolist() == want, tau
+    V = {"a": torch.eye(3, 4), "b": torch.eye(2, 4)}
+    S = {"a": torch.tensor([5.0, 3.0, 1.0]), "b": torch.tensor([4.0, 2.0])}
+    out, dropped = vhack.postprocess(V, S, k_use=3, drop_bottom_frac=0.25)  # quantile = 2.0
+    assert dropped == [] and out["a"].shape[0] == 2 and out["b"].shape[0] == 2
+
+
+def test_default_quantile_drops_the_bottom_quarter():
+    """drop_bottom_frac=0.25 drops axes below the 25% quantile (not above the 75% one)."""
+    V = {"a": torch.eye(2, 4), "b": torch.eye(2, 5)}
+    S = {"a": torch.tensor([8.0, 4.0]), "b": torch.tensor([2.0, 1.0])}
+    out, dropped = vhack.postprocess(V, S, k_use=2, drop_bottom_frac=0.25)  # quantile 1.75
+    assert dropped == [] and out["a"].shape[0] == 2
+    torch.testing.assert_close(out["b"], torch.eye(2, 5)[:1])
+    out, dropped = vhack.postprocess(V, S, k_use=1, drop_bottom_frac=0.25)  # [8, 2]: 3.5
+    assert dropped == ["b"] and list(out) == ["a"]
+
+
+def test_haar_frame_is_the_sign_fixed_qr_of_its_gaussian():
+    """Q from QR of the seeded Gaussian X with diag(R) > 0: Qᵀ X is upper triangular with a
+    positive diagonal (without the sign fix the frame is not Haar-distributed)."""
+    r, k, seed = 7, 5, 21
+    F = vhack.haar_v_hack({"m": r}, k=k, seed=seed)["m"].double()  # [k, r]
+    X = torch.randn(r, k, generator=_gen(seed), dtype=torch.float64)
+    R = F @ X
+    assert bool((torch.diagonal(R) > 0).all())
+    torch.testing.assert_close(torch.tril(R, -1), torch.zeros(k, k, dtype=torch.float64), atol=1e-5,
+                               rtol=0)
+    assert vhack.haar_v_hack({"m": 3}, k=5, seed=0)["m"].shape == (3, 3)  # k capped at r
+    g = vhack.haar_v_grad({"m": r}, seed=seed)["m"].double()
+    x = torch.randn(r, generator=_gen(seed), dtype=torch.float64)
+    torch.testing.assert_close(g, x / x.norm(), atol=1e-7, rtol=0)
 
 
 def _dirs(seed: int = 0) -> vhack.Directions:
