@@ -336,3 +336,45 @@ def test_save_load_round_trip_and_mismatches(tmp_path):
         A.load_adapter(tmp_path / "missing.safetensors", fresh, model_id="rand-qwen3")
     with pytest.raises(ValueError, match="reserved"):
         A.save_adapter(path, knobs, model_id="rand-qwen3", metadata={"model": "x"})
+
+
+def test_merged_generation_with_an_all_negative_knob(tmp_path):
+    """A knob whose δS + δS_hack is negative on every axis is merged, not skipped as 'zero'."""
+    model, _, knobs = _wrapped(tmp_path)
+    name = "model.layers.0.mlp.down_proj"
+    with torch.no_grad():
+        knobs[name].delta_S.fill_(-0.2)
+        knobs[name].delta_S_hack.fill_(-0.1)
+    ids = _ids(2, 8)
+    unmerged = _logits(model, ids)
+    before = knobs[name].base.weight.detach().clone()
+    with A.merged_for_generation(knobs):
+        merged_w = knobs[name].base.weight.detach().clone()
+        merged = _logits(model, ids)
+    torch.testing.assert_close(merged_w, before + knobs[name].delta_weight(), rtol=0, atol=1e-6)
+    torch.testing.assert_close(merged, unmerged, rtol=0, atol=1e-5)
+    assert torch.equal(knobs[name].base.weight, before)
+    # and the adapter path changed the output: the test is not vacuous
+    with A.zero_delta(knobs):
+        assert (_logits(model, ids) - unmerged).abs().max() > 1e-3
+
+
+def test_zero_delta_zeroes_the_quarantine_too(tmp_path):
+    """Inside zero_delta both knobs read 0 (δS_hack included) and the model is the base model."""
+    model, plain, knobs = _wrapped(tmp_path)
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for k in knobs.values():
+            k.delta_S_hack.copy_(torch.randn(k.rank, generator=g) * 0.3)  # δS stays 0
+    snap = {n: k.delta_S_hack.detach().clone() for n, k in knobs.items()}
+    ids = _ids(2, 7)
+    base = _logits(plain, ids)
+    assert (_logits(model, ids) - base).abs().max() > 1e-3  # the quarantine alone matters
+    with A.zero_delta(knobs):
+        for k in knobs.values():
+            assert torch.all(k.delta_S_hack == 0) and torch.all(k.delta_S == 0)
+            assert float(k.delta_weight().abs().max()) == 0.0
+        assert (_logits(model, ids) - base).abs().max() <= 1e-5
+        # the adapter path is skipped, not run with zeros: nothing flows back to the knobs
+        assert not model(input_ids=ids).logits.requires_grad
+    assert all(torch.equal(k.delta_S_hack, snap[n]) for n, k in knobs.items())
