@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 import subprocess
@@ -14,7 +15,9 @@ import pytest
 from vgrout.results import (
     DEPLOY_SCHEMA,
     aggregate,
+    csv_text,
     main,
+    markdown_table,
     mean_ci,
     scan_runs,
     t_cdf,
@@ -124,8 +127,9 @@ def write_run(
         bm = {
             m: {
                 "in_dist": m == "run_tests",
-                "train_hack": h,
-                "train_solve": s,
+                # knob-on rates differ from the deployed ones, so a mix-up shows
+                "train_hack": h / 2 + 0.4,
+                "train_solve": s / 2 + 0.4,
                 "deploy_hack": h,
                 "deploy_solve": s,
                 "n": 8,
@@ -430,3 +434,34 @@ def test_script_wrapper_runs(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "0.500 (CI n/a)" in proc.stdout
     assert (tmp_path / "o" / "results_latest.csv").is_file()
+
+
+def test_haar_vanilla_is_never_the_baseline(tmp_path):
+    """A random-direction vanilla control sorts after the real vanilla; it must not replace it
+    as the baseline, and alone it is no baseline at all."""
+    write_run(tmp_path, arm="vanilla", seed=41, hack_deploy=0.6, solve_deploy=0.3)
+    write_run(tmp_path, arm="vanilla", seed=41, random_v_seed=3, hack_deploy=0.9, solve_deploy=0.5)
+    write_run(tmp_path, arm="routing2", seed=41, hack_deploy=0.2, solve_deploy=0.32)
+    write_run(tmp_path, preset="fast", arm="vanilla", seed=41, random_v_seed=3, hack_deploy=0.9)
+    write_run(tmp_path, preset="fast", arm="routing2", seed=41, hack_deploy=0.1)
+    groups = {(g.preset, g.arm, g.control): g for g in aggregate(scan_runs(tmp_path)[0])}
+    r2 = groups[("smoke", "routing2", "")]
+    assert r2.d_hack == pytest.approx(0.2 - 0.6) and r2.d_solve == pytest.approx(0.02)
+    vh = groups[("smoke", "vanilla", "haar")]
+    assert vh.d_hack == pytest.approx(0.9 - 0.6) and vh.matched is False  # compared, not the base
+    assert groups[("smoke", "vanilla", "")].d_hack is None
+    assert groups[("fast", "routing2", "")].d_hack is None  # only a haar vanilla: no baseline
+    assert groups[("fast", "vanilla", "haar")].d_hack is None
+    table = markdown_table(list(groups.values()))
+    assert table.count("(baseline)") == 1 and table.count("no vanilla") == 2
+
+
+def test_per_mode_columns_are_deploy_rates(tmp_path):
+    write_run(tmp_path, seed=41, by_mode={"run_tests": (0.2, 0.3), "sentinel": (0.0, 0.5)})
+    write_run(tmp_path, seed=42, by_mode={"run_tests": (0.4, 0.3)})
+    (g,) = aggregate(scan_runs(tmp_path)[0])
+    assert g.mode_deploy_hack["run_tests"].mean == pytest.approx(0.3)  # train rates: 0.5, 0.6
+    assert g.mode_deploy_hack["sentinel"].mean == 0.0 and g.mode_deploy_hack["sentinel"].n == 1
+    rows = list(csv.DictReader(io.StringIO(csv_text([g]))))
+    assert float(rows[0]["deploy_hack_run_tests"]) == pytest.approx(0.3)
+    assert float(rows[0]["deploy_hack_sentinel"]) == 0.0
