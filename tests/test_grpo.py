@@ -135,12 +135,17 @@ def test_reduce_loss_exact_normalisers():
 
 
 def test_masked_mean_per_row_is_the_mean_over_real_tokens():
-    x = torch.tensor([[1.0, 2.0, 6.0, 100.0], [3.0, -7.0, 5.0, 5.0], [9.0, 9.0, 9.0, 9.0]])
-    mask = torch.tensor([[1.0, 1.0, 1.0, 0.0], [1.0, 1.0, 1.0, 1.0], [0.0, 0.0, 0.0, 0.0]])
-    torch.testing.assert_close(grpo.masked_mean_per_row(x, mask), torch.tensor([3.0, 1.5, 0.0]),
+    x = torch.tensor([[1.0, 2.0, 6.0, 100.0], [3.0, -7.0, 5.0, 5.0], [9.0, 9.0, 9.0, 9.0],
+                      [-4.0, 8.0, 8.0, 8.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0, 0.0], [1.0, 1.0, 1.0, 1.0], [0.0, 0.0, 0.0, 0.0],
+                         [1.0, 0.0, 0.0, 0.0]])
+    torch.testing.assert_close(grpo.masked_mean_per_row(x, mask), torch.tensor([3.0, 1.5, 0.0, -4.0]),
                                rtol=0, atol=0)
 
 
 def test_reward_variance_threshold_is_inclusive():
     assert grpo.has_reward_variance(torch.tensor([0.0, 0.5]), eps=0.5)
     assert not grpo.has_reward_variance(torch.tensor([0.0, 0.25]), eps=0.5)
+    # default eps: compiling (0.5) vs not (0.0) is a signal; equal rewards are not
+    assert grpo.has_reward_variance(torch.tensor([0.0, 0.5, 0.5]))
+    assert not grpo.has_reward_variance(torch.tensor([0.5, 0.5, 0.5]))
