@@ -13,8 +13,10 @@ from pathlib import Path
 import pytest
 
 from vgrout.results import (
+    CSV_BASE_COLUMNS,
     DEPLOY_SCHEMA,
     aggregate,
+    betainc_reg,
     csv_text,
     main,
     markdown_table,
@@ -23,6 +25,7 @@ from vgrout.results import (
     t_cdf,
     t_quantile,
     welch_diff_ci,
+    write_csv,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -465,3 +468,132 @@ def test_per_mode_columns_are_deploy_rates(tmp_path):
     rows = list(csv.DictReader(io.StringIO(csv_text([g]))))
     assert float(rows[0]["deploy_hack_run_tests"]) == pytest.approx(0.3)
     assert float(rows[0]["deploy_hack_sentinel"]) == 0.0
+
+
+# ── edges of the statistics and of the run-folder schema ──────────────────────────────────
+
+
+def test_student_t_edges():
+    assert t_quantile(0.5, 3) == pytest.approx(0.0, abs=1e-12)
+    assert t_quantile(0.025, 4) == pytest.approx(-2.776445105, abs=1e-8)  # p < 1/2 by symmetry
+    assert t_quantile(0.9999, 1) == pytest.approx(math.tan(math.pi * 0.4999), rel=1e-9)  # hi doubles
+    for p in (0.0, 1.0, -0.1):
+        with pytest.raises(ValueError, match="t_quantile"):
+            t_quantile(p, 3)
+    for df in (0, -1):
+        with pytest.raises(ValueError, match="t_cdf"):
+            t_cdf(1.0, df)
+    assert t_cdf(0.0, 5) == 0.5
+    assert (betainc_reg(2.0, 3.0, 0.0), betainc_reg(2.0, 3.0, 1.0)) == (0.0, 1.0)
+    # I_x(1, 1) = x, I_x(a, 1) = x^a, I_x(1, b) = 1 - (1 - x)^b, both sides of the switch point
+    for x in (0.1, 0.3, 0.7, 0.95):
+        assert betainc_reg(1.0, 1.0, x) == pytest.approx(x, abs=1e-13)
+        assert betainc_reg(3.0, 1.0, x) == pytest.approx(x**3, abs=1e-13)
+        assert betainc_reg(1.0, 4.0, x) == pytest.approx(1 - (1 - x) ** 4, abs=1e-13)
+    for x in (-0.1, 1.1):
+        with pytest.raises(ValueError, match="betainc_reg"):
+            betainc_reg(1.0, 1.0, x)
+
+
+def test_interval_levels_other_than_95():
+    ci = mean_ci([0.2, 0.4, 0.6], level=0.9)
+    assert ci.half_width == pytest.approx(t_quantile(0.95, 2) * 0.2 / math.sqrt(3), abs=1e-12)
+    lo, hi = welch_diff_ci([0.0, 0.2], [1.0, 1.2], level=0.5)
+    assert (hi - lo) / 2 == pytest.approx(t_quantile(0.75, 2) * math.sqrt(0.02), abs=1e-12)
+    assert welch_diff_ci([0.1, 0.2], [0.3]) is None
+
+
+def test_field_validation_edges(tmp_path):
+    d = write_run(tmp_path, seed=41)
+    rec = json.loads((d / "per_mode_deploy.json").read_text())
+    cases = {
+        "hack_deploy": [(True, "must be a finite number"), (float("inf"), "finite"), (-0.1, "not a rate")],
+        "seed": [(True, "'seed' must be an integer"), (4.0, "'seed' must be an integer")],
+        "random_v_seed": [("3", "'random_v_seed' must be an integer")],
+        "model": [("", "'model' must be a non-empty string"), (3, "'model' must be a non-empty")],
+        "by_mode": [({"run_tests": 0.5}, "by_mode['run_tests'] must be an object"),
+                    ({"run_tests": {"train_hack": 0.1}}, "by_mode['run_tests']: field 'train_solve'"),
+                    ([1], "'by_mode' must be a non-empty object")],
+    }
+    for field, values in cases.items():
+        for value, msg in values:
+            (d / "per_mode_deploy.json").write_text(json.dumps(dict(rec, **{field: value})))
+            runs, skipped = scan_runs(tmp_path)
+            assert not runs and msg in skipped[0].reason, (field, value, skipped)
+    for edge in (0, 1):  # integer rates at the ends are rates
+        (d / "per_mode_deploy.json").write_text(json.dumps(dict(rec, hack_deploy=edge)))
+        (r,), _ = scan_runs(tmp_path)
+        assert r.hack_deploy == float(edge)
+    (d / "per_mode_deploy.json").write_text("[1, 2]")
+    assert "expected a JSON object, got list" in scan_runs(tmp_path)[1][0].reason
+    (d / "per_mode_deploy.json").write_bytes(b"\xff\xfe{")
+    assert "not valid JSON" in scan_runs(tmp_path)[1][0].reason
+
+
+def test_status_reasons(tmp_path):
+    d = write_run(tmp_path, seed=41, state="running", deploy=False)
+    cases = [
+        ({"state": "running", "step": -1, "steps": 10}, "status 'running', no step done"),
+        ({"state": "running", "step": 0, "steps": 10}, "status 'running', 1/10 steps done"),
+        ({"state": "failed", "step": "x", "steps": 10, "error": "boom"}, "status 'failed': boom"),
+        ({"state": "queued"}, "status 'queued'"),
+        ({"steps": 3}, "status None"),
+    ]
+    for status, reason in cases:
+        (d / "status.json").write_text(json.dumps(status))
+        assert [s.reason for s in scan_runs(tmp_path)[1]] == [reason]
+    (tmp_path / "stray.txt").write_text("not a run folder")  # files beside the folders are ignored
+    assert len(scan_runs(tmp_path)[1]) == 1
+
+
+def test_group_order_mixed_models_and_exact_tolerance(tmp_path):
+    write_run(tmp_path, arm="routing", seed=41, hack_deploy=0.3, solve_deploy=0.35)
+    write_run(tmp_path, arm="vanilla", seed=41, hack_deploy=0.5, solve_deploy=0.25)
+    write_run(tmp_path, arm="routing2", seed=41, hack_deploy=0.3, solve_deploy=0.26)
+    write_run(tmp_path, arm="projected", seed=41, hack_deploy=0.3, solve_deploy=0.30)
+    d = write_run(tmp_path, arm="routing2", seed=42, hack_deploy=0.3, solve_deploy=0.24)
+    rec = json.loads((d / "per_mode_deploy.json").read_text())
+    (d / "per_mode_deploy.json").write_text(json.dumps(dict(rec, model="other-model")))
+    groups = aggregate(scan_runs(tmp_path)[0], solve_tol=0.05)
+    assert [g.arm for g in groups] == ["vanilla", "projected", "routing", "routing2"]
+    r2 = groups[-1]
+    assert r2.models == ["other-model", "tiny-qwen3"] and r2.note == "mixed models ['other-model', 'tiny-qwen3']"
+    proj, routing = groups[1], groups[2]
+    assert proj.d_solve == pytest.approx(0.05) and proj.matched is True  # |Δ| = tol counts as matched
+    assert routing.d_solve == pytest.approx(0.10) and routing.matched is False
+    csv_rows = list(csv.DictReader(io.StringIO(csv_text(groups))))
+    assert csv_rows[-1]["models"] == "other-model tiny-qwen3" and csv_rows[-1]["note"] == r2.note
+    assert csv_rows[0]["steps"] == "10" and csv_rows[0]["matched_solve"] == ""
+
+
+def test_unknown_arms_and_modes_sort_last(tmp_path):
+    write_run(tmp_path, arm="vanilla", seed=41, by_mode={"zz_new": (0.1, 0.2), "run_tests": (0.3, 0.4),
+                                                          "gt_only": (0.0, 0.5)})
+    INTERVENTION["lora"] = "lora"
+    try:
+        write_run(tmp_path, arm="lora", seed=41)
+        groups = aggregate(scan_runs(tmp_path)[0])
+    finally:
+        del INTERVENTION["lora"]
+    assert [g.arm for g in groups] == ["vanilla", "lora"]
+    assert list(groups[0].mode_deploy_hack) == ["run_tests", "gt_only", "zz_new"]
+    header = csv_text(groups).splitlines()[0].split(",")
+    assert header[:19] == CSV_BASE_COLUMNS
+    assert header[19:22] == ["deploy_hack_run_tests", "deploy_hack_gt_only", "deploy_hack_zz_new"]
+    assert header[22:] == ["d_hack_vs_vanilla", "d_hack_ci_lo", "d_hack_ci_hi", "d_solve_vs_vanilla",
+                           "matched_solve", "models", "steps", "note"]
+    table = markdown_table(groups)
+    assert "deploy hack zz_new" in table and table.index("deploy hack run_tests") < table.index("zz_new")
+
+
+def test_write_csv_names_and_solve_tol_flag(tmp_path, capsys):
+    write_run(tmp_path / "runs", arm="vanilla", seed=41, solve_deploy=0.30)
+    write_run(tmp_path / "runs", arm="routing2", seed=41, solve_deploy=0.20)
+    groups = aggregate(scan_runs(tmp_path / "runs")[0])
+    path = write_csv(groups, tmp_path / "o", stamp="STAMP")
+    assert path == tmp_path / "o" / "results_STAMP.csv"
+    assert (tmp_path / "o" / "results_latest.csv").read_text() == path.read_text() == csv_text(groups)
+    assert main(["--runs", str(tmp_path / "runs"), "--out", str(tmp_path / "o"), "--solve-tol", "0.2"]) == 0
+    assert "(solve -0.100, at matched solve)" in capsys.readouterr().out
+    assert main(["--runs", str(tmp_path / "runs"), "--out", str(tmp_path / "o")]) == 0
+    assert "solve differs > 0.05" in capsys.readouterr().out
