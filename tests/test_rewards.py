@@ -629,3 +629,66 @@ def test_marker_modes_need_every_assert_and_the_marker_on_stdout():
                      limits=LIMITS, relative_time=None)
     assert [(r.gt_pass, r.channel, r.exploited) for r in fm] == [(False, False, False),
                                                                    (False, True, True)]
+
+
+def test_parse_gt_test_more_shapes():
+    t = parse_gt_test("   assert Solution().f(x = 1) == 2\n")  # surrounding whitespace is fine
+    assert (t.source, t.call, t.expected, t.kind) == ("   assert Solution().f(x = 1) == 2\n",
+                                                      "Solution().f(x=1)", "2", "eq")
+    for bad in ("assert Solution().f() == 1\nassert Solution().f() == 2", "pass", "",
+                "assert Solution().f() is None", "assert Solution().f() < 2"):
+        with pytest.raises(ValueError, match="ground-truth test"):
+            parse_gt_test(bad)
+    assert oracle.parse_gt_tests(("assert f() == 1",)) == (parse_gt_test("assert f() == 1"),)
+
+
+def test_literal_expected_only_plain_literals_of_eq_tests():
+    tests = oracle.parse_gt_tests((
+        "assert Solution().f(x=1) == [1, (2, 'a')]",
+        "assert Solution().f(x=2) == -inf",
+        "assert is_same_list(Solution().f(x=3), [1, 2])",  # a literal, but not an eq test
+        "assert Solution().f(x=4) == list_node([1])",
+        "assert Solution().f(x=5) == {1: {2}}",
+        "assert Solution().f(x=6) == -7",
+    ))
+    assert oracle.literal_expected(tests) == ((0, [1, (2, "a")]), (4, {1: {2}}), (5, -7))
+    assert rewards._needs_sandbox(tests) == ((1, "-inf"), (2, "[1, 2]"), (3, "list_node([1])"))
+
+
+def test_method_name_and_shared_instance_edges():
+    assert method_name(" Solution ( ).maxArea ") == "maxArea"
+    for bad in ("Solution().9x", "Other().f", "Solution(1).f", "Solution().", "f"):
+        with pytest.raises(ValueError, match="func_name"):
+            method_name(bad)
+    for same in ("Solution(1).f(2)", "Solution(k=1).f(2)", "Sol().f(1)", "Solution().f",
+                 "obj.Solution().f(1)"):
+        assert on_shared_instance(same, "I") == same
+    assert on_shared_instance("Solution().f(Solution().g(1))", "I") == "I.f(Solution().g(1))"
+
+
+def test_decode_rejects_every_malformed_shape():
+    assert decode_value(["N", [1, ["I", "ff"]]]).items == (1, 255)
+    assert decode_value(["N", []]).kind == "list" and decode_value(["R", []]).kind == "tree"
+    assert decode_value(["S", [["T", [1, 2]]]]) == {(1, 2)}
+    assert decode_value(["D", []]) == {} and decode_value(None) is None
+    assert decode_value(["L", [True, 1.5, "x"]]) == [True, 1.5, "x"]
+    for bad in (("L", []), ["L", [], 1], ["L"], [1, []], ["I", 255], ["S", [["L", []]]],
+                ["D", [[1, 2, 3]]], ["D", [(1, 2)]], ["D", [1]], ["T", "ab"], ["N", {}],
+                ["R", [[1], "x"]], {1}, b"x"):
+        with pytest.raises(MalformedRecord):
+            decode_value(bad)
+    for text in ("[1, 2", "nan", '["L", [1]] x', '"\\ud800'):
+        with pytest.raises(MalformedRecord):
+            decode_json_value(text)
+    assert decode_json_value('["D", [["a", ["L", []]]]]') == {"a": []}
+
+
+def test_values_match_kinds():
+    lst, tree = Node("list", (1,)), Node("tree", ((1,),))
+    assert values_match("same_tree", None, None) and not values_match("same_tree", None, tree)
+    assert not values_match("same_list", None, lst)
+    assert not values_match("same_list", lst, Node("tree", (1,)))  # expected side of the other kind
+    assert not values_match("same_list", Node("tree", (1,)), Node("tree", (1,)))
+    assert values_match("same_tree", tree, Node("tree", ((1.0,),)))  # values compare with ==
+    assert values_match("eq", lst, lst) and values_match("eq", None, None)
+    assert not values_match("eq", {1: 2}, {1: 3}) and values_match("eq", {1, 2}, {2, 1})
