@@ -87,8 +87,8 @@ mutate MODULE *ARGS:
     sel=$(printf '"%s", ' "${tests[@]}")
     root="$(pwd)"; work="out/mutate/${mod//\//_}"
     rm -rf "$work"; mkdir -p "$work"  # fresh: mutmut never refreshes its copies of the other modules
-    ln -s "$root/src" "$work/src"; ln -s "$root/tests" "$work/tests"
-    { cat pyproject.toml; printf '%s\n' '' '[tool.mutmut]' 'source_paths = ["src"]' \
+    for d in src tests scripts; do ln -s "$root/$d" "$work/$d"; done  # scripts/: test_results runs one
+    { cat pyproject.toml; printf '%s\n' '' '[tool.mutmut]' 'source_paths = ["src"]' 'also_copy = ["scripts"]' \
         "only_mutate = [\"$src\"]" \
         "pytest_add_cli_args_test_selection = [$sel\"-m\", \"not slow and not data\"]" \
         'pytest_add_cli_args = ["-p", "no:xdist", "-p", "no:cacheprovider"]' \
