@@ -513,3 +513,17 @@ def test_classifier_stats_edge_counts():
     assert (s["precision"], s["recall"]) == (0.5, 0.5)
     s = proj.classifier_stats([True, False], [False, False])  # nothing exploited: recall undefined
     assert s["precision"] == 0.0 and math.isnan(s["recall"]) and math.isnan(s["f05"])
+
+
+def test_route2_with_a_float32_direction_and_float64_gradients():
+    v = torch.tensor([1.0, 0.0], dtype=torch.float32)
+    g_b = torch.tensor([[3.0, 4.0], [-1.0, 1.0]], dtype=torch.float64)
+    res = proj.Route2Gate().step("m", g_b, v, [True, False])
+    assert res.kept.dtype == torch.float64
+    assert res.resid == pytest.approx(-1 / math.sqrt(2), rel=1e-12)
+
+
+def test_project_all_route_refuses_preserve_magnitude():
+    V = {"m": _basis(8, 2, 0)}
+    with pytest.raises(ValueError, match="erase-only"):
+        proj.project_all({"m": _grad(8, 1)}, V, mode="route", preserve_magnitude=True)
