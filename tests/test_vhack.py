@@ -9,6 +9,7 @@ import math
 
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import save_file
 
 from vgrout import vhack
@@ -506,6 +507,8 @@ def test_heldout_report_exact_fractions():
     # exactly half the modules hack-ward is not a hack-ward pair
     half = vhack.heldout_report(grads, {"a": V["a"], "b": -V["b"]}, vg, ["p0", "p1", "p2"])
     assert half["frac_modules_top_axis_pos"][0] == 0.5 and half["n_pairs_top_axis_hackward"] == 0
+    half = vhack.heldout_report(grads, V, {"a": vg["a"], "b": -vg["b"]}, ["p0", "p1", "p2"])
+    assert half["frac_modules_v_grad_pos"][1] == 0.5 and half["n_pairs_v_grad_hackward"] == 0
     # a module without a basis (dropped, or emptied) only counts on v_grad; none at all: NaN
     rep = vhack.heldout_report(grads, {"b": torch.zeros(0, 2)}, vg, ["p0", "p1", "p2"])
     assert all(math.isnan(f) for f in rep["frac_modules_top_axis_pos"])
@@ -576,7 +579,7 @@ def test_load_refuses_files_that_do_not_fit(tmp_path):
             vhack.load_directions(_write(tmp_path / f"{name}.safetensors", tensors), model_id="m",
                                   k_use=2, drop_bottom_frac=0.0, knobs=r)
     (tmp_path / "junk.safetensors").write_bytes(b"not a safetensors file")
-    with pytest.raises(vhack.DirectionsError, match="directions"):
+    with pytest.raises(vhack.DirectionsError, match="not a readable safetensors directions file"):
         vhack.load_directions(tmp_path / "junk.safetensors", model_id="m", k_use=2,
                               drop_bottom_frac=0.0, knobs=r)
 
@@ -602,10 +605,11 @@ def test_load_applies_the_quantile_and_reports_dropped(tmp_path):
 
 
 class _CharTok:
-    """Character tokenizer over the random model's vocabulary (the `tok(text)` call shape)."""
+    """Character tokenizer over the random model's vocabulary (the `tok(text)` call shape);
+    like a Hugging Face tokenizer it adds a BOS token unless told not to."""
 
-    def __call__(self, text: str, add_special_tokens: bool = False) -> dict:
-        return {"input_ids": [ord(c) % 97 for c in text]}
+    def __call__(self, text: str, add_special_tokens: bool = True) -> dict:
+        return {"input_ids": [96] * bool(add_special_tokens) + [ord(c) % 96 for c in text]}
 
 
 @pytest.fixture(scope="module")
@@ -618,15 +622,15 @@ def rand_tiny(tmp_path_factory):
     return model, _CharTok(), knobs
 
 
-def _rand_pairs() -> list[Pair]:
-    """Six pairs of ragged lengths (the batches need padding)."""
+def _rand_pairs(n: int = 6) -> list[Pair]:
+    """Pairs of ragged lengths (the batches need padding)."""
     return [Pair(f"p{i}", None, None, f"Q{i}: " + "ab" * i, "hack!" * (i % 3 + 1), f"ok {i}" + "z" * i)
-            for i in range(6)]
+            for i in range(n)]
 
 
 def _reference_grads(model, tok, knobs, prompt: str, completion: str) -> list[torch.Tensor]:
     """∂/∂δS of -mean log p(completion | prompt) through the model's full logits."""
-    p, c = tok(prompt)["input_ids"], tok(completion)["input_ids"]
+    p, c = (tok(t, add_special_tokens=False)["input_ids"] for t in (prompt, completion))
     logits = model(input_ids=torch.tensor([p + c])).logits[0, len(p) - 1 : -1]
     lp = torch.log_softmax(logits.float(), -1).gather(-1, torch.tensor(c)[:, None])
     return list(torch.autograd.grad(-lp.mean(), [k.delta_S for k in knobs.values()]))
@@ -698,12 +702,13 @@ def test_pair_grads_refuses_bad_input(rand_tiny):
 
 def test_extract_resolve_refresh_on_a_random_tiny_model(rand_tiny, tmp_path):
     model, tok, knobs = rand_tiny
-    pairs = _rand_pairs()
+    pairs = _rand_pairs(9)  # 7 training pairs: up to 7 axes, so k_use = 5 binds
     grads = vhack.pair_grads(model, tok, knobs, pairs, "cpu")
     want = vhack.directions_from_grads(grads, top_k=12, tau_axis=0.0, n_heldout=2,
                                        names=[p.name for p in pairs])
+    assert max(v.shape[0] for v in want.v_hack.values()) > 5
     d = vhack.extract(model, tok, knobs, pairs, top_k=12)  # defaults: tau 0, 2 held out, cpu
-    assert d.heldout == want.heldout and d.heldout["names"] == ["p4", "p5"]
+    assert d.heldout == want.heldout and d.heldout["names"] == ["p7", "p8"]
     for m in knobs:
         assert torch.equal(d.v_hack[m], want.v_hack[m]) and torch.equal(d.v_grad[m], want.v_grad[m])
     # resolve with every default: extracted once, cached under the default key, postprocessed
@@ -714,7 +719,7 @@ def test_extract_resolve_refresh_on_a_random_tiny_model(rand_tiny, tmp_path):
     assert {k: res.meta[k] for k in ("top_k", "tau_axis", "n_heldout", "pairs_hash", "n_pairs",
                                      "pairs_source", "model")} == {
         "top_k": "12", "tau_axis": "0.0", "n_heldout": "2", "pairs_hash": vhack.pairs_hash(pairs),
-        "n_pairs": "6", "pairs_source": "test", "model": "rand-qwen3"}
+        "n_pairs": "9", "pairs_source": "test", "model": "rand-qwen3"}
     want_v, want_dropped = vhack.postprocess(want.v_hack, want.sv, k_use=5, drop_bottom_frac=0.25)
     assert res.dropped == want_dropped and set(res.v_hack) == set(want_v)
     for m, v in want_v.items():
@@ -729,7 +734,10 @@ def test_extract_resolve_refresh_on_a_random_tiny_model(rand_tiny, tmp_path):
                                    drop_bottom_frac=0.0)
     assert vhack.directions_cache_path(tmp_path, "rand-qwen3", pairs, 3, 0.5, 1).is_file()
     assert tau.meta["tau_axis"] == "0.5" and tau.heldout["n_heldout"] == 1
-    assert all(1 <= v.shape[0] <= 2 for v in tau.v_hack.values()) and tau.dropped == []
+    raw = vhack.directions_from_grads(grads, top_k=3, tau_axis=0.5, n_heldout=1)
+    want_tau, _ = vhack.postprocess(raw.v_hack, raw.sv, k_use=2, drop_bottom_frac=0.0)
+    assert all(torch.equal(tau.v_hack[m], v) for m, v in want_tau.items()) and tau.dropped == []
+    assert any(v.shape[0] == 1 for v in tau.v_hack.values())  # tau_axis = 0.5 removed an axis
     # refresh with every default on the unchanged model reproduces the loaded directions
     res.meta["marker"] = "kept"
     fresh = vhack.refresh(model, tok, knobs, pairs, res, top_k=12)
@@ -750,6 +758,14 @@ def test_extract_resolve_refresh_on_a_random_tiny_model(rand_tiny, tmp_path):
     assert moved.overlap_v_hack == pytest.approx(vhack.basis_overlap(other.v_hack, moved.directions.v_hack))
     assert moved.overlap_v_grad == pytest.approx(vhack.basis_overlap(other.v_grad, moved.directions.v_grad))
     assert moved.overlap_v_hack < 0.5 and all(v.shape[0] <= 2 for v in moved.directions.v_hack.values())
+    # refresh passes its knobs on: tau_axis, n_heldout, k_use and the quantile (dropped modules)
+    moved = vhack.refresh(model, tok, knobs, pairs, res, top_k=3, tau_axis=0.5, n_heldout=1, k_use=2,
+                          drop_bottom_frac=0.9)
+    raw = vhack.directions_from_grads(grads, top_k=3, tau_axis=0.5, n_heldout=1)
+    want_v, want_dropped = vhack.postprocess(raw.v_hack, raw.sv, k_use=2, drop_bottom_frac=0.9)
+    assert moved.directions.dropped == want_dropped and want_dropped
+    assert moved.directions.heldout["n_heldout"] == 1
+    assert {m: v.shape for m, v in moved.directions.v_hack.items()} == {m: v.shape for m, v in want_v.items()}
     ctl = vhack.refresh(model, tok, knobs, pairs, res, top_k=12, is_control=True)
     assert ctl.refreshed is False and math.isnan(ctl.overlap_v_hack) and math.isnan(ctl.overlap_v_grad)
     assert "Haar" in ctl.reason
@@ -763,3 +779,14 @@ def test_load_directions_accepts_knobs(rand_tiny, tmp_path):
                               knobs_meta={})
     got = vhack.load_directions(p, model_id="rand-qwen3", k_use=2, drop_bottom_frac=0.0, knobs=knobs)
     assert all(torch.equal(got.v_hack[m], d.v_hack[m]) for m in knobs)
+
+
+def test_module_names_with_a_slash_round_trip(tmp_path):
+    d = vhack.haar_directions({"blk/q": 4}, k=2, seed=1)
+    p = vhack.save_directions(tmp_path / "s.safetensors", d, model_id="m", pairs_source="s", knobs_meta={})
+    got = vhack.load_directions(p, model_id="m", k_use=2, drop_bottom_frac=0.0, knobs={"blk/q": 4})
+    assert torch.equal(got.v_hack["blk/q"], d.v_hack["blk/q"])
+    empty = vhack.save_directions(tmp_path / "e.safetensors", vhack.Directions({}, {}, {}), model_id="m",
+                                  pairs_source="s", knobs_meta={})
+    with safe_open(str(empty), framework="pt") as f:
+        assert f.metadata()["k"] == "0"
