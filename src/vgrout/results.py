@@ -591,7 +591,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
         prog="results.py",
         description="Aggregate complete runs into one table per (preset, arm, control): "
-        "deployed hack/solve mean and 95%% t-interval over seeds, delta vs vanilla.",
+        "deployed hack/solve mean and 95% t-interval over seeds, delta vs vanilla.",
     )
     ap.add_argument("--runs", type=Path, default=Path("out/runs"), help="folder of run folders")
     ap.add_argument("--out", type=Path, default=Path("out/results"), help="where CSVs go")
