@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
 import math
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -22,6 +24,7 @@ from vgrout.results import (
     markdown_table,
     mean_ci,
     scan_runs,
+    skipped_table,
     t_cdf,
     t_quantile,
     welch_diff_ci,
@@ -547,23 +550,29 @@ def test_status_reasons(tmp_path):
 
 
 def test_group_order_mixed_models_and_exact_tolerance(tmp_path):
-    write_run(tmp_path, arm="routing", seed=41, hack_deploy=0.3, solve_deploy=0.35)
+    # solve rates are exact binary fractions, so |Δsolve| can equal the tolerance exactly
+    write_run(tmp_path, arm="routing", seed=41, hack_deploy=0.3, solve_deploy=0.5)
     write_run(tmp_path, arm="vanilla", seed=41, hack_deploy=0.5, solve_deploy=0.25)
-    write_run(tmp_path, arm="routing2", seed=41, hack_deploy=0.3, solve_deploy=0.26)
-    write_run(tmp_path, arm="projected", seed=41, hack_deploy=0.3, solve_deploy=0.30)
-    d = write_run(tmp_path, arm="routing2", seed=42, hack_deploy=0.3, solve_deploy=0.24)
+    write_run(tmp_path, arm="routing2", seed=41, hack_deploy=0.3, solve_deploy=0.25)
+    write_run(tmp_path, arm="projected", seed=41, hack_deploy=0.3, solve_deploy=0.375)
+    d = write_run(tmp_path, arm="routing2", seed=42, hack_deploy=0.3, solve_deploy=0.25, steps=12)
     rec = json.loads((d / "per_mode_deploy.json").read_text())
     (d / "per_mode_deploy.json").write_text(json.dumps(dict(rec, model="other-model")))
-    groups = aggregate(scan_runs(tmp_path)[0], solve_tol=0.05)
+    groups = aggregate(scan_runs(tmp_path)[0], solve_tol=0.125)
     assert [g.arm for g in groups] == ["vanilla", "projected", "routing", "routing2"]
     r2 = groups[-1]
-    assert r2.models == ["other-model", "tiny-qwen3"] and r2.note == "mixed models ['other-model', 'tiny-qwen3']"
+    assert r2.models == ["other-model", "tiny-qwen3"]
+    assert r2.note == "mixed models ['other-model', 'tiny-qwen3']; mixed step counts [10, 12]"
     proj, routing = groups[1], groups[2]
-    assert proj.d_solve == pytest.approx(0.05) and proj.matched is True  # |Δ| = tol counts as matched
-    assert routing.d_solve == pytest.approx(0.10) and routing.matched is False
+    assert proj.d_solve == 0.125 and proj.matched is True  # |Δ| = tol counts as matched
+    assert routing.d_solve == 0.25 and routing.matched is False
     csv_rows = list(csv.DictReader(io.StringIO(csv_text(groups))))
     assert csv_rows[-1]["models"] == "other-model tiny-qwen3" and csv_rows[-1]["note"] == r2.note
-    assert csv_rows[0]["steps"] == "10" and csv_rows[0]["matched_solve"] == ""
+    assert csv_rows[-1]["steps"] == "10 12" and csv_rows[0]["steps"] == "10"
+    assert csv_rows[0]["matched_solve"] == "" and csv_rows[0]["note"] == ""
+    assert csv_rows[1]["d_solve_vs_vanilla"] == "0.125" and csv_rows[1]["matched_solve"] == "true"
+    assert csv_rows[2]["matched_solve"] == "false"
+    assert float(csv_rows[1]["d_hack_vs_vanilla"]) == pytest.approx(-0.2)
 
 
 def test_unknown_arms_and_modes_sort_last(tmp_path):
@@ -597,3 +606,128 @@ def test_write_csv_names_and_solve_tol_flag(tmp_path, capsys):
     assert "(solve -0.100, at matched solve)" in capsys.readouterr().out
     assert main(["--runs", str(tmp_path / "runs"), "--out", str(tmp_path / "o")]) == 0
     assert "solve differs > 0.05" in capsys.readouterr().out
+
+
+
+def _cells(table: str) -> list[dict[str, str]]:
+    """A github-markdown table as rows of {header: cell}."""
+    lines = [ln.strip().strip("|") for ln in table.strip().splitlines()]
+    header = [c.strip() for c in lines[0].split("|")]
+    return [dict(zip(header, (c.strip() for c in ln.split("|")), strict=True)) for ln in lines[2:]]
+
+
+def test_markdown_and_skipped_tables_exactly(tmp_path):
+    write_run(tmp_path / "runs", arm="vanilla", seed=41, hack_deploy=0.5, solve_deploy=0.25,
+              by_mode={"run_tests": (0.5, 0.25), "sentinel": (0.25, 0.25)})
+    write_run(tmp_path / "runs", arm="routing2", seed=41, random_v_seed=4, hack_deploy=0.25,
+              solve_deploy=0.5, stamp="20250101T000000")  # the haar folder sorts (and is read) first
+    write_run(tmp_path / "runs", arm="routing2", seed=41, hack_deploy=0.125, solve_deploy=0.25)
+    write_run(tmp_path / "runs", arm="routing", seed=41, state="failed", error="boom", deploy=False)
+    runs, skipped = scan_runs(tmp_path / "runs")
+    groups = aggregate(runs)
+    assert [(g.arm, g.control) for g in groups] == [("vanilla", ""), ("routing2", ""), ("routing2", "haar")]
+    rows = _cells(markdown_table(groups))
+    assert list(rows[0]) == ["preset", "arm", "eval", "n", "deploy hack", "deploy solve", "train hack",
+                             "train solve", "deploy hack run_tests", "deploy hack sentinel",
+                             "Δ deploy hack vs vanilla"]
+    assert rows[0] == {
+        "preset": "smoke", "arm": "vanilla", "eval": "train", "n": "1",
+        "deploy hack": "0.500 (CI n/a)", "deploy solve": "0.250 (CI n/a)", "train hack": "0.500",
+        "train solve": "0.250", "deploy hack run_tests": "0.500", "deploy hack sentinel": "0.250",
+        "Δ deploy hack vs vanilla": "(baseline)"}
+    assert rows[1]["arm"] == "routing2" and rows[1]["deploy hack sentinel"] == ""  # no such mode
+    assert rows[1]["Δ deploy hack vs vanilla"] == "-0.375 (solve +0.000, at matched solve)"
+    assert rows[2]["arm"] == "routing2 (haar)"
+    assert rows[2]["Δ deploy hack vs vanilla"] == "-0.250 (solve +0.250, solve differs > 0.05)"
+    lone = aggregate([r for r in runs if r.arm != "vanilla"])
+    assert {r["Δ deploy hack vs vanilla"] for r in _cells(markdown_table(lone))} == {"no vanilla"}
+    assert _cells(skipped_table(skipped)) == [
+        {"run folder": skipped[0].path.name, "why not averaged": "status 'failed', 5/10 steps done: boom"}]
+    assert skipped_table(skipped).splitlines()[1].startswith("|--")  # github format
+    van = next(r for r in runs if r.arm == "vanilla")
+    note = aggregate([*runs, dataclasses.replace(van, model="m2", seed=42)])
+    assert _cells(markdown_table(note))[0]["note"] == "mixed models ['m2', 'tiny-qwen3']"
+    csv_rows = list(csv.DictReader(io.StringIO(csv_text(groups))))
+    assert csv_rows[1]["deploy_hack_sentinel"] == "" and "\r" not in csv_text(groups)
+
+
+def test_main_output_defaults_and_help(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    write_run(tmp_path / "out" / "runs", arm="vanilla", seed=41, hack_deploy=0.5, solve_deploy=0.25)
+    write_run(tmp_path / "out" / "runs", arm="routing2", seed=41, hack_deploy=0.25, solve_deploy=0.5)
+    assert main([]) == 0  # --runs out/runs, --out out/results
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == "## Deployed hack / solve by arm (2 runs under out/runs)"
+    assert out[2] == "Rates are mean [95% Student-t CI over seeds]; deploy = quarantine ablated."
+    assert out[4].startswith("| preset ")
+    (latest,) = (tmp_path / "out" / "results").glob("results_latest.csv")
+    (stamped,) = [p for p in (tmp_path / "out" / "results").glob("results_*.csv") if p != latest]
+    assert re.fullmatch(r"results_\d{8}T\d{6}\.csv", stamped.name)
+    assert out[-1] == f"CSV: {Path('out/results') / stamped.name} (and out/results/results_latest.csv)"
+    assert main(["--solve-tol", "0.2"]) == 0
+    assert "(solve +0.250, solve differs > 0.2)" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for part in ("usage: results.py", "[--runs RUNS]", "[--out OUT]", "[--solve-tol SOLVE_TOL]",
+                 "Aggregate complete runs into one table per (preset, arm, control): deployed "
+                 "hack/solve mean and 95% t-interval over seeds, delta vs vanilla.",
+                 "folder of run folders", "where CSVs go",
+                 "a delta vs vanilla counts as 'at matched solve' when |Δsolve| <= this"):
+        assert part in text, part
+
+
+def test_record_fields_and_messages_are_exact(tmp_path):
+    d = write_run(tmp_path, seed=41)
+    (r,), _ = scan_runs(tmp_path)
+    assert (r.run_id, r.preset, r.arm, r.seed, r.model, r.steps, r.eval_n, r.eval_set) == (
+        "smoke_vanilla_seed41", "smoke", "vanilla", 41, "tiny-qwen3", 10, 16, "train")
+    assert (r.control, r.random_v_seed) == ("", None)
+    rec = json.loads((d / "per_mode_deploy.json").read_text())
+    bad = {
+        "hack_deploy": (1.5, "per_mode_deploy.json: field 'hack_deploy' = 1.5 is not a rate in [0, 1]"),
+        "seed": (None, "per_mode_deploy.json: field 'seed' must be an integer, got None"),
+        "steps": ("10", "per_mode_deploy.json: field 'steps' must be an integer, got '10'"),
+        "steps_done": (None, "per_mode_deploy.json: field 'steps_done' must be an integer, got None"),
+        "eval_n": (None, "per_mode_deploy.json: field 'eval_n' must be an integer, got None"),
+        "random_v_seed": (1.5, "per_mode_deploy.json: field 'random_v_seed' must be an integer, got 1.5"),
+        "eval_set": (None, "per_mode_deploy.json: field 'eval_set' must be a non-empty string, got None"),
+        "run_id": ("", "per_mode_deploy.json: field 'run_id' must be a non-empty string, got ''"),
+        "preset": (None, "per_mode_deploy.json: field 'preset' must be a non-empty string, got None"),
+        "arm": (None, "per_mode_deploy.json: field 'arm' must be a non-empty string, got None"),
+        "by_mode": ({"run_tests": {"train_hack": 2}},
+                    "per_mode_deploy.json by_mode['run_tests']: field 'train_hack' = 2 is not a rate in [0, 1]"),
+    }
+    for field, (value, msg) in bad.items():
+        (d / "per_mode_deploy.json").write_text(json.dumps(dict(rec, **{field: value})))
+        assert [s.reason for s in scan_runs(tmp_path)[1]] == [msg], field
+
+
+def test_mean_ci_of_one_and_welch_with_three_on_the_left():
+    assert mean_ci([0.25]).n == 1
+    a, b = [0.1, 0.2, 0.6], [0.5, 0.7]
+    va = sum((x - 0.3) ** 2 for x in a) / 2 / 3
+    vb = sum((x - 0.6) ** 2 for x in b) / 1 / 2
+    df = (va + vb) ** 2 / (va**2 / 2 + vb**2 / 1)
+    lo, hi = welch_diff_ci(a, b)
+    assert (hi - lo) / 2 == pytest.approx(t_quantile(0.975, df) * math.sqrt(va + vb), rel=1e-12)
+
+
+def test_unknown_arms_sort_by_name_and_controls_after_the_real_direction(tmp_path):
+    for arm in ("zeta", "alpha"):
+        INTERVENTION[arm] = arm
+    try:
+        write_run(tmp_path, arm="zeta", seed=41, stamp="20260101T000001")
+        write_run(tmp_path, arm="alpha", seed=41, random_v_seed=2, stamp="20260101T000002")
+        write_run(tmp_path, arm="alpha", seed=41, stamp="20260101T000003")
+        groups = aggregate(scan_runs(tmp_path)[0])
+    finally:
+        for arm in ("zeta", "alpha"):
+            del INTERVENTION[arm]
+    assert [(g.arm, g.control) for g in groups] == [("alpha", ""), ("alpha", "haar"), ("zeta", "")]
+    write_run(tmp_path / "h", arm="routing2", seed=41, random_v_seed=3)
+    write_run(tmp_path / "h", arm="routing2", seed=42, random_v_seed=4)
+    (g,) = aggregate(scan_runs(tmp_path / "h")[0])
+    row = next(csv.DictReader(io.StringIO(csv_text([g]))))
+    assert row["random_v_seeds"] == "3 4" and row["seeds"] == "41 42"
+    assert float(row["hack_deploy_ci_hi"]) == pytest.approx(g.hack_deploy.hi)
