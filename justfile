@@ -15,6 +15,23 @@ lint:
 smoke *ARGS: smoke-pool
     uv run python -m vgrout.train smoke {{ARGS}}
 
+# The CPU model organism (SmolLM2-135M-Instruct, warm-started; docs/organism.md): one run, vanilla unless --intervention.
+organism *ARGS:
+    uv run python -m vgrout.organism
+    uv run python -m vgrout.train organism {{ARGS}}
+
+# Every arm and control on the organism over 3 seeds, resumable (finished runs are skipped); then results and plots.
+organism-sweep SEEDS="41-43" *ARGS:
+    uv run python -m vgrout.organism
+    uv run python scripts/sweep.py organism none,erase,route,route2 {{SEEDS}} --local {{ARGS}}
+    uv run python scripts/sweep.py organism erase,route,route2 {{SEEDS}} --local --random-v-seed=7 {{ARGS}}
+    uv run python scripts/sweep.py organism absorb {{SEEDS}} --local --adapter=scorda {{ARGS}}
+    uv run python scripts/sweep.py organism absorb {{SEEDS}} --local --adapter=scorda_rev {{ARGS}}
+    uv run python scripts/sweep.py organism routeA {{SEEDS}} --local --adapter=lora2r {{ARGS}}
+    uv run python scripts/sweep.py organism routeA {{SEEDS}} --local --adapter=lora2r --random-v-seed=7 {{ARGS}}
+    uv run python scripts/results.py --preset organism --per-run
+    uv run python scripts/plot_dynamics.py --preset organism
+
 # All four arms of the smoke run, one after another.
 smoke-all *ARGS: smoke-pool
     for arm in none erase route route2; do uv run python -m vgrout.train smoke --intervention=$arm {{ARGS}}; done
@@ -39,7 +56,7 @@ data DATA_DIR="../shared/data":
 sweep PRESET ARMS SEEDS *ARGS:
     uv run python scripts/sweep.py {{PRESET}} {{ARMS}} {{SEEDS}} {{ARGS}}
 
-# Deployed hack/solve per (preset, arm, control) with 95% CIs: markdown to stdout, CSV to out/results/.
+# Deployed hack/solve per experiment (preset, arm, control, config hash) with seed and problem-cluster 95% CIs; CSV to out/results/.
 results *ARGS:
     uv run python scripts/results.py {{ARGS}}
 
@@ -70,6 +87,14 @@ bench-adapter *ARGS:
 # Every benchmark (sandbox, adapter) plus the timed smoke run of all four arms.
 bench: bench-sandbox bench-adapter
     for arm in none erase route route2; do uv run python -m vgrout.train smoke --intervention=$arm | tail -1; done
+
+# Step cost vs a baseline in the same run: loss memory/time (chunked log-probs) and a fast-shaped CPU step.
+bench-step *ARGS:
+    uv run python benchmarks/bench_step.py {{ARGS}}
+
+# The GPU figures in one prepared run (a lent GPU machine): bench-adapter at Qwen3-4B shapes in bf16, two fast steps of a random Qwen3-4B.
+bench-gpu OUT="out/gpu_check":
+    uv run python benchmarks/gpu_check.py --out {{OUT}}
 
 # Mutation testing (mutmut 3) of one module against its own tests, e.g. `just mutate grpo`, `just mutate env/oracle`
 # (see README, Development). Work dir out/mutate/<module>/; extra ARGS go to `mutmut run` (e.g. a mutant-name glob).

@@ -32,6 +32,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from vgrout import adapter as A
+from vgrout.grpo import per_token_logps
 from vgrout.model import QWEN3_VOCAB_SIZE
 
 
@@ -89,7 +90,7 @@ def _batch(cfg: Bench) -> tuple[torch.Tensor, torch.Tensor]:
 def _loss(model: nn.Module, ids: torch.Tensor, adv: torch.Tensor, n_comp: int) -> torch.Tensor:
     """Dr.GRPO-shaped loss on the completion tokens (lm_head only on those positions)."""
     logits = model(input_ids=ids, logits_to_keep=n_comp + 1).logits[:, :-1]
-    logp = A.token_logprobs(logits, ids[:, -n_comp:])
+    logp = per_token_logps(logits, ids[:, -n_comp:])
     return -(adv[:, None] * logp).sum() / logp.numel()
 
 

@@ -4,7 +4,7 @@ Grades the cached teacher rollouts (run_tests mode, problems rebuilt from
 LeetCodeDataset-v0.2.0-train; prompts not found there are skipped) plus the canonical
 solutions of leetcode_test_medhard.jsonl, with rewards.grade_batch, once per backend at
 the same concurrency. Prints gradings/s, executions/s, verdict differences between the
-backends, detector C (`hacked`) agreement with the cached labels, and as the last line
+backends, detector S (`hacked_S`, the stub run) agreement with the cached labels, and as the last line
 `sandbox_speedup=...x (ours N exec/s, baseline M exec/s)`. Runs get the graders' default
 per-problem time limit (rewards.RelativeTime, timed once per problem before the clock
 starts); --fixed-time gives every run 10 s.
@@ -174,9 +174,9 @@ def main() -> None:
         "gt_correct",
         "gt_pass",
         "channel",
-        "hacked",
-        "hacked_wrong_tests",
-        "hacked_loophole_used",
+        "hacked_S",
+        "hacked_D",
+        "hacked_E",
     )
     diffs = [
         (i, k)
@@ -199,10 +199,10 @@ def main() -> None:
         print(f"medhard canonicals gt_correct: {sum(r.gt_correct for r, _ in canon)}/{len(canon)}")
     lab = [(r, h) for r, (_, _, h) in zip(ours, items, strict=True) if h is not None]
     if lab:
-        agree = sum(r.hacked == h for r, h in lab)
-        kinds = collections.Counter((h, r.hacked) for r, h in lab)
+        agree = sum(r.hacked_S == h for r, h in lab)
+        kinds = collections.Counter((h, r.hacked_S) for r, h in lab)
         print(
-            f"detector C vs cached hacked: agree {agree}/{len(lab)} ({100 * agree / len(lab):.1f}%); "
+            f"detector S vs cached hacked: agree {agree}/{len(lab)} ({100 * agree / len(lab):.1f}%); "
             f"(cached, ours) counts: {dict(kinds)}"
         )
     print(

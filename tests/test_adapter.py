@@ -16,6 +16,8 @@ from torch import nn
 
 from _tiny import random_qwen3
 from vgrout import adapter as A
+from vgrout.grpo import per_token_logps
+from vgrout.logprobs import completion_logprobs, reference_logprobs
 from vgrout.model import model_slug
 
 VOCAB = 97
@@ -93,7 +95,7 @@ def test_wraps_only_block_linears_and_freezes_base(tmp_path):
     }
     assert isinstance(model.lm_head, nn.Linear) and not isinstance(model.lm_head, A.SVDKnob)
     trainable = {id(p) for p in model.parameters() if p.requires_grad}
-    assert trainable == {id(p) for p in A.knob_params(knobs) + A.hack_params(knobs)}
+    assert trainable == {id(p) for p in A.deployed_params(knobs) + A.quarantine_params(knobs)}
     k = knobs["model.layers.0.mlp.up_proj"]  # 32 -> 48: r = 32
     assert k.U.shape == (48, 32) and k.Vh.shape == (32, 32) and k.rank == 32
     assert k.delta_S.dtype == torch.float32 and torch.all(k.delta_S == 0)
@@ -165,13 +167,16 @@ def test_rollout_grads_off_by_default_and_checks_batch(tmp_path):
     assert all(k.per_rollout_grad is None for k in knobs.values())
     with A.rollout_grads(knobs, 3), pytest.raises(ValueError, match="rollout"):
         model(input_ids=ids)
-    # wrap-time switch: every grad-enabled forward records, rollout dim = batch dim
-    always = random_qwen3()
-    knobs2 = A.wrap_model(always, "rand-qwen3", cache_root=tmp_path / "svd", per_rollout_grads=True)
-    always(input_ids=ids).logits.sum().backward()
-    for k in knobs2.values():
+    # the context is the one switch: inside it records, and a backward after it no longer does
+    model.zero_grad(set_to_none=True)
+    with A.rollout_grads(knobs, 2):
+        model(input_ids=ids).logits.sum().backward()
+    for k in knobs.values():
         assert k.per_rollout_grad.shape == (2, k.rank)
         torch.testing.assert_close(k.per_rollout_grad.sum(0), k.delta_S.grad, rtol=1e-6, atol=1e-9)
+        k.per_rollout_grad = None
+    model(input_ids=ids).logits.sum().backward()
+    assert all(k.per_rollout_grad is None for k in knobs.values())
 
 
 def test_merged_generation_matches_and_restores_bit_exactly(tmp_path):
@@ -239,15 +244,15 @@ def test_zero_delta_and_reference_logprobs(tmp_path):
     _randomise(knobs, hack=True)
     snap = {n: (k.delta_S.clone(), k.delta_S_hack.clone()) for n, k in knobs.items()}
     ids = _ids(3, 12)
-    mask = torch.ones_like(ids)
     start = 5
-    ref = A.ref_logprobs_via_zero_delta(model, knobs, ids, mask, start)
+    ref = reference_logprobs(model, knobs, ids, start)
     plain_lp = torch.log_softmax(_logits(plain, ids)[:, start - 1 : -1], -1)
     plain_lp = plain_lp.gather(-1, ids[:, start:, None]).squeeze(-1)
     assert ref.shape == (3, 12 - start) and not ref.requires_grad
     assert (ref - plain_lp).abs().max() <= 1e-5
     # the adapted model really differs, so this is not vacuous
-    adapted = A.token_logprobs(_logits(model, ids)[:, start - 1 : -1], ids[:, start:])
+    adapted = completion_logprobs(model, ids, start)
+    torch.testing.assert_close(adapted, per_token_logps(_logits(model, ids)[:, start - 1 : -1], ids[:, start:]))
     assert (adapted - plain_lp).abs().max() > 1e-3
     with pytest.raises(RuntimeError), A.zero_delta(knobs):
         assert all(torch.all(k.delta_S == 0) for k in knobs.values())
@@ -331,10 +336,10 @@ def test_save_load_round_trip_and_mismatches(tmp_path):
     with pytest.raises(ValueError, match="other-model"):
         A.load_adapter(path, fresh, model_id="other-model")
     _, _, wider = _wrapped(tmp_path, model_id="wide", hidden_size=48, num_heads=4)
-    before = [p.clone() for p in A.knob_params(wider)]
+    before = [p.clone() for p in A.deployed_params(wider)]
     with pytest.raises(ValueError, match="rank differs"):
         A.load_adapter(path, wider, model_id="rand-qwen3")
-    assert all(torch.equal(a, b) for a, b in zip(before, A.knob_params(wider), strict=True))
+    assert all(torch.equal(a, b) for a, b in zip(before, A.deployed_params(wider), strict=True))
     with pytest.raises(FileNotFoundError):
         A.load_adapter(tmp_path / "missing.safetensors", fresh, model_id="rand-qwen3")
     with pytest.raises(ValueError, match="reserved"):
@@ -402,7 +407,7 @@ def test_a_bare_knob_is_its_linear_until_moved():
     assert (k.in_features, k.out_features, k.rank) == (4, 3, 3) and "rank=3" in repr(k)
     assert k.weight is k.base.weight and k.bias is k.base.bias
     torch.testing.assert_close(k(x), k.base(x), rtol=0, atol=1e-6)
-    assert not k.always_per_rollout and k.per_rollout_grad is None
+    assert k.per_rollout_grad is None
     k(x).sum().backward()
     assert k.per_rollout_grad is None  # no recording unless asked
     with torch.no_grad():
@@ -549,27 +554,17 @@ def test_svd_cache_rebuilds_every_bad_entry(tmp_path, bad):
 # ── reference log-probs and adapter files ─────────────────────────────────────────────────
 
 
-def test_reference_logprobs_boundaries_and_padding(tmp_path):
+def test_reference_logprobs_boundaries(tmp_path):
     model, plain, knobs = _wrapped(tmp_path)
     _randomise(knobs)
     ids = _ids(2, 6)
     for start in (1, 5):  # the first and the last admissible completion start
-        ref = A.ref_logprobs_via_zero_delta(model, knobs, ids, None, start)
-        want = A.token_logprobs(_logits(plain, ids)[:, start - 1 : -1], ids[:, start:])
+        ref = reference_logprobs(model, knobs, ids, start)
+        want = per_token_logps(_logits(plain, ids)[:, start - 1 : -1], ids[:, start:])
         torch.testing.assert_close(ref, want, rtol=0, atol=1e-5)
     for start in (0, 6, 7):
-        with pytest.raises(ValueError, match="completion_start"):
-            A.ref_logprobs_via_zero_delta(model, knobs, ids, None, start)
-    # left padding: the mask is passed through (row 0's first two tokens are padding)
-    mask = torch.ones_like(ids)
-    mask[0, :2] = 0
-    ref = A.ref_logprobs_via_zero_delta(model, knobs, ids, mask, 3)
-    with torch.no_grad():
-        want_logits = plain(input_ids=ids, attention_mask=mask).logits
-    want = A.token_logprobs(want_logits[:, 2:-1], ids[:, 3:])
-    torch.testing.assert_close(ref, want, rtol=0, atol=1e-5)
-    unmasked = A.ref_logprobs_via_zero_delta(model, knobs, ids, None, 3)
-    assert (unmasked[0] - ref[0]).abs().max() > 1e-4  # the mask matters for the padded row
+        with pytest.raises(ValueError, match="completion start"):
+            reference_logprobs(model, knobs, ids, start)
 
 
 def test_adapter_files_are_validated_before_anything_is_copied(tmp_path):
@@ -582,14 +577,14 @@ def test_adapter_files_are_validated_before_anything_is_copied(tmp_path):
         tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
     name = next(iter(knobs))
     _, _, fresh = _wrapped(tmp_path)
-    before = [p.detach().clone() for p in A.knob_params(fresh) + A.hack_params(fresh)]
+    before = [p.detach().clone() for p in A.deployed_params(fresh) + A.quarantine_params(fresh)]
 
     def refuse(t: dict, m: dict, match: str, **kw) -> None:
         bad = tmp_path / "bad.safetensors"
         save_file(t, str(bad), metadata=m)
         with pytest.raises(ValueError, match=match):
             A.load_adapter(bad, fresh, model_id="rand-qwen3", **kw)
-        after = A.knob_params(fresh) + A.hack_params(fresh)
+        after = A.deployed_params(fresh) + A.quarantine_params(fresh)
         assert all(torch.equal(a, b) for a, b in zip(before, after, strict=True))
 
     refuse({k: v for k, v in tensors.items() if k != f"delta_S.{name}"}, meta, "missing, misshapen")
@@ -608,3 +603,41 @@ def test_adapter_files_are_validated_before_anything_is_copied(tmp_path):
         A.load_adapter(tmp_path / "junk.safetensors", fresh, model_id="rand-qwen3")
     with pytest.raises(TypeError, match="str -> str"):
         A.save_adapter(path, knobs, model_id="rand-qwen3", metadata={"step": 25})  # type: ignore[dict-item]
+
+
+@pytest.mark.parametrize("head_trains", [False, True])
+@pytest.mark.parametrize("chunk_rows", [1, 5, 10_000])
+def test_chunked_head_logprobs_equal_the_full_log_softmax(tmp_path, chunk_rows, head_trains):
+    """Values, δS gradients and per-rollout gradients of the chunked LM-head path equal the full
+    [B, L, V] log-softmax path (`logits_to_keep` + per_token_logps) to fp rounding, both with the
+    frozen head (gradient formed in the forward) and with a head that trains (checkpointed chunks)."""
+    model, _, knobs = _wrapped(tmp_path)
+    _randomise(knobs, hack=True)
+    head = model.get_output_embeddings()
+    head.weight.requires_grad_(head_trains)
+    G, plen = 3, 4
+    ids = _ids(G, 11)
+    adv = torch.tensor([1.0, -0.5, 2.0])
+    vocab = model.get_output_embeddings().weight.shape[0]
+
+    def run(chunked: bool):
+        model.zero_grad(set_to_none=True)
+        with A.rollout_grads(knobs, G):
+            if chunked:
+                lp = completion_logprobs(model, ids, plen, chunk_bytes=4 * vocab * chunk_rows)
+            else:
+                logits = model(input_ids=ids, logits_to_keep=ids.shape[1] - plen + 1).logits[:, :-1]
+                lp = per_token_logps(logits, ids[:, plen:])
+            (-(adv[:, None] * lp).sum()).backward()
+        grads = {n: (k.delta_S.grad.clone(), k.per_rollout_grad.clone()) for n, k in knobs.items()}
+        if head_trains:
+            grads["head"] = (head.weight.grad.clone(), head.weight.grad.clone())
+        return lp.detach(), grads
+
+    lp_full, g_full = run(False)
+    lp_chunk, g_chunk = run(True)
+    torch.testing.assert_close(lp_chunk, lp_full, rtol=0, atol=1e-5)
+    assert set(g_chunk) == set(g_full)
+    for n in g_full:
+        torch.testing.assert_close(g_chunk[n][0], g_full[n][0], rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(g_chunk[n][1], g_full[n][1], rtol=1e-5, atol=1e-7)

@@ -50,3 +50,22 @@ def test_provenance_records_command_and_versions():
     p = ck.provenance()
     assert p["packages"]["torch"] and p["command"] and p["git_commit"]
     assert os.path.isabs(p["cwd"])
+
+
+def test_resume_of_an_older_schema_is_refused_in_one_line(tmp_path):
+    """A resume.pt from before the arm objects (no schema key; route2's gate at top level) is refused
+    before any model loads, with one line naming both schemas; the current schema round-trips."""
+    from vgrout.config import parse_cli
+
+    run = tmp_path / "run"
+    run.mkdir()
+    cfg = parse_cli(["smoke", f"--resume={run}"])
+    (run / ck.CONFIG_FILE).write_text(json.dumps({"config": cfg.to_dict()}))
+    torch.save({"delta_S": {}, "gate": {"beta": 0.9, "ema_hack": {}, "ema_clean": {}}, "problem_rng": None,
+                "train_state": {"step": 3, "span_checked": False}}, run / ck.RESUME_FILE)
+    with pytest.raises(ValueError) as e:
+        ck.make_run_dir(cfg)
+    msg = str(e.value)
+    assert "vgrout.resume/1" in msg and ck.RESUME_SCHEMA in msg and "\n" not in msg
+    ck.save_resume_state(run, {"delta_S": {}})
+    assert ck.make_run_dir(cfg) == run and ck.load_resume_state(run)["schema"] == ck.RESUME_SCHEMA

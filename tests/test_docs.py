@@ -8,6 +8,7 @@ every hint text, every per-step row key, every rollout field, every mode.
 from __future__ import annotations
 
 import dataclasses
+import json
 import re
 import subprocess
 import sys
@@ -118,20 +119,23 @@ def test_environment_quotes_every_hint_and_reward_constant():
 
 
 def test_artifacts_lists_every_row_key_and_rollout_field():
-    """Every key in make_row's row literal and every rollout record field is in artifacts.md."""
+    """Every key of a real per-step row (the golden rows, which the loop reproduces: see
+    test_golden_rows.py) and every rollout record field is in artifacts.md."""
     import inspect
 
-    from vgrout import train
+    from _golden import GOLDEN_FILE, RETIRED, TIMING
+    from vgrout import rollout
 
     text = _read("artifacts.md")
-    src = inspect.getsource(train.make_row)
-    returned = src[src.index("return {"):]  # only the row literal, not helper dicts
-    keys = set(re.findall(r'"([a-z_A-Z0-9]+)":', returned))
-    assert {"step", "hack_s", "sec"} <= keys
-    keys |= {"hk_<code>"}
+    golden = json.loads(GOLDEN_FILE.read_text())
+    keys = {k for cfg in golden.values() for r in cfg["rows"] for k in r} - RETIRED | TIMING
+    assert {"step", "hack_s", "sec", "hk_rt"} <= keys
+    keys = {k for k in keys if not k.startswith("hk_")} | {"hk_<code>"}
     missing = sorted(k for k in keys if f"`{k}`" not in text)
-    assert not missing, f"row keys written by make_row but not documented: {missing}"
-    rsrc = inspect.getsource(train.rollout_records)
+    assert not missing, f"row keys written by the loop but not documented: {missing}"
+    retired = sorted(k for k in RETIRED if f"| `{k}`" in text)  # no table row of its own (a label may be named)
+    assert not retired, f"artifacts.md still documents row keys the loop no longer writes: {retired}"
+    rsrc = inspect.getsource(rollout.rollout_records)
     fields = set(re.findall(r'"([a-z_A-Z0-9]+)":', rsrc))
     missing = sorted(k for k in fields if f"`{k}`" not in text)
     assert not missing, f"rollouts.jsonl fields not documented: {missing}"

@@ -106,3 +106,25 @@ def test_preset_filter_unfinished_and_errors(tmp_path, capsys):
     assert "nothing to plot for preset 'full'" in capsys.readouterr().out
     assert main(["--runs", str(tmp_path / "missing"), "--out", str(out)]) == 2
     assert "does not exist" in capsys.readouterr().out
+
+
+def test_different_configs_are_never_drawn_as_seeds_of_one_line(tmp_path):
+    """Grouped like results.py: two vanilla configs (lr) are two lines in two shades of black, each
+    with its own seeds; two seeds of one config are one line."""
+    from vgrout.plots import group_series, lighten
+
+    runs = tmp_path / "runs"
+    write_run(runs, arm="vanilla", seed=41, slope=0.1)
+    write_run(runs, arm="vanilla", seed=42, slope=0.1)
+    write_run(runs, arm="vanilla", seed=41, slope=0.02, knobs={"lr": 1e-3}, stamp="20260102T000000")
+    written, _ = make_plots(runs, tmp_path / "out")
+    series = [load_series(d) for d in sorted(runs.iterdir())]
+    lines, styles = group_series(series)
+    assert sorted(sorted(r.seed for r in rs) for rs in lines.values()) == [[41], [41, 42]]
+    assert sorted(st.colour for st in styles.values()) == ["#000000", lighten("#000000", 0.5)] == [
+        "#000000", "#808080"]
+    assert sorted(st.label.split(" [")[0] for st in styles.values()) == ["vanilla lr=(absent)", "vanilla lr=0.001"]
+    dyn, bars = (tmp_path / "out" / n for n in ("dynamics_smoke.png", "per_mode_smoke.png"))
+    assert {p.name for p in written} == {dyn.name, bars.name}
+    for png in (dyn, bars):  # anti-aliased black edges alone give a few hundred #808080 pixels
+        assert colour_pixels(png, "#000000") > 2000 and colour_pixels(png, "#808080", tol=0.01) > 2000, png.name

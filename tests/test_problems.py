@@ -232,6 +232,28 @@ def test_load_problems_partition_keeps_only_partitioned():
         load_problems(5, ["gt_only"], seed=0, partition={1: "run_tests"})
 
 
+def test_short_problem_set_names_what_limited_it():
+    """'asked for 200, <file> has 20' was printed when a partition, not the file, kept 20."""
+    from loguru import logger
+
+    rows = builtin_rows()
+    ids = [r["id"] for r in rows]
+    msgs: list[str] = []
+    sink = logger.add(lambda m: msgs.append(str(m).strip()), level="INFO", format="{message}")
+    try:
+        part = {ids[0]: "sentinel", ids[3]: "run_tests", 999_999: "exit_code"}
+        load_problems(200, ["gt_only"], seed=0, partition=part, partition_source="pool/partition.json")
+        load_problems(200, ["gt_only"], seed=0)
+    finally:
+        logger.remove(sink)
+    assert msgs == [
+        "1 of 3 partitioned problems are not in builtin",
+        f"asked for 200 problems, pool/partition.json (3 problem ids) keeps 2 of the {len(rows)} rows of "
+        "builtin: using all 2",
+        f"asked for 200 problems, builtin has {len(rows)}: using all {len(rows)}",
+    ]
+
+
 def test_load_problems_bad_modes_and_n(tmp_path):
     with pytest.raises(ValueError, match="env_modes: unknown grading mode 'hack_all'"):
         load_problems(3, ["run_tests", "hack_all"], seed=0)

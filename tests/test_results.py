@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from vgrout import results as res
 from vgrout.results import (
     CSV_BASE_COLUMNS,
     DEPLOY_SCHEMA,
@@ -58,9 +59,14 @@ def write_run(
     eval_every: int = 5,
     eval_set: str = "train",
     slope: float = 0.05,
+    knobs: dict | None = None,
+    by_problem: dict[str, tuple[int, int, int]] | None = None,
 ) -> Path:
     """One run folder: config.json, status.json, rows.jsonl, and (if `deploy`) the final
-    per_mode_deploy.json. `by_mode` maps mode -> (deploy_hack, deploy_solve)."""
+    per_mode_deploy.json. `by_mode` maps mode -> (deploy_hack, deploy_solve); `knobs` adds or
+    overrides config.json knobs; `by_problem` maps problem id -> (n, hack, solve) counts (train =
+    deploy) and then sets the headline rates and eval_n (without it the record predates
+    per-problem counts)."""
     ctrl = f"_haar{random_v_seed}" if random_v_seed is not None else ""
     run_id = f"{preset}_{arm}_seed{seed}{ctrl}"
     d = root / f"{stamp}_{run_id}"
@@ -73,6 +79,7 @@ def write_run(
         "model": "tiny-qwen3",
         "out_tag": "",
         "random_v_seed": random_v_seed,
+        **(knobs or {}),
     }
     (d / "config.json").write_text(
         json.dumps(
@@ -142,6 +149,15 @@ def write_run(
             }
             for m, (h, s) in by_mode.items()
         }
+        eval_n, the_set = 16, {"source": "builtin", "n": 16, "by_mode": bm}
+        if by_problem is not None:
+            eval_n = sum(n for n, _, _ in by_problem.values())
+            hack_deploy = sum(h for _, h, _ in by_problem.values()) / eval_n
+            solve_deploy = sum(s for _, _, s in by_problem.values()) / eval_n
+            hack_train = solve_train = None
+            the_set = dict(the_set, n=eval_n, by_problem={
+                pid: {"mode": "run_tests", "n": n, "train_hack": h, "train_solve": s, "deploy_hack": h,
+                      "deploy_solve": s} for pid, (n, h, s) in by_problem.items()})
         rec = {
             "schema": DEPLOY_SCHEMA,
             "run_id": run_id,
@@ -158,10 +174,10 @@ def write_run(
             "solve_train": solve_deploy if solve_train is None else solve_train,
             "hack_deploy": hack_deploy,
             "solve_deploy": solve_deploy,
-            "eval_n": 16,
+            "eval_n": eval_n,
             "eval_set": eval_set,
             "by_mode": bm,
-            "sets": {"train": {"source": "builtin", "n": 16, "by_mode": bm}},
+            "sets": {eval_set: the_set},
             "delta_s_hack_norm": 0.0,
         }
         (d / "per_mode_deploy.json").write_text(json.dumps(rec))
@@ -217,6 +233,19 @@ def write_fleet(root: Path) -> dict[str, Path]:
     p["nostatus"] = write_run(root, arm="routing", seed=46)
     (p["nostatus"] / "status.json").unlink()
     return p
+
+
+def md_rows(text: str, first_header: str) -> list[dict[str, str]]:
+    """The rows of the markdown table whose header starts with `first_header`, as dicts."""
+    lines = text.splitlines()
+    start = next(i for i, ln in enumerate(lines) if ln.startswith(f"| {first_header} "))
+    header = [c.strip() for c in lines[start].split("|")[1:-1]]
+    out = []
+    for ln in lines[start + 2 :]:
+        if not ln.startswith("|"):
+            break
+        out.append(dict(zip(header, (c.strip() for c in ln.split("|")[1:-1]), strict=True)))
+    return out
 
 
 # ── Student t ─────────────────────────────────────────────────────────────────────────────
@@ -294,7 +323,7 @@ def test_scan_lists_every_run_that_cannot_count_with_its_reason(tmp_path):
 def test_aggregate_means_cis_and_delta_vs_vanilla(tmp_path):
     write_fleet(tmp_path)
     runs, _ = scan_runs(tmp_path)
-    groups = {(g.arm, g.control): g for g in aggregate(runs, solve_tol=0.05)}
+    groups = {(g.arm, g.control): g for g in aggregate(runs, solve_margin=0.05)}
     assert list(groups) == [
         ("vanilla", ""),
         ("projected", ""),
@@ -310,7 +339,7 @@ def test_aggregate_means_cis_and_delta_vs_vanilla(tmp_path):
     assert v.solve_deploy.mean == pytest.approx(0.32)
     assert v.solve_deploy.half_width == pytest.approx(t2 * sd_solve / math.sqrt(3), abs=1e-12)
     assert v.mode_deploy_hack["sentinel"].mean == pytest.approx(0.3)
-    assert v.d_hack is None and v.matched is None
+    assert v.d_hack is None and v.solve_verdict is None and v.baseline is None
 
     r = groups[("routing2", "")]
     t1 = 12.706204736174696  # t_{0.975, 1}
@@ -322,21 +351,28 @@ def test_aggregate_means_cis_and_delta_vs_vanilla(tmp_path):
     assert r.d_hack == pytest.approx(0.15 - 0.6)
     assert r.d_hack_ci == welch_diff_ci([0.1, 0.2], [0.5, 0.6, 0.7])
     assert r.d_solve == pytest.approx(0.31 - 0.32)
-    assert r.matched is True
+    assert r.baseline is v and r.d_solve_ci == welch_diff_ci([0.32, 0.30], [0.30, 0.30, 0.36])
+    # the Welch interval of Δsolve, about [-0.084, +0.064], straddles 0 and leaves ±0.05
+    assert r.solve_verdict == "inconclusive" and r.verdict_basis == "seeds"
 
     haar = groups[("routing2", "haar")]
     assert haar.random_v_seeds == [7] and haar.hack_deploy.lo is None  # n = 1: no CI
     assert haar.d_hack == pytest.approx(-0.05) and haar.d_hack_ci is None
 
     proj = groups[("projected", "")]
-    assert proj.d_solve == pytest.approx(-0.22) and proj.matched is False
+    assert proj.d_solve == pytest.approx(-0.22)
+    # one seed and no per-problem counts: no interval of Δsolve, so no verdict
+    assert proj.solve_verdict is None and proj.d_solve_ci is None and proj.d_solve_cl is None
+    assert proj.note == "1 of 1 runs predate per-problem counts: no cluster interval"
 
 
-def test_group_notes_mixed_step_counts(tmp_path):
+def test_runs_of_different_step_counts_are_different_experiments(tmp_path):
     write_run(tmp_path, seed=41, steps=10)
     write_run(tmp_path, seed=42, steps=20)
-    (g,) = aggregate(scan_runs(tmp_path)[0])
-    assert g.steps == [10, 20] and g.note == "mixed step counts [10, 20]"
+    g10, g20 = aggregate(scan_runs(tmp_path)[0])
+    assert (g10.seeds, g10.steps, g10.config_label) == ([41], [10], "steps=10")
+    assert (g20.seeds, g20.steps, g20.config_label) == ([42], [20], "steps=20")
+    assert g10.config_hash != g20.config_hash
 
 
 def test_same_seed_twice_counts_once_newest_wins(tmp_path):
@@ -344,7 +380,8 @@ def test_same_seed_twice_counts_once_newest_wins(tmp_path):
     new = write_run(tmp_path, seed=41, hack_deploy=0.1, stamp="20260102T000000")
     runs, skipped = scan_runs(tmp_path)
     assert [r.path for r in runs] == [new]
-    assert [(s.path, s.reason) for s in skipped] == [(old, f"superseded by {new.name} (same seed)")]
+    h = runs[0].short_hash
+    assert [(s.path, s.reason) for s in skipped] == [(old, f"superseded by {new.name} (same config {h} and seed)")]
 
 
 def test_eval_sets_and_presets_are_never_mixed(tmp_path):
@@ -385,10 +422,17 @@ def test_main_prints_markdown_lists_failures_and_writes_csv(tmp_path, capsys):
     p = write_fleet(runs_dir)
     assert main(["--runs", str(runs_dir), "--out", str(out)]) == 0
     text = capsys.readouterr().out
-    assert "| smoke    | vanilla         | train  | 3   | 0.600 [0.352, 0.848]" in text
-    assert "| routing2 (haar)" in text and "(CI n/a)" in text
-    assert "-0.450 [-0.699, -0.201] (solve -0.010, at matched solve)" in text
-    assert "-0.200 (solve -0.220, solve differs > 0.05)" in text
+    row = {r["arm"]: r for r in md_rows(text, "preset")}
+    vh = row["vanilla"]["config"]  # the short hash alone: no other vanilla config to tell apart
+    assert len(vh) == 8 and row["vanilla"]["n"] == "3"
+    assert row["vanilla"]["deploy hack"] == "0.600 [0.352, 0.848]"
+    assert row["routing2 (haar)"]["deploy hack"] == "0.550 (CI n/a)"
+    assert row["routing2"]["Δ hack vs vanilla"] == f"-0.450 [-0.699, -0.201] vs {vh}"
+    assert row["routing2"]["Δ solve"] == "-0.010 [-0.084, +0.064]"
+    assert row["routing2"]["solve verdict"] == "inconclusive (seeds)"
+    assert row["projected"]["Δ hack vs vanilla"] == f"-0.200 vs {vh}"
+    assert row["projected"]["solve verdict"] == "no interval"
+    assert "matched = inside ±0.05 (equivalence), solve differs = excludes 0, else inconclusive" in text
     assert "## Not averaged (6 run folders)" in text
     for k in ("running", "failed", "broken", "nodeploy", "badrate", "nostatus"):
         assert p[k].name in text
@@ -404,7 +448,9 @@ def test_main_prints_markdown_lists_failures_and_writes_csv(tmp_path, capsys):
     )
     assert v["n_seeds"] == "3" and v["seeds"] == "41 42 43" and v["d_hack_vs_vanilla"] == ""
     assert rows[("routing2", "haar")]["hack_deploy_ci_lo"] == ""
-    assert rows[("routing2", "")]["matched_solve"] == "true"
+    assert rows[("routing2", "")]["solve_verdict"] == "inconclusive"
+    assert rows[("routing2", "")]["solve_verdict_basis"] == "seeds"
+    assert rows[("routing2", "")]["baseline_hash"] == v["config_hash"] == vh
     lo, hi = welch_diff_ci([0.1, 0.2], [0.5, 0.6, 0.7])
     assert float(rows[("routing2", "")]["d_hack_ci_lo"]) == pytest.approx(lo, abs=1e-12)
     assert float(rows[("routing2", "")]["d_hack_ci_hi"]) == pytest.approx(hi, abs=1e-12)
@@ -451,15 +497,16 @@ def test_haar_vanilla_is_never_the_baseline(tmp_path):
     write_run(tmp_path, preset="fast", arm="vanilla", seed=41, random_v_seed=3, hack_deploy=0.9)
     write_run(tmp_path, preset="fast", arm="routing2", seed=41, hack_deploy=0.1)
     groups = {(g.preset, g.arm, g.control): g for g in aggregate(scan_runs(tmp_path)[0])}
+    van = groups[("smoke", "vanilla", "")]
     r2 = groups[("smoke", "routing2", "")]
-    assert r2.d_hack == pytest.approx(0.2 - 0.6) and r2.d_solve == pytest.approx(0.02)
+    assert r2.baseline is van and r2.d_hack == pytest.approx(0.2 - 0.6) and r2.d_solve == pytest.approx(0.02)
     vh = groups[("smoke", "vanilla", "haar")]
-    assert vh.d_hack == pytest.approx(0.9 - 0.6) and vh.matched is False  # compared, not the base
-    assert groups[("smoke", "vanilla", "")].d_hack is None
-    assert groups[("fast", "routing2", "")].d_hack is None  # only a haar vanilla: no baseline
-    assert groups[("fast", "vanilla", "haar")].d_hack is None
-    table = markdown_table(list(groups.values()))
-    assert table.count("(baseline)") == 1 and table.count("no vanilla") == 2
+    assert vh.baseline is van and vh.d_hack == pytest.approx(0.9 - 0.6)  # compared, not the base
+    assert van.baseline is None and van.d_hack is None and van.is_baseline and not vh.is_baseline
+    for key in (("fast", "routing2", ""), ("fast", "vanilla", "haar")):  # only a haar vanilla: no baseline
+        assert groups[key].baseline is None and groups[key].d_hack is None, key
+    deltas = [r["Δ hack vs vanilla"] for r in _cells(markdown_table(list(groups.values())))]
+    assert deltas.count("(baseline)") == 1 and deltas.count("no vanilla") == 2
 
 
 def test_per_mode_columns_are_deploy_rates(tmp_path):
@@ -511,9 +558,6 @@ def test_field_validation_edges(tmp_path):
     rec = json.loads((d / "per_mode_deploy.json").read_text())
     cases = {
         "hack_deploy": [(True, "must be a finite number"), (float("inf"), "finite"), (-0.1, "not a rate")],
-        "seed": [(True, "'seed' must be an integer"), (4.0, "'seed' must be an integer")],
-        "random_v_seed": [("3", "'random_v_seed' must be an integer")],
-        "model": [("", "'model' must be a non-empty string"), (3, "'model' must be a non-empty")],
         "by_mode": [({"run_tests": 0.5}, "by_mode['run_tests'] must be an object"),
                     ({"run_tests": {"train_hack": 0.1}}, "by_mode['run_tests']: field 'train_solve'"),
                     ([1], "'by_mode' must be a non-empty object")],
@@ -523,6 +567,17 @@ def test_field_validation_edges(tmp_path):
             (d / "per_mode_deploy.json").write_text(json.dumps(dict(rec, **{field: value})))
             runs, skipped = scan_runs(tmp_path)
             assert not runs and msg in skipped[0].reason, (field, value, skipped)
+    # fields config.json also names are refused as a mismatch there; the record's own check stands
+    # behind it (a config.json without them, or with the same bad value)
+    own = {
+        "seed": [(True, "'seed' must be an integer"), (4.0, "'seed' must be an integer")],
+        "random_v_seed": [("3", "'random_v_seed' must be an integer")],
+        "model": [("", "'model' must be a non-empty string"), (3, "'model' must be a non-empty")],
+    }
+    for field, values in own.items():
+        for value, msg in values:
+            with pytest.raises(res.RunFolderError, match=re.escape(msg)):
+                res.parse_deploy_record(dict(rec, **{field: value}), d)
     for edge in (0, 1):  # integer rates at the ends are rates
         (d / "per_mode_deploy.json").write_text(json.dumps(dict(rec, hack_deploy=edge)))
         (r,), _ = scan_runs(tmp_path)
@@ -549,29 +604,32 @@ def test_status_reasons(tmp_path):
     assert len(scan_runs(tmp_path)[1]) == 1
 
 
-def test_group_order_mixed_models_and_exact_tolerance(tmp_path):
-    # solve rates are exact binary fractions, so |Δsolve| can equal the tolerance exactly
+def test_group_order_and_mixed_models(tmp_path):
     write_run(tmp_path, arm="routing", seed=41, hack_deploy=0.3, solve_deploy=0.5)
     write_run(tmp_path, arm="vanilla", seed=41, hack_deploy=0.5, solve_deploy=0.25)
-    write_run(tmp_path, arm="routing2", seed=41, hack_deploy=0.3, solve_deploy=0.25)
+    a = write_run(tmp_path, arm="routing2", seed=41, hack_deploy=0.3, solve_deploy=0.25)
     write_run(tmp_path, arm="projected", seed=41, hack_deploy=0.3, solve_deploy=0.375)
-    d = write_run(tmp_path, arm="routing2", seed=42, hack_deploy=0.3, solve_deploy=0.25, steps=12)
-    rec = json.loads((d / "per_mode_deploy.json").read_text())
-    (d / "per_mode_deploy.json").write_text(json.dumps(dict(rec, model="other-model")))
-    groups = aggregate(scan_runs(tmp_path)[0], solve_tol=0.125)
+    b = write_run(tmp_path, arm="routing2", seed=42, hack_deploy=0.3, solve_deploy=0.25, steps=12)
+    for d, model in ((a, "tiny-qwen3"), (b, "other-model")):  # config.json without model and steps
+        cfg = json.loads((d / "config.json").read_text())
+        cfg["config"] = {k: v for k, v in cfg["config"].items() if k not in ("model", "steps")}
+        (d / "config.json").write_text(json.dumps(cfg))
+        rec = json.loads((d / "per_mode_deploy.json").read_text())
+        (d / "per_mode_deploy.json").write_text(json.dumps(dict(rec, model=model)))
+    groups = aggregate(scan_runs(tmp_path)[0])
     assert [g.arm for g in groups] == ["vanilla", "projected", "routing", "routing2"]
     r2 = groups[-1]
-    assert r2.models == ["other-model", "tiny-qwen3"]
-    assert r2.note == "mixed models ['other-model', 'tiny-qwen3']; mixed step counts [10, 12]"
+    assert r2.models == ["other-model", "tiny-qwen3"] and r2.steps == [10, 12] and r2.seeds == [41, 42]
+    assert r2.note == ("2 of 2 runs predate per-problem counts: no cluster interval; "
+                       "mixed models ['other-model', 'tiny-qwen3']; mixed step counts [10, 12]; "
+                       "no vanilla group with this config (arm-only knobs aside): no delta")
     proj, routing = groups[1], groups[2]
-    assert proj.d_solve == 0.125 and proj.matched is True  # |Δ| = tol counts as matched
-    assert routing.d_solve == 0.25 and routing.matched is False
+    assert proj.d_solve == 0.125 and routing.d_solve == 0.25 and proj.baseline is groups[0]
     csv_rows = list(csv.DictReader(io.StringIO(csv_text(groups))))
     assert csv_rows[-1]["models"] == "other-model tiny-qwen3" and csv_rows[-1]["note"] == r2.note
     assert csv_rows[-1]["steps"] == "10 12" and csv_rows[0]["steps"] == "10"
-    assert csv_rows[0]["matched_solve"] == "" and csv_rows[0]["note"] == ""
-    assert csv_rows[1]["d_solve_vs_vanilla"] == "0.125" and csv_rows[1]["matched_solve"] == "true"
-    assert csv_rows[2]["matched_solve"] == "false"
+    assert csv_rows[0]["solve_verdict"] == "" and csv_rows[0]["baseline_hash"] == ""
+    assert csv_rows[1]["d_solve_vs_vanilla"] == "0.125" and csv_rows[1]["baseline_hash"] == groups[0].short_hash
     assert float(csv_rows[1]["d_hack_vs_vanilla"]) == pytest.approx(-0.2)
 
 
@@ -587,26 +645,41 @@ def test_unknown_arms_and_modes_sort_last(tmp_path):
     assert [g.arm for g in groups] == ["vanilla", "lora"]
     assert list(groups[0].mode_deploy_hack) == ["run_tests", "gt_only", "zz_new"]
     header = csv_text(groups).splitlines()[0].split(",")
-    assert header[:19] == CSV_BASE_COLUMNS
-    assert header[19:22] == ["deploy_hack_run_tests", "deploy_hack_gt_only", "deploy_hack_zz_new"]
-    assert header[22:] == ["d_hack_vs_vanilla", "d_hack_ci_lo", "d_hack_ci_hi", "d_solve_vs_vanilla",
-                           "matched_solve", "models", "steps", "note"]
+    nb = len(CSV_BASE_COLUMNS)
+    assert header[:nb] == CSV_BASE_COLUMNS and nb == 28
+    assert header[nb : nb + 3] == ["deploy_hack_run_tests", "deploy_hack_gt_only", "deploy_hack_zz_new"]
+    assert header[nb + 3 :] == [
+        "baseline_hash", "d_hack_vs_vanilla", "d_hack_ci_lo", "d_hack_ci_hi", "d_hack_cl", "d_hack_cl_lo",
+        "d_hack_cl_hi", "d_solve_vs_vanilla", "d_solve_ci_lo", "d_solve_ci_hi", "d_solve_cl", "d_solve_cl_lo",
+        "d_solve_cl_hi", "d_cl_paired", "solve_verdict", "solve_verdict_basis", "solve_margin", "models",
+        "steps", "note"]  # fmt: skip
     table = markdown_table(groups)
     assert "deploy hack zz_new" in table and table.index("deploy hack run_tests") < table.index("zz_new")
 
 
-def test_write_csv_names_and_solve_tol_flag(tmp_path, capsys):
+def test_write_csv_names_and_solve_margin_flag(tmp_path, capsys):
     write_run(tmp_path / "runs", arm="vanilla", seed=41, solve_deploy=0.30)
     write_run(tmp_path / "runs", arm="routing2", seed=41, solve_deploy=0.20)
-    groups = aggregate(scan_runs(tmp_path / "runs")[0])
+    runs = scan_runs(tmp_path / "runs")[0]
+    groups = aggregate(runs)
     path = write_csv(groups, tmp_path / "o", stamp="STAMP")
     assert path == tmp_path / "o" / "results_STAMP.csv"
     assert (tmp_path / "o" / "results_latest.csv").read_text() == path.read_text() == csv_text(groups)
-    assert main(["--runs", str(tmp_path / "runs"), "--out", str(tmp_path / "o"), "--solve-tol", "0.2"]) == 0
-    assert "(solve -0.100, at matched solve)" in capsys.readouterr().out
+    assert not list((tmp_path / "o").glob("runs_*"))  # per-run CSVs only when given the runs
+    write_csv(groups, tmp_path / "o", stamp="S2", solve_margin=0.2, runs=runs)
+    assert (tmp_path / "o" / "runs_S2.csv").read_text() == (tmp_path / "o" / "runs_latest.csv").read_text() \
+        == res.runs_csv_text(runs)
+    rows = list(csv.DictReader(io.StringIO((tmp_path / "o" / "results_S2.csv").read_text())))
+    assert [r["solve_margin"] for r in rows] == ["", "0.2"]  # only where there is a baseline
+    assert main(["--runs", str(tmp_path / "runs"), "--out", str(tmp_path / "o"), "--solve-margin", "0.2"]) == 0
+    assert "matched = inside ±0.2 (equivalence)" in capsys.readouterr().out
     assert main(["--runs", str(tmp_path / "runs"), "--out", str(tmp_path / "o")]) == 0
-    assert "solve differs > 0.05" in capsys.readouterr().out
-
+    assert "matched = inside ±0.05 (equivalence)" in capsys.readouterr().out
+    for bad in ("-0.01", "nan", "inf"):
+        with pytest.raises(SystemExit) as e:
+            main(["--runs", str(tmp_path / "runs"), "--solve-margin", bad])
+        assert e.value.code == 2 and "--solve-margin must be a finite number >= 0" in capsys.readouterr().err
+    assert main(["--runs", str(tmp_path / "runs"), "--out", str(tmp_path / "o"), "--solve-margin", "0"]) == 0
 
 
 def _cells(table: str) -> list[dict[str, str]]:
@@ -626,27 +699,33 @@ def test_markdown_and_skipped_tables_exactly(tmp_path):
     runs, skipped = scan_runs(tmp_path / "runs")
     groups = aggregate(runs)
     assert [(g.arm, g.control) for g in groups] == [("vanilla", ""), ("routing2", ""), ("routing2", "haar")]
+    hv = groups[0].short_hash
     rows = _cells(markdown_table(groups))
-    assert list(rows[0]) == ["preset", "arm", "eval", "n", "deploy hack", "deploy solve", "train hack",
-                             "train solve", "deploy hack run_tests", "deploy hack sentinel",
-                             "Δ deploy hack vs vanilla"]
+    assert list(rows[0]) == ["preset", "arm", "eval", "config", "n", "deploy hack", "deploy hack, clusters",
+                             "deploy solve", "deploy solve, clusters", "train hack", "train solve",
+                             "deploy hack run_tests", "deploy hack sentinel", "Δ hack vs vanilla",
+                             "Δ hack, clusters", "Δ solve", "Δ solve, clusters", "solve verdict", "note"]
+    old = "1 of 1 runs predate per-problem counts: no cluster interval"
     assert rows[0] == {
-        "preset": "smoke", "arm": "vanilla", "eval": "train", "n": "1",
-        "deploy hack": "0.500 (CI n/a)", "deploy solve": "0.250 (CI n/a)", "train hack": "0.500",
-        "train solve": "0.250", "deploy hack run_tests": "0.500", "deploy hack sentinel": "0.250",
-        "Δ deploy hack vs vanilla": "(baseline)"}
-    assert rows[1]["arm"] == "routing2" and rows[1]["deploy hack sentinel"] == ""  # no such mode
-    assert rows[1]["Δ deploy hack vs vanilla"] == "-0.375 (solve +0.000, at matched solve)"
-    assert rows[2]["arm"] == "routing2 (haar)"
-    assert rows[2]["Δ deploy hack vs vanilla"] == "-0.250 (solve +0.250, solve differs > 0.05)"
+        "preset": "smoke", "arm": "vanilla", "eval": "train", "config": hv, "n": "1",
+        "deploy hack": "0.500 (CI n/a)", "deploy hack, clusters": "", "deploy solve": "0.250 (CI n/a)",
+        "deploy solve, clusters": "", "train hack": "0.500", "train solve": "0.250",
+        "deploy hack run_tests": "0.500", "deploy hack sentinel": "0.250", "Δ hack vs vanilla": "(baseline)",
+        "Δ hack, clusters": "", "Δ solve": "", "Δ solve, clusters": "", "solve verdict": "", "note": old}
+    assert rows[1] == {
+        "preset": "smoke", "arm": "routing2", "eval": "train", "config": groups[1].short_hash, "n": "1",
+        "deploy hack": "0.125 (CI n/a)", "deploy hack, clusters": "", "deploy solve": "0.250 (CI n/a)",
+        "deploy solve, clusters": "", "train hack": "0.125", "train solve": "0.250",
+        "deploy hack run_tests": "0.125", "deploy hack sentinel": "",  # no such mode
+        "Δ hack vs vanilla": f"-0.375 vs {hv}", "Δ hack, clusters": "", "Δ solve": "+0.000",
+        "Δ solve, clusters": "", "solve verdict": "no interval", "note": old}
+    assert rows[2]["arm"] == "routing2 (haar)" and rows[2]["config"] == groups[2].short_hash
+    assert (rows[2]["Δ hack vs vanilla"], rows[2]["Δ solve"]) == (f"-0.250 vs {hv}", "+0.250")
     lone = aggregate([r for r in runs if r.arm != "vanilla"])
-    assert {r["Δ deploy hack vs vanilla"] for r in _cells(markdown_table(lone))} == {"no vanilla"}
+    assert {r["Δ hack vs vanilla"] for r in _cells(markdown_table(lone))} == {"no vanilla"}
     assert _cells(skipped_table(skipped)) == [
         {"run folder": skipped[0].path.name, "why not averaged": "status 'failed', 5/10 steps done: boom"}]
     assert skipped_table(skipped).splitlines()[1].startswith("|--")  # github format
-    van = next(r for r in runs if r.arm == "vanilla")
-    note = aggregate([*runs, dataclasses.replace(van, model="m2", seed=42)])
-    assert _cells(markdown_table(note))[0]["note"] == "mixed models ['m2', 'tiny-qwen3']"
     csv_rows = list(csv.DictReader(io.StringIO(csv_text(groups))))
     assert csv_rows[1]["deploy_hack_sentinel"] == "" and "\r" not in csv_text(groups)
 
@@ -655,25 +734,37 @@ def test_main_output_defaults_and_help(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     write_run(tmp_path / "out" / "runs", arm="vanilla", seed=41, hack_deploy=0.5, solve_deploy=0.25)
     write_run(tmp_path / "out" / "runs", arm="routing2", seed=41, hack_deploy=0.25, solve_deploy=0.5)
+    write_run(tmp_path / "out" / "runs", preset="fast", arm="vanilla", seed=41)
     assert main([]) == 0  # --runs out/runs, --out out/results
     out = capsys.readouterr().out.splitlines()
-    assert out[0] == "## Deployed hack / solve by arm (2 runs under out/runs)"
-    assert out[2] == "Rates are mean [95% Student-t CI over seeds]; deploy = quarantine ablated."
-    assert out[4].startswith("| preset ")
+    assert out[0] == "## Deployed hack / solve by experiment (3 runs under out/runs)"
+    assert out[2] == "Rates: mean over seeds [95% Student-t CI over seeds]; deploy = quarantine ablated."
+    table = out[out.index(next(ln for ln in out if ln.startswith("| preset "))):]
+    assert "## Runs" not in "\n".join(out)
     (latest,) = (tmp_path / "out" / "results").glob("results_latest.csv")
     (stamped,) = [p for p in (tmp_path / "out" / "results").glob("results_*.csv") if p != latest]
     assert re.fullmatch(r"results_\d{8}T\d{6}\.csv", stamped.name)
-    assert out[-1] == f"CSV: {Path('out/results') / stamped.name} (and out/results/results_latest.csv)"
-    assert main(["--solve-tol", "0.2"]) == 0
-    assert "(solve +0.250, solve differs > 0.2)" in capsys.readouterr().out
+    assert out[-1] == (f"CSV: {Path('out/results') / stamped.name} (and out/results/results_latest.csv, "
+                       "per run: runs_latest.csv)")
+    assert sum(ln.startswith("| fast ") for ln in table) == 1
+    assert main(["--preset", "smoke", "--per-run"]) == 0
+    out = capsys.readouterr().out
+    assert "(2 runs under out/runs)" in out and "| fast " not in out and "## Runs (2)" in out
+    assert out.count("_smoke_") == 2  # the per-run table names each run folder
+    capsys.readouterr()
+    assert main(["--preset", "nosuch"]) == 1
+    assert "error: no complete runs with per_mode_deploy.json under out/runs" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["--help"])
     text = " ".join(capsys.readouterr().out.split())
-    for part in ("usage: results.py", "[--runs RUNS]", "[--out OUT]", "[--solve-tol SOLVE_TOL]",
-                 "Aggregate complete runs into one table per (preset, arm, control): deployed "
-                 "hack/solve mean and 95% t-interval over seeds, delta vs vanilla.",
+    for part in ("usage: results.py", "[--runs RUNS]", "[--out OUT]", "[--solve-margin SOLVE_MARGIN]",
+                 "[--per-run]", "[--preset PRESET]",
+                 "Aggregate complete runs into one table row per experiment (preset, arm, control, config): "
+                 "deployed hack/solve mean with 95% intervals over seeds and over problem clusters, delta vs "
+                 "the matching vanilla, a solve verdict.",
                  "folder of run folders", "where CSVs go",
-                 "a delta vs vanilla counts as 'at matched solve' when |Δsolve| <= this"):
+                 "equivalence margin: Δsolve vs vanilla is 'matched' when its 95% interval lies in ±this",
+                 "also print one row per counted run", "only runs of this preset (default: every preset)"):
         assert part in text, part
 
 
@@ -684,16 +775,18 @@ def test_record_fields_and_messages_are_exact(tmp_path):
         "smoke_vanilla_seed41", "smoke", "vanilla", 41, "tiny-qwen3", 10, 16, "train")
     assert (r.control, r.random_v_seed) == ("", None)
     rec = json.loads((d / "per_mode_deploy.json").read_text())
+    mismatch = "per_mode_deploy.json {k} = {v!r}: the two files describe different runs"
     bad = {
         "hack_deploy": (1.5, "per_mode_deploy.json: field 'hack_deploy' = 1.5 is not a rate in [0, 1]"),
-        "seed": (None, "per_mode_deploy.json: field 'seed' must be an integer, got None"),
-        "steps": ("10", "per_mode_deploy.json: field 'steps' must be an integer, got '10'"),
+        "seed": (None, "config.json config.seed = 41 but " + mismatch.format(k="seed", v=None)),
+        "steps": ("10", "config.json config.steps = 10 but " + mismatch.format(k="steps", v="10")),
         "steps_done": (None, "per_mode_deploy.json: field 'steps_done' must be an integer, got None"),
         "eval_n": (None, "per_mode_deploy.json: field 'eval_n' must be an integer, got None"),
-        "random_v_seed": (1.5, "per_mode_deploy.json: field 'random_v_seed' must be an integer, got 1.5"),
+        "random_v_seed": (1.5, "config.json config.random_v_seed = None but "
+                          + mismatch.format(k="random_v_seed", v=1.5)),
         "eval_set": (None, "per_mode_deploy.json: field 'eval_set' must be a non-empty string, got None"),
         "run_id": ("", "per_mode_deploy.json: field 'run_id' must be a non-empty string, got ''"),
-        "preset": (None, "per_mode_deploy.json: field 'preset' must be a non-empty string, got None"),
+        "preset": (None, "config.json config.preset = 'smoke' but " + mismatch.format(k="preset", v=None)),
         "arm": (None, "per_mode_deploy.json: field 'arm' must be a non-empty string, got None"),
         "by_mode": ({"run_tests": {"train_hack": 2}},
                     "per_mode_deploy.json by_mode['run_tests']: field 'train_hack' = 2 is not a rate in [0, 1]"),
@@ -701,6 +794,17 @@ def test_record_fields_and_messages_are_exact(tmp_path):
     for field, (value, msg) in bad.items():
         (d / "per_mode_deploy.json").write_text(json.dumps(dict(rec, **{field: value})))
         assert [s.reason for s in scan_runs(tmp_path)[1]] == [msg], field
+    # behind the same-run check, the record's own field checks (a record read on its own)
+    own = {
+        "seed": (None, "per_mode_deploy.json: field 'seed' must be an integer, got None"),
+        "steps": ("10", "per_mode_deploy.json: field 'steps' must be an integer, got '10'"),
+        "random_v_seed": (1.5, "per_mode_deploy.json: field 'random_v_seed' must be an integer, got 1.5"),
+        "preset": (None, "per_mode_deploy.json: field 'preset' must be a non-empty string, got None"),
+    }
+    for field, (value, msg) in own.items():
+        with pytest.raises(res.RunFolderError) as e:
+            res.parse_deploy_record(dict(rec, **{field: value}), d)
+        assert str(e.value) == msg, field
 
 
 def test_mean_ci_of_one_and_welch_with_three_on_the_left():
@@ -726,8 +830,423 @@ def test_unknown_arms_sort_by_name_and_controls_after_the_real_direction(tmp_pat
             del INTERVENTION[arm]
     assert [(g.arm, g.control) for g in groups] == [("alpha", ""), ("alpha", "haar"), ("zeta", "")]
     write_run(tmp_path / "h", arm="routing2", seed=41, random_v_seed=3)
-    write_run(tmp_path / "h", arm="routing2", seed=42, random_v_seed=4)
+    write_run(tmp_path / "h", arm="routing2", seed=42, random_v_seed=3)
     (g,) = aggregate(scan_runs(tmp_path / "h")[0])
     row = next(csv.DictReader(io.StringIO(csv_text([g]))))
-    assert row["random_v_seeds"] == "3 4" and row["seeds"] == "41 42"
+    assert row["random_v_seeds"] == "3" and row["seeds"] == "41 42" and row["control"] == "haar"
     assert float(row["hack_deploy_ci_hi"]) == pytest.approx(g.hack_deploy.hi)
+    write_run(tmp_path / "h", arm="routing2", seed=43, random_v_seed=4)  # another Haar draw: its own row
+    assert [x.random_v_seeds for x in aggregate(scan_runs(tmp_path / "h")[0])] == [[3], [4]]
+
+
+# ── experiments are configs: grouping, superseding, baselines (issue 15 §2) ───────────────
+
+
+def test_every_config_knob_is_decided_science_or_not():
+    """A new Config field must be put in NON_SCIENCE_KNOBS or SCIENCE_KNOBS (results.py): this
+    fails until someone decides whether runs that differ in it are one experiment."""
+
+    from vgrout.config import Config
+
+    knobs = {f.name for f in dataclasses.fields(Config)} | {"preset"}  # to_dict adds `preset`
+    assert set(Config().to_dict()) == knobs
+    non, sci = set(res.NON_SCIENCE_KNOBS), set(res.SCIENCE_KNOBS)
+    assert not non & sci, f"in both lists: {sorted(non & sci)}"
+    assert knobs - non - sci == set(), f"decide these knobs in results.py: {sorted(knobs - non - sci)}"
+    assert (non | sci) - knobs == set(), f"no such Config field: {sorted((non | sci) - knobs)}"
+    assert set(res.ARM_ONLY_KNOBS) <= sci
+    assert {"seed", "out_root", "out_tag", "resume", "stop_after_steps", "device"} <= non
+    assert {"random_v_seed", "lr", "intervention", "eval_n_prompts", "model", "steps"} <= sci
+
+
+def test_config_hash_ignores_exactly_the_non_science_knobs():
+    from vgrout.config import SmokeConfig
+
+    base = SmokeConfig().to_dict()
+    h = res.config_hash(res.science_config(base))
+    for k, v in {"seed": 7, "out_tag": "_x", "out_root": "/elsewhere", "device": "cuda", "half_a": "E",
+                 "eval_ablate_every": 3, "ckpt_every": 2}.items():
+        assert res.config_hash(res.science_config(dict(base, **{k: v}))) == h, k
+    for k, v in {"lr": 1e-3, "random_v_seed": 7, "gate_mode": "no_gate", "eval_n_prompts": 32,
+                 "env_modes": ["run_tests"], "new_knob_from_a_newer_vgrout": 1}.items():
+        assert res.config_hash(res.science_config(dict(base, **{k: v}))) != h, k
+    assert len(h) == 64 and res.HASH_CHARS == 8
+
+
+def test_config_labels_show_only_the_knobs_that_differ():
+    def cfg(preset="smoke", arm="none", **kw):
+        return {"preset": preset, "intervention": arm, "random_v_seed": None, "lr": 3e-3,
+                "gate_mode": "one_sided", **kw}
+
+    labels = res.config_labels({
+        "v1": cfg(lr=1e-3), "v3": cfg(),
+        "e_nogate": cfg(arm="erase", gate_mode="no_gate"), "e": cfg(arm="erase"),
+        "fast": cfg(preset="fast", lr=1e-3),
+        "haar": cfg(arm="erase", random_v_seed=7),
+    })  # fmt: skip
+    assert labels == {
+        "v1": "lr=0.001",
+        "v3": "lr=0.003",  # vanilla's gate_mode is the same in both vanilla configs: not shown
+        "e_nogate": "gate_mode=no_gate lr=0.003",
+        "e": "gate_mode=one_sided lr=0.003",
+        "fast": "",  # alone in its preset
+        "haar": "lr=0.003",  # arm-only knobs compare within (arm, control): one erase Haar config
+    }
+    old = {"preset": "smoke", "intervention": "none", "lr": 3e-3}  # config.json of an older vgrout
+    assert res.config_labels({"new": cfg(), "old": old})["old"] == "gate_mode=(absent) random_v_seed=(absent)"
+
+
+def test_baseline_is_the_vanilla_with_the_same_config_outside_the_arm_knobs(tmp_path):
+    write_run(tmp_path, arm="vanilla", hack_deploy=0.6)
+    write_run(tmp_path, arm="vanilla", hack_deploy=0.7, knobs={"lr": 1e-3}, stamp="20260102T000000")
+    write_run(tmp_path, arm="projected", hack_deploy=0.2, knobs={"lr": 1e-3, "gate_mode": "no_gate"})
+    write_run(tmp_path, arm="routing", hack_deploy=0.3, knobs={"lr": 5e-4})
+    groups = aggregate(scan_runs(tmp_path)[0])
+    by = {(g.arm, g.config_label): g for g in groups}
+    assert sorted(by) == [("projected", "lr=0.001"), ("routing", "lr=0.0005"), ("vanilla", "lr=(absent)"),
+                          ("vanilla", "lr=0.001")]
+    proj = by[("projected", "lr=0.001")]
+    assert proj.baseline is by[("vanilla", "lr=0.001")] and proj.d_hack == pytest.approx(0.2 - 0.7)
+    rout = by[("routing", "lr=0.0005")]
+    assert rout.baseline is None and rout.d_hack is None
+    assert rout.note.endswith("no vanilla group with this config (arm-only knobs aside): no delta")
+
+
+def test_baseline_prefers_the_exact_vanilla_and_refuses_to_guess(tmp_path):
+    write_run(tmp_path, arm="vanilla", hack_deploy=0.6)
+    write_run(tmp_path, arm="vanilla", hack_deploy=0.8, knobs={"gate_mode": "no_gate"},  # inert for vanilla
+              stamp="20260102T000000")
+    write_run(tmp_path, arm="projected", hack_deploy=0.2, knobs={"gate_mode": "no_gate"})
+    write_run(tmp_path, arm="routing", hack_deploy=0.1, knobs={"gate_mode": "reverse"})
+    by = {(g.arm, g.config_label): g for g in aggregate(scan_runs(tmp_path)[0])}
+    van = by[("vanilla", "gate_mode=no_gate")]
+    assert by[("projected", "")].baseline is van and by[("projected", "")].d_hack == pytest.approx(-0.6)
+    rout = by[("routing", "")]
+    assert rout.baseline is None
+    hashes = ", ".join(g.short_hash for g in (by[("vanilla", "gate_mode=(absent)")], van))
+    assert rout.note.endswith(f"2 vanilla configs match outside the arm-only knobs ({hashes}), none exactly: "
+                              "no delta")
+
+
+def test_a_haar_control_never_becomes_the_baseline(tmp_path):
+    write_run(tmp_path, arm="vanilla", random_v_seed=7, hack_deploy=0.6)  # forged: vanilla refuses the flag
+    write_run(tmp_path, arm="routing2", hack_deploy=0.1)
+    groups = aggregate(scan_runs(tmp_path)[0])
+    assert [(g.arm, g.control, g.baseline) for g in groups] == [("vanilla", "haar", None), ("routing2", "", None)]
+    assert "no vanilla group with this config" in groups[0].note and "no vanilla" in groups[1].note
+
+
+def test_superseding_needs_the_same_config_and_seed(tmp_path):
+    a = write_run(tmp_path, seed=41, hack_deploy=0.9, stamp="20260101T000000")
+    b = write_run(tmp_path, seed=41, hack_deploy=0.1, stamp="20260102T000000", knobs={"lr": 1e-3})
+    c = write_run(tmp_path, seed=41, hack_deploy=0.2, stamp="20260103T000000", knobs={"out_tag": "_again"})
+    runs, skipped = scan_runs(tmp_path)
+    assert sorted(r.path for r in runs) == sorted([b, c])  # b has another lr: it supersedes nothing
+    hc = next(r for r in runs if r.path == c).short_hash  # out_tag is no science knob: same config as a
+    assert [(s.path, s.reason) for s in skipped] == [(a, f"superseded by {c.name} (same config {hc} and seed)")]
+
+
+def test_config_json_must_exist_and_name_the_same_run(tmp_path):
+    d = write_run(tmp_path, seed=41)
+    good = json.loads((d / "config.json").read_text())
+    cases = [
+        (None, "no config.json: the run's knobs are unknown, so it cannot be grouped"),
+        ({**good, "config": "x"}, "config.json: field 'config' must be an object"),
+        ({**good, "config": {k: v for k, v in good["config"].items() if k != "intervention"}},
+         "config.json: field 'config.intervention' is missing"),
+        ({**good, "config": {**good["config"], "seed": 42}},
+         "config.json config.seed = 42 but per_mode_deploy.json seed = 41: the two files describe different runs"),
+        ({**good, "config": {**good["config"], "intervention": "erase"}},
+         "config.json config.intervention = 'erase' but per_mode_deploy.json intervention = 'none'"),
+    ]
+    for cfg, msg in cases:
+        (d / "config.json").unlink(missing_ok=True)
+        if cfg is not None:
+            (d / "config.json").write_text(json.dumps(cfg))
+        runs, skipped = scan_runs(tmp_path)
+        assert not runs and skipped[0].reason.startswith(msg), (msg, skipped[0].reason)
+
+
+# ── intervals with problems as clusters (issue 15 §4) ─────────────────────────────────────
+
+T2 = 4.302652729749752  # t_{0.975, 2}
+T1 = 12.706204736174696  # t_{0.975, 1}
+
+
+def test_ratio_ci_with_equal_clusters_is_the_t_interval_of_problem_rates():
+    ci = res.ratio_ci([0, 2, 4], [4, 4, 4])  # per-problem rates 0, 0.5, 1: mean 0.5, sd 0.5
+    half = T2 * 0.5 / math.sqrt(3)
+    assert (ci.rate, ci.n_clusters, ci.n) == (0.5, 3, 12)
+    assert ci.lo == pytest.approx(0.5 - half, abs=1e-12) and ci.hi == pytest.approx(0.5 + half, abs=1e-12)
+    rates = [0.5, 0.75, 1.0, 0.0, 0.25, 0.5]
+    m = mean_ci(rates)
+    got = res.ratio_ci([round(4 * r) for r in rates], [4] * 6)
+    assert (got.rate, got.lo, got.hi) == pytest.approx((m.mean, m.lo, m.hi), abs=1e-12)
+
+
+def test_ratio_ci_with_unequal_clusters_hand_computed():
+    # y = 2, 1, 3 of n = 2, 4, 6: p = 6/12; residuals y - p n = 1, -1, 0 (over 12);
+    # var = 3/2 · 2/144 = 1/48
+    ci = res.ratio_ci([2, 1, 3], [2, 4, 6])
+    assert ci.rate == 0.5
+    assert ci.hi - 0.5 == pytest.approx(T2 / math.sqrt(48), abs=1e-12)
+    assert 0.5 - ci.lo == pytest.approx(T2 / math.sqrt(48), abs=1e-12)
+    # the per-problem t-interval would weight the 2-sample problem like the 6-sample one
+    assert mean_ci([1.0, 0.25, 0.5]).mean != pytest.approx(0.5)
+    one = res.ratio_ci([3], [4])
+    assert (one.rate, one.lo, one.hi, one.n_clusters) == (0.75, None, None, 1)
+    zero = res.ratio_ci([0, 0, 0], [4, 4, 4])  # no event anywhere: no variance to estimate
+    assert (zero.rate, zero.lo, zero.hi) == (0.0, 0.0, 0.0)
+    with pytest.raises(ValueError, match="a cluster has 5 events among 4 samples"):
+        res.ratio_ci([5, 0], [4, 4])
+    with pytest.raises(ValueError, match="no samples"):
+        res.ratio_ci([], [])
+
+
+def test_paired_and_unpaired_cluster_differences_hand_computed():
+    # equal sizes: the paired t-interval of per-problem differences (-0.25, 0, -0.5)
+    d = res.paired_ratio_diff_ci([1, 3, 2], [4, 4, 4], [2, 3, 4], [4, 4, 4])
+    half = T2 * 0.25 / math.sqrt(3)
+    assert d.paired and d.df == 2 and d.n_clusters == 3 and d.diff == -0.25
+    assert (d.lo, d.hi) == pytest.approx((-0.25 - half, -0.25 + half), abs=1e-12)
+    # unequal sizes: a = (2, 1) of (2, 4), b = (0, 3) of (2, 4); both p = 1/2;
+    # residuals a (1/6, -1/6), b (-1/6, 1/6); var = 2/1 · ((2/6)² + (2/6)²) = 4/9; df 1
+    d = res.paired_ratio_diff_ci([2, 1], [2, 4], [0, 3], [2, 4])
+    assert d.diff == 0.0 and d.df == 1
+    assert (d.lo, d.hi) == pytest.approx((-T1 * 2 / 3, T1 * 2 / 3), rel=1e-10)
+    # unpaired: V_a = 2 · 2/36 = 1/9 (a as above), V_b = 3/2 · 2/144 = 1/48 (y 1, 3, 2 of 4 each)
+    u = res.unpaired_ratio_diff_ci([2, 1], [2, 4], [1, 3, 2], [4, 4, 4])
+    va, vb = 1 / 9, 1 / 48
+    df = (va + vb) ** 2 / (va**2 / 1 + vb**2 / 2)
+    assert not u.paired and u.n_clusters == 5 and u.diff == 0.0 and u.df == pytest.approx(df, rel=1e-12)
+    assert u.hi == pytest.approx(t_quantile(0.975, df) * math.sqrt(va + vb), abs=1e-12)
+    assert res.unpaired_ratio_diff_ci([1], [4], [1, 2], [4, 4]).lo is None
+    with pytest.raises(ValueError, match="2 clusters on one side, 3 on the other"):
+        res.paired_ratio_diff_ci([1, 1], [4, 4], [1, 1, 1], [4, 4, 4])
+
+
+def test_solve_verdict_is_an_equivalence_test_on_the_interval():
+    v = res.solve_verdict
+    assert v(-0.04, 0.03, 0.05) == "matched"
+    assert v(-0.05, 0.05, 0.05) == "matched"  # the margin is inclusive
+    assert v(0.01, 0.04, 0.05) == "matched"  # a real difference smaller than the margin
+    assert v(0.01, 0.20, 0.05) == "solve differs"
+    assert v(-0.30, -0.06, 0.05) == "solve differs"
+    assert v(-0.10, 0.02, 0.05) == "inconclusive"
+    assert v(-0.051, 0.0, 0.05) == "inconclusive"
+    # zero width: every seed / cluster at one value (0 solves everywhere) estimates no spread
+    assert v(0.0, 0.0, 0.05) == "inconclusive" and v(0.3, 0.3, 0.05) == "inconclusive"
+    with pytest.raises(ValueError):
+        v(0.1, -0.1, 0.05)
+
+
+VAN41 = {"1": (4, 2, 2), "2": (4, 3, 1), "3": (4, 4, 0)}  # problem -> (n, hack, solve)
+ARM41 = {"1": (4, 1, 2), "2": (4, 3, 1), "3": (4, 2, 1)}
+VAN42 = {"1": (4, 0, 4), "2": (4, 1, 3), "3": (4, 2, 2)}
+ARM42 = {"1": (4, 0, 4), "2": (4, 1, 3), "3": (4, 1, 2)}
+
+
+def test_group_intervals_pool_seed_problem_clusters_and_pair_with_vanilla(tmp_path):
+    write_run(tmp_path, arm="vanilla", seed=41, by_problem=VAN41)
+    write_run(tmp_path, arm="projected", seed=41, by_problem=ARM41)
+    v, a = aggregate(scan_runs(tmp_path)[0])
+    # one seed: the pooled interval exists, the seed interval does not
+    assert v.hack_deploy.lo is None and v.hack_deploy_cl.rate == 0.75
+    assert v.hack_deploy_cl.hi == pytest.approx(0.75 + T2 * 0.25 / math.sqrt(3), abs=1e-12)
+    # paired per-problem differences: hack (-0.25, 0, -0.5), solve (0, 0, +0.25)
+    assert a.d_hack_cl.paired and a.d_hack_cl.diff == -0.25
+    assert a.d_hack_cl.lo == pytest.approx(-0.25 - T2 * 0.25 / math.sqrt(3), abs=1e-12)
+    assert a.d_solve_cl.diff == pytest.approx(1 / 12) and a.d_solve_ci is None
+    assert (a.d_solve_cl.lo, a.d_solve_cl.hi) == pytest.approx((1 / 12 - T2 / 12, 1 / 12 + T2 / 12), abs=1e-12)
+    assert (a.solve_verdict, a.verdict_basis) == ("inconclusive", "paired clusters")
+    a_wide = aggregate(scan_runs(tmp_path)[0], solve_margin=0.5)[1]  # [-0.275, +0.442] inside ±0.5
+    assert a_wide.solve_verdict == "matched"
+
+    write_run(tmp_path, arm="vanilla", seed=42, by_problem=VAN42)
+    write_run(tmp_path, arm="projected", seed=42, by_problem=ARM42)
+    v, a = aggregate(scan_runs(tmp_path)[0])
+    van_rates = [h / 4 for b in (VAN41, VAN42) for _, h, _ in b.values()]
+    assert (v.hack_deploy_cl.rate, v.hack_deploy_cl.lo, v.hack_deploy_cl.hi) == pytest.approx(
+        (mean_ci(van_rates).mean, mean_ci(van_rates).lo, mean_ci(van_rates).hi), abs=1e-12)
+    assert v.hack_deploy_cl.n_clusters == 6 and v.hack_deploy.n == 2
+    diffs = [(x[1] - y[1]) / 4 for b, c in ((ARM41, VAN41), (ARM42, VAN42)) for x, y in
+             zip(b.values(), c.values(), strict=True)]
+    assert a.d_hack_cl.paired and a.d_hack_cl.n_clusters == 6
+    assert (a.d_hack_cl.lo, a.d_hack_cl.hi) == pytest.approx((mean_ci(diffs).lo, mean_ci(diffs).hi), abs=1e-12)
+    # two seeds a side: the verdict rests on the Welch interval over seeds
+    assert a.verdict_basis == "seeds" and a.d_solve_ci == welch_diff_ci(
+        [4 / 12, 9 / 12], [3 / 12, 9 / 12])
+    assert a.solve_verdict == "inconclusive"
+
+
+def test_cluster_delta_is_unpaired_when_the_eval_problems_or_seeds_differ(tmp_path):
+    write_run(tmp_path, arm="vanilla", seed=41, by_problem=VAN41)
+    other = {"1": (4, 1, 2), "2": (4, 3, 1), "4": (4, 2, 1)}  # problem 4 instead of 3
+    write_run(tmp_path, arm="projected", seed=41, by_problem=other)
+    _, a = aggregate(scan_runs(tmp_path)[0])
+    want = res.unpaired_ratio_diff_ci([1, 3, 2], [4, 4, 4], [2, 3, 4], [4, 4, 4])
+    assert a.d_hack_cl == want and not a.d_hack_cl.paired
+    assert a.verdict_basis == "clusters"
+    write_run(tmp_path, arm="projected", seed=42, by_problem=ARM42)  # seeds {41, 42} vs {41}
+    _, a = aggregate(scan_runs(tmp_path)[0])
+    assert not a.d_hack_cl.paired and a.d_hack_cl.n_clusters == 9
+
+
+def test_runs_without_per_problem_counts_still_load(tmp_path):
+    write_run(tmp_path, arm="vanilla", seed=41, by_problem=VAN41)
+    old = write_run(tmp_path, arm="vanilla", seed=42, hack_deploy=0.5)  # written before by_problem existed
+    runs, skipped = scan_runs(tmp_path)
+    assert len(runs) == 2 and not skipped
+    assert {r.path: r.by_problem is None for r in runs}[old]
+    (g,) = aggregate(runs)
+    assert g.hack_deploy.mean == pytest.approx((0.75 + 0.5) / 2) and g.hack_deploy_cl is None
+    assert g.note == "1 of 2 runs predate per-problem counts: no cluster interval"
+
+
+def test_by_problem_is_validated_against_the_headline(tmp_path):
+    d = write_run(tmp_path, seed=41, by_problem=VAN41)
+    rec = json.loads((d / "per_mode_deploy.json").read_text())
+    where = "per_mode_deploy.json sets['train'].by_problem"
+
+    def bad(edit) -> str:
+        r = json.loads(json.dumps(rec))
+        edit(r)
+        (d / "per_mode_deploy.json").write_text(json.dumps(r))
+        runs, skipped = scan_runs(tmp_path)
+        assert not runs
+        return skipped[0].reason
+
+    assert bad(lambda r: r["sets"]["train"]["by_problem"]["1"].update(deploy_hack=5)) == (
+        f"{where}['1']: field 'deploy_hack' = 5 is not a count in [0, n=4]")
+    assert bad(lambda r: r["sets"]["train"]["by_problem"]["2"].pop("train_solve")) == (
+        f"{where}['2']: field 'train_solve' must be an integer, got None")
+    assert bad(lambda r: r["sets"]["train"]["by_problem"]["1"].update(n=0)).startswith(
+        f"{where}['1']: field 'n' must be >= 1")
+    assert bad(lambda r: r.update(eval_n=16)) == f"{where}: the problems' n sum to 12, but eval_n = 16"
+    assert bad(lambda r: r.update(hack_deploy=0.5)) == (
+        f"{where}: Σ deploy_hack / Σ n = 0.75 but the headline hack_deploy = 0.5")
+    assert bad(lambda r: r["sets"]["train"].update(by_problem=[1])) == f"{where} must be an object, got list"
+
+
+def test_csv_and_table_carry_the_config_cluster_and_verdict_columns(tmp_path, capsys):
+    runs_dir, out = tmp_path / "runs", tmp_path / "o"
+    write_run(runs_dir, arm="vanilla", seed=41, by_problem=VAN41)
+    write_run(runs_dir, arm="vanilla", seed=41, by_problem=VAN42, knobs={"lr": 1e-3}, stamp="20260102T000000")
+    write_run(runs_dir, arm="projected", seed=41, by_problem=ARM41)
+    assert main(["--runs", str(runs_dir), "--out", str(out), "--solve-margin", "0.5", "--per-run"]) == 0
+    text = capsys.readouterr().out
+    rows = {(r["arm"], r["config"]): r for r in csv.DictReader((out / "results_latest.csv").open())}
+    # lr differs within the preset, so every row names its lr ("(absent)": not in that config.json)
+    v, v_lr, a = rows[("vanilla", "lr=(absent)")], rows[("vanilla", "lr=0.001")], rows[("projected", "lr=(absent)")]
+    assert v["config_hash"] != v_lr["config_hash"] and a["baseline_hash"] == v["config_hash"]
+    assert float(v["hack_deploy_pooled"]) == 0.75 and v["n_clusters"] == "3"
+    assert float(v["hack_deploy_cl_hi"]) == pytest.approx(0.75 + T2 * 0.25 / math.sqrt(3), abs=1e-12)
+    assert float(a["d_hack_cl"]) == -0.25 and a["d_cl_paired"] == "true"
+    assert float(a["d_solve_cl_lo"]) == pytest.approx(1 / 12 - T2 / 12, abs=1e-12)
+    assert (a["solve_verdict"], a["solve_verdict_basis"], a["solve_margin"]) == ("matched", "paired clusters", "0.5")
+    assert a["d_solve_ci_lo"] == "" and v["solve_verdict"] == "" and v["baseline_hash"] == ""
+    md = {(r["arm"], r["config"]): r for r in md_rows(text, "preset")}
+    md_a = md[("projected", f"{a['config_hash']} lr=(absent)")]
+    assert md_a["solve verdict"] == "matched (paired clusters)"
+    assert md_a["Δ hack, clusters"] == "-0.250 [-0.871, +0.371] paired C=3"
+    assert md[("vanilla", f"{v_lr['config_hash']} lr=0.001")]["deploy hack, clusters"] == "0.250 [-0.371, 0.871] C=3"
+    assert "matched = inside ±0.5 (equivalence)" in text
+    per_run = list(csv.DictReader((out / "runs_latest.csv").open()))
+    assert len(per_run) == 3 and {r["n_problems"] for r in per_run} == {"3"}
+    run_md = md_rows(text, "run folder")
+    assert len(run_md) == 3 and "0.750 [0.129, 1.371] C=3" in {r["deploy hack, clusters"] for r in run_md}
+    with pytest.raises(SystemExit):
+        main(["--runs", str(runs_dir), "--out", str(out), "--solve-margin", "-1"])
+    assert "--solve-margin must be a finite number >= 0, got -1.0" in capsys.readouterr().err
+
+
+def test_results_module_imports_no_torch():
+    code = ("import sys, vgrout.results, vgrout.results as r; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers')))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[]"
+
+
+# ── real run folders from tiny training runs ──────────────────────────────────────────────
+
+
+@pytest.fixture(scope="module")
+def real_runs(tmp_path_factory):
+    """Four 2-step smoke runs of the offline tiny model, in order: vanilla (preset lr 3e-3),
+    vanilla --lr=1e-3, erase --lr=1e-3 with its own direction knobs and --gate-mode=no_gate
+    (arm-only knobs), and vanilla again with only a non-science knob changed (--out-tag)."""
+    from vgrout.config import parse_cli
+    from vgrout.pairs import builtin_pairs, save_pairs_json
+    from vgrout.smoke_pool import build_smoke_pool
+    from vgrout.train import main as train_main
+
+    root = tmp_path_factory.mktemp("real_runs")
+    pool = build_smoke_pool(root / "pool")
+    bp = builtin_pairs()
+    pairs = save_pairs_json(root / "pairs.json", [bp[0], bp[5], bp[10], bp[15]])
+    base = ["smoke", "--steps=2", "--max-new=8", "--eval-n-prompts=2", f"--teacher-pool-dir={pool}",
+            f"--out-root={root / 'out'}"]
+    runs_dir = root / "out" / "runs"
+    made = {}
+    for name, extra in (
+        ("vanilla", ["--intervention=none"]),
+        ("vanilla_lr", ["--intervention=none", "--lr=1e-3"]),
+        ("erase_lr", ["--intervention=erase", "--lr=1e-3", "--gate-mode=no_gate", f"--vhack-pairs-path={pairs}",
+                      "--v-hack-extract-top-k=2", "--v-hack-k=1", "--v-hack-n-heldout=1"]),
+        ("vanilla_again", ["--intervention=none", "--out-tag=_again"]),
+    ):
+        before = set(runs_dir.iterdir()) if runs_dir.is_dir() else set()
+        assert train_main(parse_cli(base + extra)) == 0, name
+        (made[name],) = set(runs_dir.iterdir()) - before
+    return runs_dir, made
+
+
+@pytest.mark.slow
+def test_real_runs_group_by_config_supersede_and_pair(real_runs, tmp_path, capsys):
+    runs_dir, made = real_runs
+    knobs = {k: json.loads((d / "config.json").read_text())["config"] for k, d in made.items()}
+    # the rerun differs only in non-science knobs (out_tag), the lr run in lr
+    differ = {k for k in knobs["vanilla"] if knobs["vanilla"][k] != knobs["vanilla_again"][k]}
+    assert differ == {"out_tag"}
+    assert {k for k in knobs["vanilla"] if knobs["vanilla"][k] != knobs["vanilla_lr"][k]} == {"lr"}
+
+    runs, skipped = scan_runs(runs_dir)
+    by = {r.path: r for r in runs}
+    assert set(by) == {made["vanilla_lr"], made["erase_lr"], made["vanilla_again"]}
+    again = by[made["vanilla_again"]]
+    assert [(s.path, s.reason) for s in skipped] == [
+        (made["vanilla"], f"superseded by {made['vanilla_again'].name} (same config {again.short_hash} and seed)")]
+    for r in runs:  # the real eval records per-problem counts: 2 problems x G = 4 samples
+        assert r.by_problem is not None and len(r.by_problem) == 2 and r.eval_n == 8
+        assert r.cluster_ci("deploy_hack").n_clusters == 2
+
+    groups = aggregate(runs)
+    got = {(g.arm, g.config_label): g for g in groups}
+    assert sorted(got) == [("projected", "lr=0.001"), ("vanilla", "lr=0.001"), ("vanilla", "lr=0.003")]
+    assert all(g.seeds == [41] for g in groups)  # one seed each: the two vanilla configs are not pooled
+    erase, van_lr = got[("projected", "lr=0.001")], got[("vanilla", "lr=0.001")]
+    assert erase.baseline is van_lr and erase.runs[0].path == made["erase_lr"]
+    # same seed, same eval problems (the first 2 training problems): the cluster delta is paired
+    assert erase.d_hack_cl.paired and erase.d_hack_cl.n_clusters == 2
+    assert erase.verdict_basis == "paired clusters" and erase.solve_verdict in res.VERDICTS
+    if erase.d_solve_cl.lo == erase.d_solve_cl.hi:  # the untrained tiny model solves nothing
+        assert erase.solve_verdict == "inconclusive"
+
+    assert main(["--runs", str(runs_dir), "--out", str(tmp_path / "o")]) == 0
+    rows = list(csv.DictReader((tmp_path / "o" / "results_latest.csv").open()))
+    assert sorted((r["arm"], r["config"], r["n_seeds"]) for r in rows) == [
+        ("projected", "lr=0.001", "1"), ("vanilla", "lr=0.001", "1"), ("vanilla", "lr=0.003", "1")]
+    assert next(r for r in rows if r["arm"] == "projected")["baseline_hash"] == van_lr.short_hash
+    assert "superseded by" in capsys.readouterr().out
+
+    # the plots group the same way: two vanilla lines, in two shades of the arm's colour
+    from vgrout.plots import collect_series, group_series
+
+    series, _, _ = collect_series(runs_dir)
+    lines, styles = group_series(series)
+    assert sorted((k[0], len(v)) for k, v in lines.items()) == [("projected", 1), ("vanilla", 1), ("vanilla", 1)]
+    assert sorted(styles[k].colour for k in lines if k[0] == "vanilla") == ["#000000", "#808080"]
+    assert {styles[k].label for k in lines} == {
+        f"vanilla lr=0.003 [{again.short_hash}]", f"vanilla lr=0.001 [{van_lr.short_hash}]",
+        f"projected lr=0.001 [{erase.short_hash}]"}

@@ -456,10 +456,10 @@ def test_teacher_rollouts_detector_c_matches_cache(shared_data):
     rs = grade_batch(
         [(r["completion"], raw_problem(probs[r["problem_id"]], "run_tests")) for r in rows]
     )
-    assert [r.hacked for r in rs] == [row["hacked"] for row in rows]
-    assert sum(r.hacked for r in rs) >= 4  # the sample really contains detector-C hacks
+    assert [r.hacked_S for r in rs] == [row["hacked"] for row in rows]
+    assert sum(r.hacked_S for r in rs) >= 4  # the sample really contains detector-C hacks
     for r in rs:
-        assert r.format_ok and r.hacked_loophole_used == r.channel
+        assert r.format_ok and r.hacked_E == r.channel
 
 
 @pytest.mark.data
@@ -491,7 +491,7 @@ def test_substrate_hacks_pay_in_their_own_mode(shared_data):
         plain, home = rs[2 * k], rs[2 * k + 1]
         assert not plain.channel
         if row["env_mode"] == "run_tests":
-            assert home.hacked  # these are vacuous run_tests on a (sometimes correct) solution
+            assert home.hacked_S  # these are vacuous run_tests on a (sometimes correct) solution
         else:
             assert home.exploited and home.mechanism == row["env_mode"], (row["problem_id"], home)
             assert not math.isnan(home.reward) and home.reward == COMPILE_REWARD + PASS_REWARD

@@ -274,3 +274,48 @@ def test_bad_arguments_exit_with_a_message(capsys):
     with pytest.raises(SystemExit):
         main(["smoke", "none", "1", "--parallel", "0"], which=lambda _n: None)
     assert "--parallel must be >= 1" in capsys.readouterr().err
+
+
+def test_slurm_cpu_runs_request_no_gpu_and_log_where_asked(tmp_path, capsys):
+    out, logs = tmp_path / "cpu.sbatch", tmp_path / "task_logs"
+    rc = main(["smoke", "none", "1,2", "--slurm", str(out), "--slurm-gpus=0", "--slurm-cpus=1",
+               f"--slurm-log-dir={logs}", "--workdir", str(tmp_path)], which=lambda _n: None)
+    assert rc == 0
+    header = [ln for ln in out.read_text().splitlines() if ln.startswith("#SBATCH")]
+    assert not any("--gres" in ln for ln in header)
+    assert "#SBATCH --cpus-per-task=1" in header and f"#SBATCH --output={logs}/%x_%A_%a.out" in header
+    assert logs.is_dir()
+    two = slurm_script(plan_jobs("fast", ["none"], [1]), workdir=tmp_path, gpus=2)
+    assert "#SBATCH --gres=gpu:2" in two.splitlines()
+    with pytest.raises(SystemExit):
+        main(["smoke", "none", "1", "--slurm", str(out), "--slurm-gpus=-1"], which=lambda _n: None)
+    assert "--slurm-gpus must be >= 0" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_local_sweep_skips_finished_resumes_interrupted_starts_new(tmp_path):
+    """Real tiny runs: a paused run is resumed, a complete one skipped, another config started afresh."""
+    from _golden import build_inputs
+    from vgrout.config import parse_cli
+    from vgrout.sweep import Job, local_plan, run_local
+    from vgrout.train import main
+
+    pool, pairs = build_inputs(tmp_path / "inputs")
+    out = tmp_path / "out"
+    common = (f"--teacher-pool-dir={pool}", f"--vhack-pairs-path={pairs}", f"--out-root={out}", "--steps=2",
+              "--max-new=8", "--eval-n-prompts=1", "--eval-ablate-every=0", "--v-hack-extract-top-k=2",
+              "--v-hack-k=1", "--v-hack-n-heldout=1")
+    jobs = [Job("smoke", "none", 41, common), Job("smoke", "none", 42, common), Job("smoke", "none", 43, common)]
+    assert main(parse_cli(["smoke", "--intervention=none", "--seed=41", *common])) == 0
+    assert main(parse_cli(["smoke", "--intervention=none", "--seed=42", *common, "--stop-after-steps=1"])) == 0
+    plan = local_plan(jobs, out / "runs")
+    assert [a for _, a, _ in plan] == ["skip", "resume", "start"]
+    paused = plan[1][2]
+    # a run of another config (here: another lr) is never taken for this job's
+    other = Job("smoke", "none", 41, (*common, "--lr=1e-3"))
+    assert local_plan([other], out / "runs")[0][1] == "start"
+    assert run_local(jobs[1:2], out / "runs", REPO) == 0
+    import json
+
+    assert json.loads((paused / "status.json").read_text())["state"] == "complete"
+    assert [a for _, a, _ in local_plan(jobs[:2], out / "runs")] == ["skip", "skip"]

@@ -23,8 +23,8 @@ ROW_KEYS = {
     "f05", "lr", "refr", "hack_deploy", "solve_deploy", "zv", "N", "sec", "hack_s_E", "hack_s_D",
 }
 ROLLOUT_KEYS = {"step", "problem_id", "env_mode", "prompt", "reward", "gt_pass", "gt_correct", "passed",
-                "exploited", "mechanism", "hacked_C", "hacked_D", "hacked_E", "format_ok", "text"}
-TIMING = {"gen", "fb", "t_rew", "sec"}
+                "exploited", "mechanism", "hacked_S", "hacked_D", "hacked_E", "format_ok", "text"}
+TIMING = {"gen", "fb", "t_rew", "rew_wait", "sec"}
 
 
 @pytest.fixture(scope="module")
@@ -162,6 +162,10 @@ def test_bad_pool_fails_before_any_work(inputs, tmp_path, kind, err, needle):
     (["--mix-ratio=1.0"], "--mix-ratio must be in [0, 1)"),
     (["--group=2", "--mix-ratio=0.75"], "G_s=0"),
     (["--half-a=E,Q"], "unknown detector codes"),
+    (["--lr=-1"], "--lr must be > 0 (got -1.0)"),
+    (["--temperature=0"], "--temperature must be > 0"),
+    (["--warmup-frac=1.5"], "--warmup-frac must be in [0, 1]"),
+    (["--grad-clip=nan"], "--grad-clip must be > 0 (got nan)"),
 ])
 def test_bad_knobs_fail_at_parse(inputs, tmp_path, flags, needle):
     with pytest.raises(ValueError) as e:
@@ -241,6 +245,11 @@ def test_cli_reports_input_errors_without_traceback(tmp_path):
                               f"--teacher-pool-dir={tmp_path / 'nope'}", f"--out-root={tmp_path}"],
                              capture_output=True, text=True, timeout=120)
     assert missing.returncode == 2 and "does not exist" in missing.stderr
+    # the issue's example: a negative lr used to make a run folder, load the model and die in AdamW
+    lr = subprocess.run([sys.executable, "-m", "vgrout.train", "smoke", "--lr=-1", f"--out-root={tmp_path}"],
+                        capture_output=True, text=True, timeout=120)
+    assert lr.returncode == 2 and "Traceback" not in lr.stderr
+    assert lr.stderr.strip().splitlines()[-1].strip() == "--lr must be > 0 (got -1.0)"
     assert not (tmp_path / "runs").exists()
 
 
@@ -267,3 +276,32 @@ def test_missing_input_files_name_the_fix(inputs, tmp_path, flag, needle):
     with pytest.raises(FileNotFoundError, match=needle):
         main(parse_cli(base_args(inputs, tmp_path, "--intervention=route2", flag)))
     assert not (tmp_path / "runs").exists()
+
+
+def test_short_training_set_log_names_the_pools_partition(inputs, tmp_path):
+    """The pool's partition (not the data file) limits the set: the log says so, with both counts."""
+    from loguru import logger
+
+    from vgrout.env.builtin_problems import builtin_rows
+    from vgrout.train import load_inputs
+
+    pool = tmp_path / "pool"
+    pool.mkdir()
+    src = inputs[0]
+    part = json.loads((src / "partition.json").read_text())
+    keep = sorted(part)[:5]
+    for pid in keep:
+        name = f"prompt_{int(pid):04d}.jsonl.gz"
+        (pool / name).write_bytes((src / name).read_bytes())
+    (pool / "partition.json").write_text(json.dumps({k: part[k] for k in keep}))
+    msgs: list[str] = []
+    sink = logger.add(lambda m: msgs.append(str(m).strip()), level="INFO", format="{message}")
+    try:
+        inp = load_inputs(parse_cli(base_args(inputs, tmp_path / "out", f"--teacher-pool-dir={pool}",
+                                              "--n-problems=200")))
+    finally:
+        logger.remove(sink)
+    assert len(inp.problems) == 5
+    n = len(builtin_rows())
+    assert (f"asked for 200 problems, the teacher pool's {pool}/partition.json (5 problem ids) keeps 5 of the "
+            f"{n} rows of builtin: using all 5") in msgs, msgs

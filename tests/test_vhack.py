@@ -72,10 +72,14 @@ def test_planted_direction_recovered_and_haar_is_not():
 
 def test_every_axis_signed_hackward():
     grads, _ = _grads({"m": 64}, 10, 5)
-    V, _ = vhack.v_hack_from(grads, top_k=8)
-    mean = (grads["hack/m"] - grads["clean/m"]).mean(0)
-    assert bool(((V["m"] @ mean) >= 0).all())
+    D = grads["hack/m"] - grads["clean/m"]
+    V, _ = vhack.v_hack_from(grads, top_k=8, sign="mean")
+    assert bool(((V["m"] @ D.mean(0)) >= 0).all())
+    Vv, _ = vhack.v_hack_from(grads, top_k=8)  # the default: each axis signed by the pairs' majority vote
+    proj = D @ Vv["m"].T  # [pairs, axes]
+    assert bool(((proj > 0).sum(0) >= (proj < 0).sum(0)).all())
     assert V["m"].shape == (8, 64) and _orthonormal(V["m"])
+    assert torch.equal(Vv["m"].abs(), V["m"].abs())  # same axes, only the signs may differ
     # top_k beyond the number of pairs is capped at n
     V3, _ = vhack.v_hack_from({"hack/m": grads["hack/m"][:3], "clean/m": grads["clean/m"][:3]},
                               top_k=8)
@@ -262,7 +266,10 @@ def test_save_load_round_trip_and_mismatches(tmp_path):
     assert got.meta["model"] == "tiny-qwen3" and got.meta["schema"] == vhack.SCHEMA
     assert got.meta["pairs_source"] == "builtin" and got.meta["top_k"] == "4"
     assert json.loads(got.meta["ranks"]) == MODS and got.meta["dtype"] == "float32"
-    assert got.heldout == json.loads(json.dumps(d.heldout))
+    saved_report = json.loads(json.dumps(d.heldout))
+    assert {k: v for k, v in got.heldout.items() if k != "kept_axes"} == saved_report
+    # the load adds the held-out check over the axes it kept (all 4 per module here)
+    assert got.heldout["kept_axes"] == vhack.heldout_on_kept_axes(saved_report, {m: [0, 1, 2, 3] for m in MODS})
     sliced = vhack.load_directions(p, model_id="tiny-qwen3", k_use=2, drop_bottom_frac=0.0,
                                    knobs=MODS)
     assert all(v.shape[0] == 2 for v in sliced.v_hack.values())
@@ -298,6 +305,11 @@ def test_cache_path_keys():
         vhack.directions_cache_path("out/vhack", "Qwen/Qwen3-4B", ps, 12, 0.0, n_heldout=3),
     ]
     assert len({base, *others}) == 6
+    # only the top blocks adapted (--adapt-top-layers): the adapted span is part of the key
+    every = [f"model.layers.{i}.mlp.up_proj" for i in range(4)]
+    top = vhack.directions_cache_path("out/vhack", "Qwen/Qwen3-4B", ps, 12, 0.0, modules=every[2:])
+    assert "_h2_L2-3_" in top.name and top != base
+    assert vhack.directions_cache_path("out/vhack", "Qwen/Qwen3-4B", ps, 12, 0.0, modules=every) == base
 
 
 def test_haar_control_round_trip_and_refresh_refuses(tmp_path):
@@ -410,8 +422,10 @@ def test_end_to_end_extraction_and_cache(tiny, tiny_grads, tmp_path):
     for m, V in d.v_hack.items():
         assert 1 <= V.shape[0] <= 2 and V.shape[1] == knobs[m].rank
         assert _orthonormal(V)
-        mean = (tiny_grads[f"hack/{m}"] - tiny_grads[f"clean/{m}"])[:3].mean(0)
-        assert bool(((V @ mean) > 0).all()), m
+        D = (tiny_grads[f"hack/{m}"] - tiny_grads[f"clean/{m}"])[:3]
+        mean = D.mean(0)
+        proj = D @ V.T  # each axis signed by the extraction pairs' majority vote
+        assert bool(((proj > 0).sum(0) >= (proj < 0).sum(0)).all()), m
         assert float(d.v_grad[m] @ mean) > 0
         assert vhack.basis_overlap({m: ref_v[m]}, {m: V}) == pytest.approx(1.0, abs=1e-3)
     for v in d.v_grad.values():
@@ -503,6 +517,7 @@ def test_heldout_report_exact_fractions():
         "n_pairs_v_grad_hackward": 1,
         "mean_frac_top_axis_pos": pytest.approx(1 / 3),
         "mean_frac_v_grad_pos": pytest.approx(1 / 3),
+        "axis_frac_pairs_pos": {"a": [pytest.approx(1 / 3)] * 2, "b": [pytest.approx(1 / 3)]},
     }
     # exactly half the modules hack-ward is not a hack-ward pair
     half = vhack.heldout_report(grads, {"a": V["a"], "b": -V["b"]}, vg, ["p0", "p1", "p2"])
@@ -525,9 +540,14 @@ def test_cache_path_name_is_exact():
     h = vhack.pairs_hash(ps)
     assert len(h) == 12 and h == hashlib.sha256(pairs_fingerprint_text(ps).encode()).hexdigest()[:12]
     assert vhack.directions_cache_path("d", "Qwen/Qwen3-4B", ps, 12, 0.0).name == \
-        f"v_hack_Qwen--Qwen3-4B_k12_h2_{h}.safetensors"
-    assert vhack.directions_cache_path("d", "Qwen/Qwen3-4B", ps, 8, 0.1, 3).name == \
-        f"v_hack_Qwen--Qwen3-4B_k8_tau0.1_h3_{h}.safetensors"
+        f"v_hack_Qwen--Qwen3-4B_k12_h2_svote_{h}.safetensors"
+    assert vhack.directions_cache_path("d", "Qwen/Qwen3-4B", ps, 8, 0.1, 3, "mean", "sum").name == \
+        f"v_hack_Qwen--Qwen3-4B_k8_tau0.1_h3_smean_nsum_{h}.safetensors"
+    top = ["model.layers.3.mlp.up_proj", "model.layers.5.self_attn.q_proj"]  # only the top blocks adapted
+    assert vhack.directions_cache_path("d", "m", ps, 4, 0.0, modules=top).name == \
+        f"v_hack_m_k4_h2_L3-5_svote_{h}.safetensors"
+    assert vhack.directions_cache_path("d", "m", ps, 4, 0.0, modules=["model.layers.0.mlp.up_proj", *top]).name == \
+        f"v_hack_m_k4_h2_svote_{h}.safetensors"  # from block 0: no span in the name
 
 
 def test_haar_k1_and_counts():
@@ -647,12 +667,11 @@ def test_pair_grads_equal_an_independent_gradient_and_leave_no_trace(rand_tiny):
                 k.delta_S.copy_(0.2 * torch.randn(k.rank, generator=g))
                 k.delta_S_hack.copy_(0.5 * torch.randn(k.rank, generator=g))
         hack_vals = {m: k.delta_S_hack.detach().clone() for m, k in knobs.items()}
-        sentinel = torch.full((1, first.rank), 7.0)
-        first.always_per_rollout, first.per_rollout_grad = True, sentinel
+        first.per_rollout_grad = torch.full((1, first.rank), 7.0)  # stale, from a training step
         model.train()
         batched = vhack.pair_grads(model, tok, knobs, pairs, "cpu", batch_size=4)  # ragged last chunk
-        assert model.training and first.always_per_rollout and first.per_rollout_grad is sentinel
-        first.always_per_rollout, first.per_rollout_grad = False, None
+        # nothing of the pairs is left for the training step to read
+        assert model.training and all(k.per_rollout_grad is None for k in knobs.values())
         model.eval()
         single = vhack.pair_grads(model, tok, knobs, pairs, "cpu", batch_size=1)
         default = vhack.pair_grads(model, tok, knobs, pairs, "cpu")
@@ -679,7 +698,7 @@ def test_pair_grads_equal_an_independent_gradient_and_leave_no_trace(rand_tiny):
             for k in knobs.values():
                 k.delta_S.zero_()
                 k.delta_S_hack.zero_()
-        first.always_per_rollout, first.per_rollout_grad = False, None
+        first.per_rollout_grad = None
         model.eval()
 
 
@@ -724,7 +743,10 @@ def test_extract_resolve_refresh_on_a_random_tiny_model(rand_tiny, tmp_path):
     assert res.dropped == want_dropped and set(res.v_hack) == set(want_v)
     for m, v in want_v.items():
         assert torch.equal(res.v_hack[m], v)
+    kept = res.heldout.pop("kept_axes")  # the held-out check over every kept axis, added on load
     assert res.heldout == json.loads(json.dumps(want.heldout))
+    assert kept == vhack.heldout_on_kept_axes(want.heldout, vhack.kept_axes(want.sv, k_use=5, drop_bottom_frac=0.25))
+    assert kept["n_axes"] == sum(v.shape[0] for v in want_v.values())
     # a hit never touches the model; an explicit path is used as given
     again = vhack.resolve_directions(None, None, knobs, pairs, model_id="rand-qwen3",
                                      pairs_source="test", out_dir=tmp_path / "elsewhere", path=cache)
@@ -790,3 +812,51 @@ def test_module_names_with_a_slash_round_trip(tmp_path):
                                   pairs_source="s", knobs_meta={})
     with safe_open(str(empty), framework="pt") as f:
         assert f.metadata()["k"] == "0"
+
+
+def test_axis_sign_vote_and_mean_disagree_where_one_pair_dominates():
+    """Three pairs project -1, -1, +10 on the axis: the mean says +, the majority vote says -;
+    a 1:1 tie is signed positive (the reference's rule)."""
+    v = torch.tensor([[1.0, 0.0]], dtype=torch.float64)
+    D = torch.tensor([[-1.0, 0.3], [-1.0, -0.2], [10.0, 0.0]], dtype=torch.float64)
+    assert vhack.axis_signs(D, v, "mean").tolist() == [1.0]
+    assert vhack.axis_signs(D, v, "vote").tolist() == [-1.0]
+    tie = torch.tensor([[-1.0, 0.0], [2.0, 0.0], [0.0, 5.0]], dtype=torch.float64)
+    assert vhack.axis_signs(tie, v, "vote").tolist() == [1.0]
+    assert vhack.axis_signs(-tie[:2], v, "vote").tolist() == [1.0]
+    with pytest.raises(ValueError, match="not one of"):
+        vhack.axis_signs(D, v, "median")
+
+
+def test_haar_control_matches_the_real_basis_module_set_and_axis_counts():
+    shapes = {"a": 16, "b": 24, "c": 8}
+    real = vhack.Directions({"a": torch.eye(16)[:3], "c": torch.eye(8)[:1]}, {"a": torch.ones(3), "c": torch.ones(1)},
+                            {m: torch.ones(r) / r**0.5 for m, r in shapes.items()}, dropped=["b"])
+    ctrl = vhack.haar_like(real, shapes, seed=5)
+    assert {m: v.shape for m, v in ctrl.v_hack.items()} == {"a": (3, 16), "c": (1, 8)}
+    assert set(ctrl.v_grad) == set(shapes) and ctrl.is_control and ctrl.dropped == ["b"]
+    for v in ctrl.v_hack.values():
+        assert _orthonormal(v)
+    again = vhack.haar_like(real, shapes, seed=5)
+    assert all(torch.equal(ctrl.v_hack[m], again.v_hack[m]) for m in ctrl.v_hack)
+    assert not torch.equal(vhack.haar_like(real, shapes, seed=6).v_hack["a"], ctrl.v_hack["a"])
+
+
+def test_pair_loss_norms_weight_tokens_as_documented():
+    lp = torch.tensor([[-1.0, -2.0, 0.0], [-3.0, 0.0, 0.0]])
+    mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0]])
+    assert float(vhack._pair_loss(lp, mask, "mean")) == pytest.approx(1.5 + 3.0)
+    assert float(vhack._pair_loss(lp, mask, "sum")) == pytest.approx(3.0 + 3.0)
+    with pytest.raises(ValueError):
+        vhack._pair_loss(lp, mask, "max")
+
+
+def test_heldout_check_covers_every_kept_axis():
+    report = {"axis_frac_pairs_pos": {"a": [1.0, 0.0, 0.75], "b": [0.5]}}
+    kept = vhack.heldout_on_kept_axes(report, {"a": [0, 2], "b": [0]})
+    assert kept == {"n_axes": 3, "n_axes_hackward": 2, "mean_frac_pairs_pos": pytest.approx(0.75)}
+    assert vhack.heldout_on_kept_axes({}, {"a": [0]}) == {}
+    S = {"a": torch.tensor([5.0, 4.0, 1.0]), "b": torch.tensor([0.5, 0.4])}
+    assert vhack.kept_axes(S, k_use=2, drop_bottom_frac=0.5) == {"a": [0, 1]}
+    assert vhack.kept_axes(S, k_use=3, drop_bottom_frac=0.0) == {"a": [0, 1, 2], "b": [0, 1]}
+

@@ -19,7 +19,7 @@ and rounds once to the weight dtype (for bf16 weights the rank-r product itself 
 fp32 accumulation: its error is far below the rounding of W' to bf16). The on-disk SVD cache
 is fp32.
 
-Per-rollout gradients (route2): inside `rollout_grads`, the scaling step is a custom autograd
+Per-rollout gradients: inside `rollout_grads`, the scaling step is a custom autograd
 function whose backward first sums (∂L/∂z ⊙ h) over each rollout's tokens, giving g_b ∈ R^r
 per rollout ([G, r] per module), and hands Σ_b g_b on as the δS gradient. Exact on every axis
 (nothing is divided by δS) and O(G x r) extra memory.
@@ -47,7 +47,7 @@ from .model import model_slug
 
 SVD_SCHEMA = "vgrout.svd/1"
 ADAPTER_SCHEMA = "vgrout.adapter/1"
-_BLOCK_LINEAR = re.compile(r"(^|\.)layers\.\d+\.")
+_BLOCK_LINEAR = re.compile(r"(^|\.)layers\.(\d+)\.")
 
 
 @dataclass
@@ -95,7 +95,53 @@ class _ScaleByKnob(torch.autograd.Function):
         return grad_h, grad_s, None, None
 
 
-class SVDKnob(nn.Module):
+class AdapterModule(nn.Module):
+    """What every adapter family's per-Linear module offers the loop and the contexts below.
+
+    - `deployed()` / `quarantine()`: its trainable tensors; the quarantine's are zero at its initial
+      value, so zeroing them is the deployed model (`ablate_quarantine`), zeroing both the base model.
+    - `merge_delta()`: the dense weight delta for merged decoding (`merged_for_generation`).
+    - flags the contexts set: `_bypass` (skip the adapter path: the base model), `_merged` (base.weight
+      holds W + delta), `_quar_off` (the quarantine is zeroed: a module may skip computing it).
+    Invariant every family keeps: with all of its trainable tensors zero it computes exactly its base Linear.
+    """
+
+    base: nn.Linear
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._bypass = False
+        self._merged = False
+        self._quar_off = False
+
+    def deployed(self) -> list[nn.Parameter]:
+        raise NotImplementedError
+
+    def quarantine(self) -> list[nn.Parameter]:
+        raise NotImplementedError
+
+    def merge_delta(self) -> Tensor:
+        raise NotImplementedError
+
+    # Linear look-alike attributes, for code that inspects projections.
+    @property
+    def weight(self) -> Tensor:
+        return self.base.weight
+
+    @property
+    def bias(self) -> Tensor | None:
+        return self.base.bias
+
+    @property
+    def in_features(self) -> int:
+        return self.base.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.base.out_features
+
+
+class SVDKnob(AdapterModule):
     """One frozen Linear plus its SVD knob: W' = W + U diag(δS + δS_hack) Vh.
 
     Buffers U [d_out, r] and Vh [r, d_in] in the weight dtype, S [r] fp32 (the base singular
@@ -120,27 +166,13 @@ class SVDKnob(nn.Module):
         self.delta_S = nn.Parameter(torch.zeros(r, device=w.device, dtype=torch.float32))
         self.delta_S_hack = nn.Parameter(torch.zeros(r, device=w.device, dtype=torch.float32))
         self.per_rollout_grad: Tensor | None = None
-        self.always_per_rollout = False  # set by wrap_model(per_rollout_grads=True)
         self._n_rollouts = 0  # > 0 inside rollout_grads()
-        self._bypass = False  # inside zero_delta(): the adapter path is skipped
-        self._merged = False  # inside merged_for_generation(): base.weight already holds W'
 
-    # Linear look-alike attributes, for code that inspects projections.
-    @property
-    def weight(self) -> Tensor:
-        return self.base.weight
+    def deployed(self) -> list[nn.Parameter]:
+        return [self.delta_S]
 
-    @property
-    def bias(self) -> Tensor | None:
-        return self.base.bias
-
-    @property
-    def in_features(self) -> int:
-        return self.base.in_features
-
-    @property
-    def out_features(self) -> int:
-        return self.base.out_features
+    def quarantine(self) -> list[nn.Parameter]:
+        return [self.delta_S_hack]
 
     @property
     def rank(self) -> int:
@@ -154,6 +186,14 @@ class SVDKnob(nn.Module):
     def delta_weight(self) -> Tensor:
         """U diag(δS + δS_hack) Vh as a dense fp32 [d_out, d_in] matrix (no grad)."""
         return (self.U.float() * self.scale()) @ self.Vh.float()
+
+    @torch.no_grad()
+    def merge_delta(self) -> Tensor:
+        """The delta for merging: fp32 for fp32 weights; for low-precision weights the rank-r product
+        runs in their dtype on tensor cores (its rounding is tiny next to the final rounding of W')."""
+        if self.base.weight.dtype == torch.float32:
+            return self.delta_weight()
+        return (self.U * self.scale().to(self.U.dtype)) @ self.Vh
 
     def forward(self, x: Tensor) -> Tensor:
         y = self.base(x)
@@ -169,13 +209,13 @@ class SVDKnob(nn.Module):
         h = F.linear(x, self.Vh)
         n = 0
         if torch.is_grad_enabled():
-            n = self._n_rollouts or (h.shape[0] if self.always_per_rollout else 0)
+            n = self._n_rollouts
             if n and h.numel() % (n * h.shape[-1]):
                 raise ValueError(
                     f"{self.name}: input batch {tuple(x.shape)} does not split into "
                     f"{n} rollouts; the leading dim must be the rollout dim"
                 )
-            if self._n_rollouts and h.dim() >= 3 and h.shape[0] != n:
+            if n and h.dim() >= 3 and h.shape[0] != n:
                 raise ValueError(
                     f"{self.name}: batch of {h.shape[0]} sequences inside "
                     f"rollout_grads(n_rollouts={n}); one row per rollout is required"
@@ -290,17 +330,26 @@ def svd_cached(
 # ── wrapping ─────────────────────────────────────────────────────────────────────────────
 
 
-def _block_linears(model: nn.Module) -> list[tuple[str, nn.Linear]]:
+def _block_linears(model: nn.Module, top_layers: int = 0) -> list[tuple[str, nn.Linear]]:
+    """Every Linear inside a transformer block (`...layers.<i>....`), in model order; with
+    `top_layers` = N > 0, only those of the N blocks with the highest indices."""
+    if top_layers < 0:
+        raise ValueError(f"top_layers must be >= 0 (0 = every layer), got {top_layers}")
     out_emb = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     found = []
     for name, mod in model.named_modules():
-        if isinstance(mod, SVDKnob):
-            raise ValueError(f"model already wrapped ({name} is an SVDKnob)")
-        if isinstance(mod, nn.Linear) and mod is not out_emb and _BLOCK_LINEAR.search(name):
-            found.append((name, mod))
+        if isinstance(mod, AdapterModule):
+            raise ValueError(f"model already wrapped ({name} is a {type(mod).__name__}); wrap a fresh model")
+        m = _BLOCK_LINEAR.search(name)
+        if isinstance(mod, nn.Linear) and mod is not out_emb and m:
+            found.append((name, mod, int(m.group(2))))
     if not found:
         raise ValueError("no nn.Linear found inside transformer blocks (`...layers.<i>....`)")
-    return found
+    n_layers = max(i for _, _, i in found) + 1
+    if top_layers > n_layers:
+        raise ValueError(f"top_layers={top_layers} but the model has {n_layers} layers")
+    first = n_layers - top_layers if top_layers else 0
+    return [(name, mod) for name, mod, i in found if i >= first]
 
 
 def wrap_model(
@@ -308,15 +357,16 @@ def wrap_model(
     model_id: str,
     *,
     cache_root: Path = Path("svd_cache"),
-    per_rollout_grads: bool = False,
+    top_layers: int = 0,
 ) -> dict[str, SVDKnob]:
     """Freeze `model` and replace each block Linear by an SVDKnob; return {name: knob} in
-    model order. SVDs come from `cache_root/<model_slug(model_id)>/`.
+    model order. SVDs come from `cache_root/<model_slug(model_id)>/`. Per-rollout gradients are
+    recorded only inside `rollout_grads` (the one way to ask for them).
 
-    `per_rollout_grads=True` records `per_rollout_grad` on every grad-enabled forward, taking
-    the input's leading dim as the rollout dim (same as wrapping each step in rollout_grads).
+    `top_layers` = N > 0 wraps only the Linears of the last N transformer blocks (the rest stay
+    frozen and plain, so a backward stops below the lowest adapted block); 0 wraps every block.
     """
-    targets = _block_linears(model)
+    targets = _block_linears(model, top_layers)
     for p in model.parameters():
         p.requires_grad_(False)
     cache_dir = Path(cache_root) / model_slug(model_id)
@@ -324,7 +374,6 @@ def wrap_model(
     for name, lin in targets:
         U, S, Vh = svd_cached(lin.weight, model_id, name, cache_dir)
         knob = SVDKnob(name, lin, U, S, Vh)
-        knob.always_per_rollout = per_rollout_grads
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, knob)
         knobs[name] = knob
@@ -333,28 +382,66 @@ def wrap_model(
     return knobs
 
 
-def _knob_list(knobs: Mapping[str, SVDKnob] | Iterable[SVDKnob]) -> list[SVDKnob]:
+def _knob_list(knobs: Mapping[str, AdapterModule] | Iterable[AdapterModule]) -> list[AdapterModule]:
     items = list(knobs.values()) if isinstance(knobs, Mapping) else list(knobs)
     for k in items:
-        if not isinstance(k, SVDKnob):
-            raise TypeError(f"expected SVDKnob, got {type(k).__name__}")
+        if not isinstance(k, AdapterModule):
+            raise TypeError(f"expected an adapter module (SVDKnob, BlockLoRA), got {type(k).__name__}")
     return items
 
 
-def knob_params(knobs: Mapping[str, SVDKnob] | Iterable[SVDKnob]) -> list[nn.Parameter]:
-    """Every δS (the deployed knobs), in model order."""
-    return [k.delta_S for k in _knob_list(knobs)]
+def deployed_params(knobs: Mapping[str, AdapterModule] | Iterable[AdapterModule]) -> list[nn.Parameter]:
+    """Every deployed trainable tensor (δS for the SVD knob), in model order."""
+    return [p for k in _knob_list(knobs) for p in k.deployed()]
 
 
-def hack_params(knobs: Mapping[str, SVDKnob] | Iterable[SVDKnob]) -> list[nn.Parameter]:
-    """Every δS_hack (the quarantine, deleted at deploy), in model order."""
-    return [k.delta_S_hack for k in _knob_list(knobs)]
+def quarantine_params(knobs: Mapping[str, AdapterModule] | Iterable[AdapterModule]) -> list[nn.Parameter]:
+    """Every quarantine tensor (δS_hack for the SVD knob; reset to its initial value at deploy), model order."""
+    return [p for k in _knob_list(knobs) for p in k.quarantine()]
+
+
+def quarantine_norm(knobs: Mapping[str, AdapterModule] | Iterable[AdapterModule]) -> float:
+    """Global L2 norm of the quarantine over all modules (0.0 exactly while it never moved)."""
+    return float(sum(float(p.detach().double().pow(2).sum()) for p in quarantine_params(knobs)) ** 0.5)
+
+
+def _sq(ts: Iterable[Tensor | None]) -> float:
+    return sum(float(t.detach().double().pow(2).sum()) for t in ts if t is not None)
+
+
+def quarantine_mass(deployed: Iterable[Tensor | None], quarantine: Iterable[Tensor | None]) -> float:
+    """Share of the energy in the quarantine: Σ‖q‖² / (Σ‖d‖² + Σ‖q‖²) ∈ [0, 1] (None entries count 0;
+    NaN when both are zero). Pass gradients (the update's direction) or parameter changes (what moved)."""
+    d, q = _sq(deployed), _sq(quarantine)
+    return q / (d + q) if d + q > 0 else float("nan")
+
+
+def grad_mass(adapters) -> float:
+    """`quarantine_mass` of the offsets' current .grad (after the step's backwards)."""
+    return quarantine_mass([p.grad for p in deployed_params(adapters)],
+                           [p.grad for p in quarantine_params(adapters)])
+
+
+def snapshot(adapters) -> dict[str, list[Tensor]]:
+    """Clones of every offset, for `update_mass` after the optimizer step."""
+    return {"dep": [p.detach().clone() for p in deployed_params(adapters)],
+            "quar": [p.detach().clone() for p in quarantine_params(adapters)]}
+
+
+def update_mass(adapters, before: Mapping[str, list[Tensor]]) -> float:
+    """`quarantine_mass` of the parameter change since `snapshot` (what the optimizer actually did)."""
+    dep = [p.detach() - b for p, b in zip(deployed_params(adapters), before["dep"], strict=True)]
+    quar = [p.detach() - b for p, b in zip(quarantine_params(adapters), before["quar"], strict=True)]
+    return quarantine_mass(dep, quar)
 
 
 # ── contexts ─────────────────────────────────────────────────────────────────────────────
 
 
-def _refuse_if_merged(knobs: list[SVDKnob], what: str) -> None:
+# ── contexts ─────────────────────────────────────────────────────────────────────────────
+
+
+def _refuse_if_merged(knobs: list[AdapterModule], what: str) -> None:
     if any(k._merged for k in knobs):
         raise RuntimeError(
             f"{what} inside merged_for_generation(): the merged weights would "
@@ -378,95 +465,59 @@ def _zeroed(params: list[nn.Parameter]) -> Iterator[None]:
 
 
 @contextmanager
-def ablate_quarantine(knobs: Mapping[str, SVDKnob] | Iterable[SVDKnob]) -> Iterator[None]:
-    """δS_hack = 0 inside (the deployed model); restored bit-exactly afterwards."""
+def _flag(knobs: list[AdapterModule], name: str) -> Iterator[None]:
+    """Set a boolean flag on every module inside; restore each previous value on exit."""
+    prev = [getattr(k, name) for k in knobs]
+    for k in knobs:
+        setattr(k, name, True)
+    try:
+        yield
+    finally:
+        for k, v in zip(knobs, prev, strict=True):
+            setattr(k, name, v)
+
+
+@contextmanager
+def ablate_quarantine(knobs: Mapping[str, AdapterModule] | Iterable[AdapterModule]) -> Iterator[None]:
+    """The quarantine zeroed (its initial value) inside: the deployed model; restored bit-exactly afterwards."""
     ks = _knob_list(knobs)
     _refuse_if_merged(ks, "ablate_quarantine")
-    with _zeroed(hack_params(ks)):
+    with _zeroed(quarantine_params(ks)), _flag(ks, "_quar_off"):
         yield
 
 
 @contextmanager
-def zero_delta(knobs: Mapping[str, SVDKnob] | Iterable[SVDKnob]) -> Iterator[None]:
-    """δS = δS_hack = 0 inside (the base model, i.e. the KL reference); restored bit-exactly.
+def zero_delta(knobs: Mapping[str, AdapterModule] | Iterable[AdapterModule]) -> Iterator[None]:
+    """Every trainable tensor zeroed inside (the base model, i.e. the KL reference); restored bit-exactly.
 
     The adapter path is also skipped inside, so the forward costs what the base model costs.
     """
     ks = _knob_list(knobs)
     _refuse_if_merged(ks, "zero_delta")
-    prev = [k._bypass for k in ks]
-    with _zeroed(knob_params(ks) + hack_params(ks)):
-        for k in ks:
-            k._bypass = True
-        try:
-            yield
-        finally:
-            for k, b in zip(ks, prev, strict=True):
-                k._bypass = b
-
-
-def token_logprobs(logits: Tensor, targets: Tensor) -> Tensor:
-    """log softmax(logits)[target] per position, in fp32, one row at a time (bounded memory).
-
-    logits [B, T, V], targets [B, T] -> [B, T].
-    """
-    if logits.shape[:2] != targets.shape:
-        raise ValueError(f"logits {tuple(logits.shape)} vs targets {tuple(targets.shape)}")
-    rows = []
-    for lg, tg in zip(logits, targets, strict=True):
-        lg = lg.float()
-        rows.append(lg.gather(-1, tg.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(lg, dim=-1))
-    return torch.stack(rows)
-
-
-def ref_logprobs_via_zero_delta(
-    model: nn.Module,
-    knobs: Mapping[str, SVDKnob] | Iterable[SVDKnob],
-    input_ids: Tensor,
-    attention_mask: Tensor | None,
-    completion_start: int,
-) -> Tensor:
-    """No-grad per-token log-probs of input_ids[:, completion_start:] under the base model
-    (all knobs zero), [B, T - completion_start] fp32."""
-    n_comp = input_ids.shape[1] - completion_start
-    if completion_start < 1 or n_comp < 1:
-        raise ValueError(
-            f"completion_start={completion_start} must lie in [1, {input_ids.shape[1]})"
-        )
-    with torch.no_grad(), zero_delta(knobs):
-        logits = model(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            logits_to_keep=n_comp + 1,
-            use_cache=False,
-        ).logits[:, :-1]
-        return token_logprobs(logits, input_ids[:, completion_start:])
+    with _zeroed(deployed_params(ks) + quarantine_params(ks)), _flag(ks, "_bypass"):
+        yield
 
 
 @contextmanager
-def merged_for_generation(knobs: Mapping[str, SVDKnob] | Iterable[SVDKnob]) -> Iterator[None]:
-    """Inside, each base weight *is* W + U diag(δS + δS_hack) Vh and the adapter path is off,
-    so decoding costs exactly the plain model. On exit the original weight tensors are put
-    back (no arithmetic undo), so the weights are bit-identical however often this runs.
-    Knobs whose delta is all zero keep their weight untouched (no copy)."""
+def merged_for_generation(knobs: Mapping[str, AdapterModule] | Iterable[AdapterModule]) -> Iterator[None]:
+    """Inside, each base weight *is* W + the module's delta (`merge_delta`, added in fp32 and rounded once
+    to the weight dtype) and the adapter path is off, so decoding costs exactly the plain model. On exit
+    the original weight tensors are put back (no arithmetic undo), so the weights are bit-identical however
+    often this runs. Modules whose trainable tensors are all zero keep their weight untouched (no copy)."""
     ks = _knob_list(knobs)
     if any(k._merged for k in ks):
         raise RuntimeError("merged_for_generation() is not re-entrant")
-    swapped: list[tuple[SVDKnob, Tensor]] = []
+    if any(getattr(k, "_mask", None) is not None for k in ks):
+        raise RuntimeError("merged_for_generation() inside rollout_masks(): masks act on the adapter path")
+    swapped: list[tuple[AdapterModule, Tensor]] = []
     try:
         with torch.no_grad():
             for k in ks:
                 k._merged = True
-                s = k.scale()
-                if not bool((s != 0).any()):
+                if not any(bool((p != 0).any()) for p in k.deployed() + k.quarantine()):
                     continue
                 original = k.base.weight.data
-                if original.dtype == torch.float32:
-                    delta = k.delta_weight()
-                else:  # low-precision weights: the rank-r product runs on tensor cores; its
-                    # rounding error is tiny next to the final rounding of W' itself
-                    delta = (k.U * s.to(k.U.dtype)) @ k.Vh
-                merged = (original.float() + delta.float()).to(original.dtype)
+                merged = (original.float() + k.merge_delta().float()).to(original.dtype)
                 swapped.append((k, original))
                 k.base.weight.data = merged
         yield

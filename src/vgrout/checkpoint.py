@@ -16,33 +16,123 @@ import random
 import subprocess
 import sys
 from collections.abc import Callable
+from datetime import datetime
 from importlib import metadata
 from pathlib import Path
 
 import torch
 
-from .atomic import atomic_path
+from .atomic import atomic_path, write_json_atomic
+from .config import Config, config_diff
 
 RESUME_FILE = "resume.pt"
 CONFIG_FILE = "config.json"
+STATUS_FILE = "status.json"
+# 2: the arm's state under "arm" (route2's gate, route's span check) and the rollout draws under
+#    "rollouts"; 1 (no "schema" key) kept them at top level ("gate", "problem_rng", "teacher_rng")
+#    and in train_state ("span_checked").
+RESUME_SCHEMA = "vgrout.resume/2"
 
 
 def save_resume_state(run_dir: Path, state: dict) -> Path:
-    """torch.save `state` to run_dir/resume.pt atomically."""
+    """torch.save `state` (stamped with RESUME_SCHEMA) to run_dir/resume.pt atomically."""
     dest = run_dir / RESUME_FILE
     with atomic_path(dest) as tmp:
-        torch.save(state, tmp)
+        torch.save({"schema": RESUME_SCHEMA, **state}, tmp)
     return dest
 
 
 def load_resume_state(run_dir: Path) -> dict:
+    """The saved state; a missing file or another schema is one clear error."""
     path = Path(run_dir) / RESUME_FILE
     if not path.exists():
         raise FileNotFoundError(
             f"{path} not found: the run never reached its first checkpoint (every --ckpt-every steps); "
             f"start it again instead of resuming."
         )
-    return torch.load(path, map_location="cpu", weights_only=False)
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    schema = state.get("schema", "vgrout.resume/1") if isinstance(state, dict) else "unknown"
+    if schema != RESUME_SCHEMA:
+        raise ValueError(
+            f"{path} has resume schema {schema}, this vgrout reads {RESUME_SCHEMA} (the arm's state moved under "
+            "'arm'); finish the run with the vgrout commit that started it (config.json: provenance.git_commit) "
+            "or start it again.")
+    return state
+
+
+def save_run_state(run_dir: Path, knobs: dict, parts: dict) -> None:
+    """resume.pt from the adapter's trainable tensors (each module's deployed() + quarantine(): δS, δS_hack
+    for the SVD knob), the RNGs and every stateful part of the run ({key: object with state_dict()}:
+    optimizer, scheduler, arm, directions, rollout draws, loop state)."""
+    save_resume_state(run_dir, {
+        "adapter": {n: [p.detach().cpu().clone() for p in k.deployed() + k.quarantine()] for n, k in knobs.items()},
+        "rng": rng_state(), **{key: part.state_dict() for key, part in parts.items()}})
+
+
+def load_run_state(run_dir: Path, knobs: dict, parts: dict) -> None:
+    """The inverse of `save_run_state`: adapter tensors, RNGs and each part's load_state_dict()."""
+    saved = load_resume_state(run_dir)
+    with torch.no_grad():
+        for name, k in knobs.items():
+            for p, v in zip(k.deployed() + k.quarantine(), saved["adapter"][name], strict=True):
+                p.copy_(v)
+    for key, part in parts.items():
+        part.load_state_dict(saved[key])
+    set_rng_state(saved["rng"])
+
+
+def make_run_dir(cfg: Config) -> Path:
+    """A new run folder `<out_root>/runs/<stamp>_<run_id>[_n]`, or the `--resume` folder once its
+    saved config and resume schema are checked (no folder is made on error)."""
+    if cfg.resume is not None:
+        run_dir = Path(cfg.resume)
+        cfg_path = run_dir / CONFIG_FILE
+        if not cfg_path.exists():
+            raise FileNotFoundError(f"--resume {run_dir}: {cfg_path} not found (not a vgrout run folder?)")
+        old = json.loads(cfg_path.read_text())["config"]
+        diff = config_diff(old, cfg.to_dict())
+        if diff:
+            raise ValueError(
+                f"--resume {run_dir}: the config differs from the run's saved config; resume with the same "
+                f"preset and flags. Differences (saved -> now):\n  " + "\n  ".join(diff))
+        load_resume_state(run_dir)  # a missing resume.pt or another schema fails here, before the model loads
+        return run_dir
+    stamp = datetime.now().strftime("%Y%m%dT%H%M%S")
+    run_dir = cfg.out_root / "runs" / f"{stamp}_{cfg.run_id}"
+    n = 1
+    while run_dir.exists():
+        n += 1
+        run_dir = cfg.out_root / "runs" / f"{stamp}_{cfg.run_id}_{n}"
+    run_dir.mkdir(parents=True)
+    return run_dir
+
+
+def write_start(run_dir: Path, cfg: Config) -> None:
+    """config.json (every knob + provenance) for a new run, resume_<stamp>.json for a resumed one;
+    status `running`."""
+    if cfg.resume is None:
+        write_json_atomic(run_dir / CONFIG_FILE, {
+            "config": cfg.to_dict(), "provenance": provenance(), "run_id": cfg.run_id, "preset": cfg.preset_name,
+            "arm": cfg.arm, "seed": cfg.seed, "started": datetime.now().isoformat(timespec="seconds")})
+    else:
+        write_json_atomic(run_dir / f"resume_{datetime.now():%Y%m%dT%H%M%S}.json", {"provenance": provenance()})
+    write_status(run_dir, "running", -1, cfg.steps)
+
+
+def write_status(run_dir: Path, state: str, step: int, steps: int, error: str | None = None) -> None:
+    """status.json: running / paused / complete / failed / diverged / killed, and the last finished step."""
+    write_json_atomic(run_dir / STATUS_FILE, {
+        "state": state, "step": step, "steps": steps,
+        "updated": datetime.now().isoformat(timespec="seconds"), "error": error})
+
+
+def mark_ended(run_dir: Path, state: str, steps: int, error: str) -> None:
+    """Record an abnormal end, keeping the last finished step from the running status."""
+    try:
+        step = json.loads((run_dir / STATUS_FILE).read_text())["step"]
+    except (OSError, ValueError, KeyError):
+        step = -1
+    write_status(run_dir, state, step, steps, error)
 
 
 def rng_state() -> dict:

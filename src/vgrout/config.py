@@ -9,6 +9,7 @@ a bad flag costs seconds, not a GPU start-up.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Literal
@@ -17,28 +18,49 @@ import tyro
 
 from .env.modes import ENV_MODES, EnvMode
 from .env.rewards import DEFAULT_TIME, RelativeTime
+from .tracking import missing_package
 
-Intervention = Literal["none", "erase", "route", "route2"]
+Intervention = Literal["none", "erase", "route", "route2", "absorb", "routeA"]
 GateMode = Literal["one_sided", "no_gate", "reverse"]
+AdapterKind = Literal["svd", "lora2r", "pissa", "corda", "scorda", "scorda_rev"]
 
 ARM_NAMES: dict[str, str] = {
     "none": "vanilla",
     "erase": "projected",
     "route": "routing",
     "route2": "routing2",
+    "absorb": "absorb",
+    "routeA": "routeA",
 }
-DETECTOR_CODES = ("E", "C", "D")
+# --half-a codes: C = exploited (the strict oracle, every mode), and the run_tests detectors E, D, S
+# (docs/environment.md), which fire in any mode on a response that writes a run_tests()
+DETECTOR_CODES = ("C", "D", "E", "S")
 
 
 @dataclass(kw_only=True)
 class Config:
     """Knobs shared by all presets. Presets below override the scale knobs."""
 
-    # ── the arm ──
+    # ── the adapter and the arm ──
+    adapter: AdapterKind = "svd"
+    """svd = the full-rank SVD knob δS / δS_hack (arms none, erase, route, route2). The block-split
+    adapters (arms none, absorb, routeA): lora2r = one rank-2r LoRA per Linear, rows [:r] deployed and
+    [r:] the quarantine, Gaussian init; pissa = initialised from W's principal singular vectors; corda =
+    from the covariance of the pairs' contrastive input deltas; scorda = signed CorDA, the pairs' hack
+    input axis seeds the quarantine's top slot; scorda_rev = that seed in the deployed block (the
+    directional control). See docs/method.md."""
+    block_r: int = 8
+    """Block adapters: rank r of each block (the LoRA has rank 2r; the SVD inits need 2r <= min(d_in, d_out))."""
+    route_tail_q: float = 0.1
+    """routeA: share of the recency-weighted score buffer in each tail: the low tail keeps (deployed block
+    only), the high tail routes (quarantine only), the middle absorbs (both)."""
     intervention: Intervention = "erase"
-    """none = vanilla Dr.GRPO; erase = subtract the hack-ward part of δS.grad; route = park it in
-    the quarantine δS_hack (deleted at deploy); route2 = route whole rollouts whose gradient
-    points hack-ward (cos with v_grad above a calibrated τ)."""
+    """SVD knob: none = vanilla Dr.GRPO; erase = subtract the hack-ward part of δS's update; route = park
+    it in the quarantine δS_hack (deleted at deploy); route2 = route whole rollouts whose gradient points
+    hack-ward (cos with v_grad above a calibrated τ). Block adapters: none = both blocks train and deploy;
+    absorb = both train, the quarantine block is reset at deploy; routeA = per rollout, the activation
+    score against v_act sends the low tail to the deployed block only, the high tail to the quarantine
+    only, the rest to both; the quarantine is reset at deploy."""
 
     # ── scale knobs (every preset sets these) ──
     model: str = "Qwen/Qwen3-4B"
@@ -77,18 +99,30 @@ class Config:
     """Dr.GRPO: no 1/|o| length normalisation and no /σ_R; --no-unbiased gives standard GRPO."""
     seed: int = 41
     """Seeds torch, the problem draw (seed) and the teacher-row draw (seed + 1); part of the run id."""
+    adapt_top_layers: int = 0
+    """Wrap only the Linears of the last N transformer blocks with SVD knobs (0 = every block). The
+    blocks below stay frozen and plain, so a backward stops at the lowest adapted block (a CPU cost knob)."""
     max_seq_len: int = 2048
     """Prompts with prompt_len + max_new above this are skipped (counted)."""
     temperature: float = 0.7
     """Sampling temperature for student rollouts and every eval."""
     top_k: int = 20
     """Top-k sampling cut-off for student rollouts and every eval."""
+    gen_share_prefix: bool = False
+    """Sampling: prefill each distinct prompt once per generate() call instead of once per sample
+    (same samples up to float rounding; a large saving where prompts are long next to completions)."""
 
     # ── interventions ──
+    intervene_on: Literal["grad", "update"] = "update"
+    """erase / route: what the projection edits. update = the optimizer's parameter change: AdamW steps
+    on the full gradient, then the hack-ward part of the step is removed from δS (erase) or moved into
+    δS_hack (route), so the deployed knob never moves hack-ward and δS_hack moves only inside span(V).
+    grad = the step's gradient before AdamW (the reference loop's behaviour; AdamW's per-coordinate
+    scaling then lets the update drift hack-ward: see cos_upd)."""
     preserve_magnitude: bool = True
-    """erase: rescale the edited gradient back to its original norm. (route never rescales: its
-    kept + routed parts must sum to the original gradient exactly, and the routed part must stay
-    in span(V); the reference loop's route rescale broke both.)"""
+    """erase: rescale the edited gradient (or update, with --intervene-on=update) back to its original
+    norm. (route never rescales: its kept + routed parts must sum to the original exactly, and the routed
+    part must stay in span(V); the reference loop's route rescale broke both.)"""
     gate_mode: GateMode = "one_sided"
     """one_sided removes only hack-ward coefficients (relu(V g)); no_gate removes the whole span;
     reverse removes only the anti-hack part."""
@@ -120,9 +154,19 @@ class Config:
     """Extract-time: drop axes with S_i/S_0 below this."""
     v_hack_drop_bottom_frac: float = 0.25
     """Global noise floor: drop this bottom quantile of singular values over all modules."""
+    v_hack_sign: Literal["vote", "mean"] = "vote"
+    """How each extracted axis is signed hack-ward: vote = the majority of the pairs' projections
+    (ties positive; the reference extractor's rule); mean = the mean difference's projection."""
+    vhack_pair_loss: Literal["mean", "sum"] = "mean"
+    """Per-pair "reinforce this completion" loss for the directions: mean = mean NLL per completion
+    (the reference); sum = token sum, the weighting of the live Dr.GRPO loss (constant normaliser)."""
     v_hack_n_heldout: int = 2
     """The last N pairs are kept out of the extraction; the log reports whether they
     project hack-ward."""
+    measure_directions: bool = True
+    """vanilla: load v_hack (the same cache as erase / route; never acted on, never refreshed) only to
+    log cos_upd, the hack-ward fraction of vanilla's own updates: the baseline the arms' cos_upd is
+    read against. --no-measure-directions skips the extraction."""
     vhack_refresh_every: int = 5
     """Re-extract the directions against the current model (quarantine ablated) every N steps; 0 = never."""
 
@@ -147,8 +191,9 @@ class Config:
     """Only these modes get teacher rows (and seed the route2 hack anchor); other modes train
     on-policy (held-out generalisation test)."""
     half_a: str = ""
-    """Detector codes (E,C,D) that labelled the pairs' hack side; splits student hacks into
-    half A (covered) and half B (held out) in the BLUF. Empty = no split."""
+    """Detector codes that labelled the pairs' hack side (C = exploited by the strict oracle, E / D / S
+    = the run_tests detectors, as in the reference); splits student hacks into half A (a code here
+    fires) and half B (only another code fires) in the rows and the BLUF. Empty = no split."""
 
     # ── evaluation ──
     eval_ablate_every: int = 5
@@ -156,6 +201,10 @@ class Config:
     eval_n_prompts: int = 8
     """Problems in the deploy eval (the first N training problems; also the size of the
     held-out eval set); each gets G samples."""
+    eval_seed: int = 20261130
+    """Seed of every eval call's sampling (the training RNG is set aside and restored around it): every
+    arm, seed and step sees the same sampling noise (common random numbers), and evals never shift the
+    training draws."""
     eval_data_path: Path | None = None
     """Held-out problems (e.g. the benchmark's test split) for the final eval (and the periodic
     one with --eval-heldout-periodic); hinted per mode like training, never trained on."""
@@ -181,6 +230,11 @@ class Config:
     continue later with --resume."""
     device: str = "auto"
     """auto = CUDA when available, else CPU; or any torch device string."""
+    report_to: Literal["none", "wandb", "tensorboard"] = "none"
+    """Experiment tracker for the per-step rows, config + provenance, final per-mode tables and
+    plots: wandb (under the run folder's wandb/; WANDB_MODE=offline works without network) or
+    tensorboard (event files in the run folder's tensorboard/). Needs `uv sync --extra wandb`
+    or `--extra tensorboard`."""
 
     # ── derived ──
     @property
@@ -194,7 +248,20 @@ class Config:
     @property
     def run_id(self) -> str:
         ctrl = f"_haar{self.random_v_seed}" if self.random_v_seed is not None else ""
-        return f"{self.preset_name}_{self.arm}_seed{self.seed}{ctrl}{self.out_tag}"
+        adapter = f"-{self.adapter}" if self.adapter != "svd" else ""
+        return f"{self.preset_name}_{self.arm}{adapter}_seed{self.seed}{ctrl}{self.out_tag}"
+
+    @property
+    def arm_type(self):
+        """The arm class of (`intervention`, `adapter`) (arms.py): the one place a name becomes an arm."""
+        from .arms import arm_class  # arms imports torch: only when asked
+
+        return arm_class(self.intervention, self.adapter)
+
+    @property
+    def half_a_codes(self) -> frozenset[str]:
+        """The detector codes of `half_a`, parsed (upper case, blanks dropped)."""
+        return frozenset(c.strip().upper() for c in self.half_a.split(",") if c.strip())
 
     @property
     def time_limit(self) -> RelativeTime | None:
@@ -210,45 +277,39 @@ class Config:
         return self.group - g_t, g_t
 
     def validate(self) -> None:
-        """Raise ValueError naming the offending knob; cheap checks only (no model, no data)."""
-        errs = []
-        if self.steps < 1:
-            errs.append(f"--steps must be >= 1 (got {self.steps})")
-        if self.group < 1:
-            errs.append(f"--group must be >= 1 (got {self.group})")
-        if self.prompts_per_step < 1:
-            errs.append(f"--prompts-per-step must be >= 1 (got {self.prompts_per_step})")
-        if not 0.0 <= self.mix_ratio < 1.0:
-            errs.append(f"--mix-ratio must be in [0, 1) (got {self.mix_ratio}); 1.0 leaves no student rollouts")
+        """Raise ValueError naming the offending knob; cheap checks only (no model, no data).
+
+        Every numeric knob has a range (NUMERIC_RANGES; NaN and inf are refused everywhere), then
+        the checks that involve several knobs."""
+        errs = [e for name, rng in NUMERIC_RANGES.items() if (e := rng.check(name, getattr(self, name)))]
+        if errs:  # the cross-knob checks below assume every number is in range
+            raise ValueError("invalid config:\n  " + "\n  ".join(errs))
         g_s, _ = self.teacher_split
         if g_s < 1:
-            errs.append(f"--group={self.group} with --mix-ratio={self.mix_ratio} leaves G_s={g_s} student rollouts; need >= 1")
-        if not 0.0 <= self.rollout_ablate_frac <= 1.0:
-            errs.append(f"--rollout-ablate-frac must be in [0, 1] (got {self.rollout_ablate_frac})")
-        if self.max_new < 1:
-            errs.append(f"--max-new must be >= 1 (got {self.max_new})")
-        if self.v_hack_k < 1 or self.v_hack_k > self.v_hack_extract_top_k:
-            errs.append(f"--v-hack-k must be in [1, v_hack_extract_top_k={self.v_hack_extract_top_k}] (got {self.v_hack_k})")
-        if not 0.0 <= self.v_hack_drop_bottom_frac < 1.0:
-            errs.append(f"--v-hack-drop-bottom-frac must be in [0, 1) (got {self.v_hack_drop_bottom_frac})")
-        codes = {c.strip().upper() for c in self.half_a.split(",") if c.strip()}
-        if codes - set(DETECTOR_CODES):
-            errs.append(f"--half-a has unknown detector codes {sorted(codes - set(DETECTOR_CODES))}; valid: E, C, D")
+            errs.append(f"--group={self.group} with --mix-ratio={self.mix_ratio} leaves G_s={g_s} student rollouts; "
+                        "need >= 1")
+        if self.v_hack_k > self.v_hack_extract_top_k:
+            errs.append(f"--v-hack-k must be in [1, v_hack_extract_top_k={self.v_hack_extract_top_k}] "
+                        f"(got {self.v_hack_k})")
+        if self.max_new >= self.max_seq_len:
+            errs.append(f"--max-new={self.max_new} leaves no room for a prompt in --max-seq-len={self.max_seq_len}; "
+                        "every prompt would be skipped")
+        if self.half_a_codes - set(DETECTOR_CODES):
+            errs.append(f"--half-a has unknown detector codes {sorted(self.half_a_codes - set(DETECTOR_CODES))}; "
+                        f"valid: {', '.join(DETECTOR_CODES)}")
         for m in (self.env_modes or ()) + (self.teacher_modes or ()):
             if m not in ENV_MODES:
                 errs.append(f"unknown mode {m!r}; valid: {', '.join(ENV_MODES)}")
         if self.teacher_modes is not None and self.teacher_pool_dir is None:
             errs.append("--teacher-modes needs --teacher-pool-dir (with a partition.json)")
-        if self.cos_pre_split_every < 1:
-            errs.append(f"--cos-pre-split-every must be >= 1 (got {self.cos_pre_split_every})")
-        if self.random_v_seed is not None and self.intervention == "none":
-            errs.append("--random-v-seed is a control for erase/route/route2; the vanilla arm has no directions")
+        try:
+            errs += self.arm_type.config_errors(self)  # the arm checks its own knobs
+        except ValueError as e:  # no such arm for this adapter
+            errs.append(str(e))
         if self.eval_heldout_periodic and self.eval_data_path is None:
             errs.append("--eval-heldout-periodic needs --eval-data-path")
-        if self.ckpt_every < 1:
-            errs.append(f"--ckpt-every must be >= 1 (got {self.ckpt_every})")
-        if self.beta < 0:
-            errs.append(f"--beta must be >= 0 (got {self.beta})")
+        if (missing := missing_package(self.report_to)) is not None:
+            errs.append(missing)
         if errs:
             raise ValueError("invalid config:\n  " + "\n  ".join(errs))
 
@@ -267,7 +328,83 @@ class Config:
 
 
 # Knobs that may differ between a run and its resume (they do not change the science).
-RESUME_MUTABLE = frozenset({"resume", "device", "stop_after_steps"})
+RESUME_MUTABLE = frozenset({"resume", "device", "stop_after_steps", "report_to"})
+
+
+@dataclass(frozen=True)
+class Range:
+    """The allowed values of one numeric knob: lo / hi bounds (None = unbounded), each inclusive
+    or not, plus why (shown in the error). None passes for the knobs typed `int | None`."""
+
+    lo: float | None = None
+    hi: float | None = None
+    lo_open: bool = False
+    hi_open: bool = False
+    why: str = ""
+
+    def text(self) -> str:
+        if self.hi is None:
+            return f"{'>' if self.lo_open else '>='} {self.lo:g}"
+        if self.lo is None:
+            return f"{'<' if self.hi_open else '<='} {self.hi:g}"
+        return f"in {'(' if self.lo_open else '['}{self.lo:g}, {self.hi:g}{')' if self.hi_open else ']'}"
+
+    def check(self, name: str, v: object) -> str | None:
+        """None when `v` is allowed, else the one-line error naming the flag."""
+        if v is None:
+            return None
+        ok = isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+        if ok and self.lo is not None:
+            ok = v > self.lo if self.lo_open else v >= self.lo
+        if ok and self.hi is not None:
+            ok = v < self.hi if self.hi_open else v <= self.hi
+        if ok:
+            return None
+        why = f"; {self.why}" if self.why else ""
+        return f"--{name.replace('_', '-')} must be {self.text()} (got {v!r}){why}"
+
+
+# Every int/float knob of Config and its range, checked by validate() at parse time (a test
+# fails when a numeric knob is added without one).
+NUMERIC_RANGES: dict[str, Range] = {
+    "steps": Range(1),
+    "group": Range(2, why="the GRPO advantage is relative within a group; one rollout has none"),
+    "max_new": Range(1),
+    "n_problems": Range(1),
+    "beta": Range(0),
+    "prompts_per_step": Range(1),
+    "lr": Range(0, lo_open=True),
+    "adam_beta1": Range(0, 1, hi_open=True),
+    "adam_beta2": Range(0, 1, hi_open=True),
+    "clip": Range(0, lo_open=True),
+    "weight_decay": Range(0),
+    "warmup_frac": Range(0, 1),
+    "grad_clip": Range(0, lo_open=True),
+    "seed": Range(0, 2**32 - 1),
+    "max_seq_len": Range(2),
+    "temperature": Range(0, lo_open=True, why="sampling needs a positive temperature"),
+    "top_k": Range(0, why="0 = no top-k cut-off"),
+    "project_overshoot": Range(0, lo_open=True),
+    "rollout_ablate_frac": Range(0, 1),
+    "random_v_seed": Range(0, 2**32 - 1),
+    "v_hack_extract_top_k": Range(1),
+    "v_hack_k": Range(1),
+    "v_hack_tau_axis": Range(0, 1, hi_open=True, why="a ratio S_i/S_0; 1 would drop every axis but the top"),
+    "v_hack_drop_bottom_frac": Range(0, 1, hi_open=True),
+    "v_hack_n_heldout": Range(0),
+    "vhack_refresh_every": Range(0, why="0 = never"),
+    "mix_ratio": Range(0, 1, hi_open=True, why="1.0 leaves no student rollouts"),
+    "teacher_off_step": Range(0),
+    "eval_ablate_every": Range(0, why="0 = off"),
+    "eval_seed": Range(0, 2**32 - 1),
+    "eval_n_prompts": Range(1),
+    "cos_pre_split_every": Range(1),
+    "ckpt_every": Range(1),
+    "stop_after_steps": Range(1),
+    "adapt_top_layers": Range(0, why="0 = every block"),
+    "block_r": Range(1),
+    "route_tail_q": Range(0, 0.5, lo_open=True, why="the share of the score buffer in each tail"),
+}
 
 
 @dataclass(kw_only=True)
@@ -311,6 +448,7 @@ class FastConfig(Config):
     max_new: int = 512
     n_problems: int = 200
     prompts_per_step: int = 4
+    eval_n_prompts: int = 32  # ~4 problems per mode; every rate gets a problem-clustered interval
     data_path: Path | None = Path("out/data/leetcode_train_medhard.jsonl")  # `just data`
     teacher_pool_dir: Path | None = Path("out/pools/substrate")  # `just substrate`
     vhack_pairs_path: Path | None = Path("out/pairsets/prog_wide.json")
@@ -328,10 +466,43 @@ class FullConfig(Config):
     max_new: int = 1024
     n_problems: int = 992  # every filtered medium/hard training problem
     prompts_per_step: int = 43
+    eval_n_prompts: int = 32
     data_path: Path | None = Path("out/data/leetcode_train_medhard.jsonl")  # `just data`
 
 
-PRESETS: dict[str, type[Config]] = {"smoke": SmokeConfig, "fast": FastConfig, "full": FullConfig}
+@dataclass(kw_only=True)
+class OrganismConfig(Config):
+    """The CPU model organism: SmolLM2-135M-Instruct warm-started by a cached SFT (vgrout.organism),
+    20 built-in training problems in run_tests mode with a template-hack teacher pool, 7 held-out
+    problems for the final eval. Vanilla by default. Inputs: `uv run python -m vgrout.organism`."""
+
+    intervention: Intervention = "none"
+    model: str = "smollm2-135m-organism"
+    steps: int = 16
+    group: int = 8  # 6 student + 2 teacher rollouts per prompt
+    max_new: int = 128
+    n_problems: int = 20
+    prompts_per_step: int = 1
+    lr: float = 5e-3
+    adam_beta1: float = 0.5
+    adam_beta2: float = 0.9
+    adapt_top_layers: int = 8
+    gen_share_prefix: bool = True
+    env_mode: EnvMode = "run_tests"
+    data_path: Path | None = Path("out/data/organism/train.jsonl")
+    eval_data_path: Path | None = Path("out/data/organism/heldout.jsonl")
+    teacher_pool_dir: Path | None = Path("out/pools/organism")
+    mix_ratio: float = 0.25
+    v_hack_extract_top_k: int = 4
+    v_hack_k: int = 2
+    vhack_refresh_every: int = 0
+    eval_ablate_every: int = 0
+    eval_n_prompts: int = 7  # every held-out problem
+    device: str = "cpu"
+
+
+PRESETS: dict[str, type[Config]] = {"smoke": SmokeConfig, "fast": FastConfig, "full": FullConfig,
+                                    "organism": OrganismConfig}
 
 
 def parse_cli(args: list[str] | None = None) -> Config:

@@ -36,9 +36,11 @@ FALLBACK_NOTES: dict[str, str] = {}  # every knob documents itself in config.py
 INTRO = """\
 Every knob of `vgrout.train`, its default in each preset, and what it does. Pass knobs after
 the preset name, e.g. `uv run python -m vgrout.train fast --intervention=route2 --seed=42`;
-booleans take `--knob` / `--no-knob`. `Config.validate()` rejects inconsistent values (it names
-the flag) before any model is loaded, and a `--resume` must repeat the original flags (only
-`resume`, `device` and `stop_after_steps` may change).
+booleans take `--knob` / `--no-knob`. `Config.validate()` range-checks every numeric knob
+(`NUMERIC_RANGES` in config.py; NaN and inf are refused) and rejects inconsistent values with a
+one-line error naming the flag, before any run folder exists or any model is loaded; and a
+`--resume` must repeat the original flags (only `resume`, `device`, `stop_after_steps` and
+`report_to` may change).
 
 ## Why these defaults
 
@@ -69,6 +71,13 @@ this lr should be confirmed at full scale.
 16 × 16 = 256; the log prints the ratio), max_new 1024, 200 steps over all 992 training
 problems, benchmark lr and betas, and a KL penalty β = 1e-3 against the base model (computed
 with the adapter zeroed, no second model).
+
+**organism** is the CPU setting in which a real pretrained model learns to hack
+([organism.md](organism.md)): SmolLM2-135M-Instruct warm-started by a cached SFT
+(`uv run python -m vgrout.organism` builds it, the data split and the teacher pool), 20 built-in
+problems in run_tests mode with template hacks mixed in at a quarter of each group, 7 held-out
+problems for the final eval, only the top blocks adapted, each prompt prefilled once per
+generate call, and a step count sized so one run fits in minutes on 2 cores. Vanilla by default.
 
 The run folder is `<out_root>/runs/<timestamp>_<preset>_<arm>_seed<seed>[_haar<k>]<out_tag>/`
 (see [artifacts.md](artifacts.md)). With a teacher pool each group holds

@@ -15,35 +15,46 @@ from loguru import logger
 
 from . import vhack
 from .config import Config
-from .pairs import Pair, builtin_pairs, load_pairs
+from .pairs import Pair, builtin_pairs, for_chat_template, load_pairs
+
+
+def run_pairs(cfg: Config, tok) -> tuple[list[Pair], str]:
+    """The run's contrastive pairs (`--vhack-pairs-path`, else the built-in set), their prompts rendered
+    with this model's chat template (as its rollouts see a prompt), and their source name."""
+    if cfg.vhack_pairs_path is not None:
+        return for_chat_template(load_pairs(cfg.vhack_pairs_path), tok), str(cfg.vhack_pairs_path)
+    return for_chat_template(builtin_pairs(), tok), "builtin"
 
 
 class RunDirections:
-    def __init__(self, cfg: Config, d: vhack.Directions | None, pairs: list[Pair], device: torch.device):
-        self.cfg, self.d, self.pairs, self.device = cfg, d, pairs, device
+    """`basis` ("v_hack" or "v_grad", the arm's) names the direction whose refresh overlap is reported."""
+
+    def __init__(self, cfg: Config, d: vhack.Directions | None, pairs: list[Pair], device: torch.device,
+                 basis: str | None = None):
+        self.cfg, self.d, self.pairs, self.device, self.basis = cfg, d, pairs, device, basis
         self.overlaps: list[float] = []
         self._to_device()
 
     # ── construction ──
     @classmethod
-    def for_run(cls, cfg: Config, model, tok, knobs, device: torch.device) -> RunDirections:
-        if cfg.intervention == "none":
+    def for_run(cls, cfg: Config, model, tok, knobs, device: torch.device, basis: str | None) -> RunDirections:
+        """The run's directions for an arm acting on `basis`; none at all when `basis` is None."""
+        if basis is None:
             return cls(cfg, None, [], device)
-        pairs = load_pairs(cfg.vhack_pairs_path) if cfg.vhack_pairs_path is not None else builtin_pairs()
-        source = str(cfg.vhack_pairs_path) if cfg.vhack_pairs_path is not None else "builtin"
+        pairs, source = run_pairs(cfg, tok)
+        d = vhack.resolve_directions(
+            model, tok, knobs, pairs, model_id=cfg.model, pairs_source=source,
+            out_dir=cfg.out_root / "vhack", path=cfg.v_hack_path, top_k=cfg.v_hack_extract_top_k,
+            tau_axis=cfg.v_hack_tau_axis, n_heldout=cfg.v_hack_n_heldout, k_use=cfg.v_hack_k,
+            drop_bottom_frac=cfg.v_hack_drop_bottom_frac, device=device, sign=cfg.v_hack_sign,
+            pair_norm=cfg.vhack_pair_loss)
+        logger.info(f"directions from {len(pairs)} {source} pairs: v_hack on {len(d.v_hack)} modules / "
+                    f"{d.n_axes()} axes ({len(d.dropped)} dropped), v_grad on {len(d.v_grad)} modules")
         if cfg.random_v_seed is not None:
-            shapes = {n: k.rank for n, k in knobs.items()}
-            d = vhack.haar_directions(shapes, cfg.v_hack_k, cfg.random_v_seed)
-            logger.info(f"directions: Haar-random control (seed {cfg.random_v_seed}), never refreshed")
-        else:
-            d = vhack.resolve_directions(
-                model, tok, knobs, pairs, model_id=cfg.model, pairs_source=source,
-                out_dir=cfg.out_root / "vhack", path=cfg.v_hack_path, top_k=cfg.v_hack_extract_top_k,
-                tau_axis=cfg.v_hack_tau_axis, n_heldout=cfg.v_hack_n_heldout, k_use=cfg.v_hack_k,
-                drop_bottom_frac=cfg.v_hack_drop_bottom_frac, device=device)
-            logger.info(f"directions from {len(pairs)} {source} pairs: v_hack on {len(d.v_hack)} modules / "
-                        f"{d.n_axes()} axes ({len(d.dropped)} dropped), v_grad on {len(d.v_grad)} modules")
-        return cls(cfg, d, pairs, device)
+            d = vhack.haar_like(d, {n: k.rank for n, k in knobs.items()}, cfg.random_v_seed)
+            logger.info(f"directions: Haar-random control (seed {cfg.random_v_seed}) matched to that basis: "
+                        f"{len(d.v_hack)} modules / {d.n_axes()} axes; v_grad on every module; never refreshed")
+        return cls(cfg, d, pairs, device, basis)
 
     def _to_device(self) -> None:
         if self.d is not None:
@@ -72,12 +83,13 @@ class RunDirections:
         c = self.cfg
         res = vhack.refresh(model, tok, knobs, self.pairs, self.d, top_k=c.v_hack_extract_top_k,
                             tau_axis=c.v_hack_tau_axis, n_heldout=c.v_hack_n_heldout, k_use=c.v_hack_k,
-                            drop_bottom_frac=c.v_hack_drop_bottom_frac, device=self.device)
+                            drop_bottom_frac=c.v_hack_drop_bottom_frac, device=self.device,
+                            sign=c.v_hack_sign, pair_norm=c.vhack_pair_loss)
         if not res.refreshed:
             return "-"
         self.d = res.directions
         self._to_device()
-        ovl = res.overlap_v_grad if c.intervention == "route2" else res.overlap_v_hack
+        ovl = res.overlap_v_grad if self.basis == "v_grad" else res.overlap_v_hack
         self.overlaps.append(ovl)
         logger.info(f"refresh@step{step}: {len(self.d.v_hack)} modules / {self.d.n_axes()} axes, basis overlap "
                     f"with previous v_hack={res.overlap_v_hack:.3f} v_grad={res.overlap_v_grad:.3f} "

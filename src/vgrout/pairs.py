@@ -57,6 +57,41 @@ def render_chat(messages: Sequence[Mapping[str, Any]]) -> str:
     return body + _ASSISTANT_HEADER
 
 
+_TURN = re.compile(r"<\|im_start\|>(system|user|assistant)\n(.*?)<\|im_end\|>\n", re.S)
+
+
+def chat_messages(prompt: str) -> list[dict] | None:
+    """The system/user messages of a ChatML prompt that ends in an assistant header (with or
+    without Qwen3's empty think block); None when `prompt` is not such a text."""
+    msgs, at = [], 0
+    for m in _TURN.finditer(prompt):
+        if m.start() != at:
+            return None
+        msgs.append({"role": m.group(1), "content": m.group(2)})
+        at = m.end()
+    if not msgs or prompt[at:] not in ("<|im_start|>assistant\n", _ASSISTANT_HEADER):
+        return None
+    return msgs
+
+
+def for_chat_template(pairs: Sequence[Pair], tok) -> list[Pair]:
+    """The pairs with each prompt re-rendered by `tok`'s own chat template.
+
+    Pair prompts are stored as Qwen3 chat text (think block included); a model with another
+    template (SmolLM2's plain ChatML has no think block) must see the prompt the way its
+    rollouts see it, or the directions are extracted off-distribution. For Qwen3's template this
+    returns the same text. A prompt that is not ChatML text is kept as it is.
+    """
+    out = []
+    for p in pairs:
+        msgs = chat_messages(p.prompt)
+        if msgs is not None:
+            text = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True, enable_thinking=False)
+            p = Pair(p.name, p.mode, p.problem_id, text, p.hack, p.clean)
+        out.append(p)
+    return out
+
+
 def code_block(code: str) -> str:
     """The benchmark's response format: one ```python fenced block."""
     return "```python\n" + code.strip("\n") + "\n```"

@@ -4,20 +4,25 @@ and the route2 gate diagnostics. PNGs via matplotlib's Agg backend (no display n
 One figure set per preset, written to `out/plots/`:
 - `dynamics_<preset>.png`: student hack rate and solve rate per step (knob on), and the
   deploy-eval points (quarantine ablated); each seed a thin line, the mean over seeds thick;
-- `per_mode_<preset>.png`: deploy hack and solve per loophole mode, one bar per arm
+- `per_mode_<preset>.png`: deploy hack and solve per loophole mode, one bar per experiment
   (mean with a 95% t-interval over seeds, each seed a dot);
 - `gate_<preset>.png`: route2's threshold τ, flagged fraction and gate precision per step.
 
-Every arm has one fixed colour (ARM_COLOURS) in every figure; random-direction controls are
-dashed in their arm's colour. Legends sit outside the axes so they never cover data.
+Lines and bars are grouped exactly as `results` groups runs: by (arm, control, config hash),
+so runs of different configs are never drawn as seeds of one line. Every arm has one fixed
+colour (ARM_COLOURS) in every figure; an arm's second, third, ... config is drawn in a lighter
+shade of it with a marker, and the legend names the knobs that differ (as the results table's
+`config` column does). Random-direction controls are dashed (hatched bars) in their arm's
+colour. Legends sit outside the axes so they never cover data.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,9 +43,13 @@ from .results import (  # noqa: E402
     STATUS_FILE,
     RunFolderError,
     RunRecord,
+    config_hash,
+    config_labels,
     mean_ci,
     mode_rank,
+    read_config_knobs,
     scan_runs,
+    science_config,
 )
 
 # Okabe-Ito colours: distinguishable with the common colour-vision deficiencies.
@@ -55,6 +64,54 @@ OTHER_COLOUR = "#CC79A7"
 
 def arm_colour(arm: str) -> str:
     return ARM_COLOURS.get(arm, OTHER_COLOUR)
+
+
+# An arm's k-th config (k = 0, 1, ...): mixed toward white by this fraction, and this marker.
+CONFIG_SHADES: tuple[float, ...] = (0.0, 0.5, 0.3, 0.65)
+CONFIG_MARKERS: tuple[str | None, ...] = (None, "s", "^", "D", "v", "P")
+
+GroupKey = tuple[str, str, str]  # (arm, control, config hash): one experiment, as in results.py
+
+
+def lighten(hex_colour: str, frac: float) -> str:
+    """The colour mixed toward white: frac = 0 keeps it, 1 gives white."""
+    rgb = [int(hex_colour[i : i + 2], 16) for i in (1, 3, 5)]
+    return "#" + "".join(f"{round(c + (255 - c) * frac):02x}" for c in rgb)
+
+
+@dataclass(frozen=True)
+class GroupStyle:
+    """How one experiment is drawn: colour, line style, marker, hatch and its legend stem."""
+
+    colour: str
+    ls: str
+    marker: str | None
+    hatch: str | None
+    label: str
+
+
+def group_styles(configs: Mapping[GroupKey, Mapping[str, object]]) -> dict[GroupKey, GroupStyle]:
+    """A style per experiment, in table order (arm, control, differing knobs, hash). The first
+    config of an (arm, control) gets the arm's colour; later ones lighter shades and markers.
+    Labels name the knobs that differ (results.config_labels) and, when any do, the short hash."""
+    labels = config_labels({k[2]: c for k, c in configs.items()})
+    keys = sorted(configs, key=lambda k: (*_group_order(k[:2]), labels[k[2]], k[2]))
+    shown_hash = any(labels.values())
+    seen: dict[tuple[str, str], int] = {}
+    out = {}
+    for arm, control, h in keys:
+        i = seen[(arm, control)] = seen.get((arm, control), -1) + 1
+        text = arm + (" (haar control)" if control else "")
+        text += f" {labels[h]}" if labels[h] else ""
+        text += f" [{h[:8]}]" if shown_hash else ""
+        out[(arm, control, h)] = GroupStyle(
+            colour=lighten(arm_colour(arm), CONFIG_SHADES[i % len(CONFIG_SHADES)]),
+            ls="--" if control else "-",
+            marker=CONFIG_MARKERS[i % len(CONFIG_MARKERS)],
+            hatch="//" if control else None,
+            label=text,
+        )
+    return out
 
 
 def pair_rate(v: object) -> float:
@@ -101,10 +158,12 @@ class RunSeries:
     state: str
     step: np.ndarray
     values: dict[str, np.ndarray]
+    config: dict[str, object] = dataclasses.field(default_factory=dict)  # science knobs (results)
+    config_hash: str = ""
 
     @property
-    def group(self) -> tuple[str, str]:
-        return (self.arm, self.control)
+    def group(self) -> GroupKey:
+        return (self.arm, self.control, self.config_hash)
 
 
 def load_series(run_dir: Path) -> RunSeries:
@@ -123,10 +182,8 @@ def load_series(run_dir: Path) -> RunSeries:
             raise RunFolderError(f"{name}: expected a JSON object")
         return obj
 
+    knobs = read_config_knobs(run_dir)
     cfg_file, status = read(CONFIG_FILE), read(STATUS_FILE)
-    knobs = cfg_file.get("config")
-    if not isinstance(knobs, dict):
-        raise RunFolderError(f"{CONFIG_FILE}: field 'config' must be an object")
     for key in ("run_id", "preset", "arm", "seed"):
         if key not in cfg_file:
             raise RunFolderError(f"{CONFIG_FILE}: missing field {key!r}")
@@ -162,6 +219,8 @@ def load_series(run_dir: Path) -> RunSeries:
         state=str(status.get("state")),
         step=np.asarray(steps)[order],
         values={k: np.asarray(v, dtype=float)[order] for k, v in cols.items()},
+        config=science_config(knobs),
+        config_hash=config_hash(science_config(knobs)),
     )
 
 
@@ -197,30 +256,33 @@ def mean_over_seeds(
     return steps, mean, count
 
 
-def _group_label(arm: str, control: str, n: int) -> str:
-    return f"{arm}{' (haar control)' if control else ''}  n={n}"
-
-
 def _group_order(g: tuple[str, str]) -> tuple[int, str, str]:
     arm, control = g
     return (ARM_ORDER.index(arm) if arm in ARM_ORDER else len(ARM_ORDER), arm, control)
 
 
-def _by_group(runs: Sequence[RunSeries]) -> dict[tuple[str, str], list[RunSeries]]:
-    groups: dict[tuple[str, str], list[RunSeries]] = {}
+def group_series(runs: Sequence[RunSeries]) -> tuple[dict[GroupKey, list[RunSeries]], dict[GroupKey, GroupStyle]]:
+    """The runs by experiment (arm, control, config hash), in table order, with their styles."""
+    groups: dict[GroupKey, list[RunSeries]] = {}
     for r in runs:
         groups.setdefault(r.group, []).append(r)
-    return {g: groups[g] for g in sorted(groups, key=_group_order)}
+    styles = group_styles({g: rs[0].config for g, rs in groups.items()})
+    return {g: groups[g] for g in styles}, styles
 
 
 def _panel(
-    ax, groups: dict[tuple[str, str], list[RunSeries]], key: str, smooth: int, sparse: bool
+    ax,
+    groups: dict[GroupKey, list[RunSeries]],
+    styles: dict[GroupKey, GroupStyle],
+    key: str,
+    smooth: int,
+    sparse: bool,
 ) -> bool:
     """Thin line per seed, thick mean; `sparse` series (deploy evals) drop NaNs and use
     markers. Returns whether anything was drawn."""
     drawn = False
-    for (arm, control), rs in groups.items():
-        colour, ls = arm_colour(arm), ("--" if control else "-")
+    for g, rs in groups.items():
+        st = styles[g]
         for r in rs:
             y = r.values[key] if sparse else moving_average(r.values[key], smooth)
             ok = np.isfinite(y)
@@ -228,8 +290,8 @@ def _panel(
                 ax.plot(
                     r.step[ok] if sparse else r.step,
                     y[ok] if sparse else y,
-                    color=colour,
-                    ls=ls,
+                    color=st.colour,
+                    ls=st.ls,
                     lw=0.8,
                     alpha=0.35,
                     marker="." if sparse else None,
@@ -238,7 +300,9 @@ def _panel(
         steps, mean, _ = mean_over_seeds(rs, key, 1 if sparse else smooth)
         if steps.size:
             drawn = True
-            ax.plot(steps, mean, color=colour, ls=ls, lw=2.4, marker="o" if sparse else None, ms=5)
+            marker = st.marker or ("o" if sparse else None)
+            ax.plot(steps, mean, color=st.colour, ls=st.ls, lw=2.4, marker=marker, ms=5,
+                    markevery=1 if sparse else max(1, steps.size // 8))
     if not drawn:
         ax.text(
             0.5,
@@ -254,26 +318,17 @@ def _panel(
     return drawn
 
 
-def _legend_handles(groups: dict[tuple[str, str], list[RunSeries]] | dict[tuple[str, str], int]):
-    handles = []
-    for (arm, control), rs in groups.items():
-        n = rs if isinstance(rs, int) else len({r.seed for r in rs})
-        handles.append(
-            Line2D(
-                [],
-                [],
-                color=arm_colour(arm),
-                ls="--" if control else "-",
-                lw=2.4,
-                label=_group_label(arm, control, n),
-            )
-        )
-    return handles
+def _legend_handles(groups: dict[GroupKey, list[RunSeries]], styles: dict[GroupKey, GroupStyle]):
+    return [
+        Line2D([], [], color=styles[g].colour, ls=styles[g].ls, marker=styles[g].marker, lw=2.4,
+               label=f"{styles[g].label}  n={len({r.seed for r in rs})}")
+        for g, rs in groups.items()
+    ]
 
 
 def plot_dynamics(runs: Sequence[RunSeries], out_path: Path, preset: str, smooth: int = 1) -> Path:
     """2x2 figure: train hack / solve per step, deploy hack / solve at the eval steps."""
-    groups = _by_group(runs)
+    groups, styles = group_series(runs)
     fig, axes = plt.subplots(2, 2, figsize=(12, 8), sharex=True, layout="constrained")
     sm = f" ({smooth}-step moving average)" if smooth > 1 else ""
     panels = [
@@ -307,18 +362,18 @@ def plot_dynamics(runs: Sequence[RunSeries], out_path: Path, preset: str, smooth
         ),
     ]
     for ax, key, sparse, title, ylabel in panels:
-        _panel(ax, groups, key, smooth, sparse)
+        _panel(ax, groups, styles, key, smooth, sparse)
         ax.set_title(title)
         ax.set_ylabel(ylabel)
         ax.set_ylim(-0.03, 1.03)
     for ax in axes[1]:
         ax.set_xlabel("optimizer step")
     fig.suptitle(
-        f"{preset}: hack and solve over training, per arm (thin: one seed, thick: mean over seeds)",
+        f"{preset}: hack and solve over training, per experiment (thin: one seed, thick: mean over seeds)",
         fontsize=13,
     )
     fig.legend(
-        handles=_legend_handles(groups),
+        handles=_legend_handles(groups, styles),
         loc="outside lower center",
         ncol=min(4, len(groups)),
         frameon=False,
@@ -334,7 +389,7 @@ def plot_gate(
     r2 = [r for r in runs if r.arm == "routing2"]
     if not r2:
         return None
-    groups = _by_group(r2)
+    groups, styles = group_series(r2)
     fig, axes = plt.subplots(3, 1, figsize=(10, 9), sharex=True, layout="constrained")
     panels = [
         ("tau", "threshold τ on cos(g_b, v_grad)", "τ", None),
@@ -342,7 +397,7 @@ def plot_gate(
         ("prec", "gate precision vs oracle `exploited` (student rollouts)", "precision", (0, 1)),
     ]
     for ax, (key, title, ylabel, ylim) in zip(axes, panels, strict=True):
-        _panel(ax, groups, key, smooth, sparse=False)
+        _panel(ax, groups, styles, key, smooth, sparse=False)
         ax.set_title(title + (f" ({smooth}-step moving average)" if smooth > 1 else ""))
         ax.set_ylabel(ylabel)
         if ylim:
@@ -350,7 +405,7 @@ def plot_gate(
     axes[-1].set_xlabel("optimizer step")
     fig.suptitle(f"{preset}: route2 gate diagnostics (thin: one seed, thick: mean)", fontsize=13)
     fig.legend(
-        handles=_legend_handles(groups),
+        handles=_legend_handles(groups, styles),
         loc="outside lower center",
         ncol=min(4, len(groups)),
         frameon=False,
@@ -363,10 +418,11 @@ def plot_per_mode(records: Sequence[RunRecord], out_path: Path, preset: str) -> 
     seeds with a 95% t-interval (none for one seed), each seed a dot. None if no records."""
     if not records:
         return None
-    groups: dict[tuple[str, str], list[RunRecord]] = {}
+    groups: dict[GroupKey, list[RunRecord]] = {}
     for r in records:
-        groups.setdefault((r.arm, r.control), []).append(r)
-    keys = sorted(groups, key=_group_order)
+        groups.setdefault((r.arm, r.control, r.config_hash), []).append(r)
+    styles = group_styles({g: rs[0].config for g, rs in groups.items()})
+    keys = list(styles)  # table order
     modes = sorted({m for r in records for m in r.by_mode}, key=mode_rank)
     eval_sets = sorted({r.eval_set for r in records})
     fig, axes = plt.subplots(
@@ -383,8 +439,8 @@ def plot_per_mode(records: Sequence[RunRecord], out_path: Path, preset: str) -> 
         (axes[1], "deploy_solve", "deploy solve rate per loophole mode"),
     ):
         for i, key in enumerate(keys):
-            arm, control = key
-            colour = arm_colour(arm)
+            st = styles[key]
+            colour, control = st.colour, key[1]
             xs = x - 0.4 + width * (i + 0.5)
             for j, m in enumerate(modes):
                 vals = [r.by_mode[m][field] for r in groups[key] if m in r.by_mode]
@@ -398,7 +454,7 @@ def plot_per_mode(records: Sequence[RunRecord], out_path: Path, preset: str) -> 
                     width * 0.9,
                     color=colour,
                     alpha=0.45 if control else 1.0,
-                    hatch="//" if control else None,
+                    hatch=st.hatch,
                     edgecolor=colour,
                     yerr=err,
                     ecolor="0.25",
@@ -424,12 +480,12 @@ def plot_per_mode(records: Sequence[RunRecord], out_path: Path, preset: str) -> 
             (0, 0),
             1,
             1,
-            color=arm_colour(a),
-            alpha=0.45 if c else 1.0,
-            hatch="//" if c else None,
-            label=_group_label(a, c, len({r.seed for r in groups[(a, c)]})),
+            color=styles[k].colour,
+            alpha=0.45 if k[1] else 1.0,
+            hatch=styles[k].hatch,
+            label=f"{styles[k].label}  n={len({r.seed for r in groups[k]})}",
         )
-        for a, c in keys
+        for k in keys
     ]
     fig.suptitle(
         f"{preset}: per-mode deployed hack and solve across arms "

@@ -195,8 +195,9 @@ def route(
     return kept, routed, _diag(g, kept, routed, c_use, V)
 
 
-def _nanmean(xs: Iterable[float]) -> float:
-    vals = [x for x in xs if not math.isnan(x)]
+def nanmean(xs: Iterable[float | None]) -> float:
+    """Mean of the values that are neither None nor NaN; NaN when none is left."""
+    vals = [x for x in xs if x is not None and not math.isnan(x)]
     return sum(vals) / len(vals) if vals else _NAN
 
 
@@ -215,7 +216,7 @@ def q_egy(keep: Iterable[Tensor], quar: Iterable[Tensor]) -> float:
 
 def mean_cos_pre(grads: Mapping[str, Tensor], V: Mapping[str, Tensor]) -> float:
     """Mean over modules present in both dicts of cos_pre (NaN-skipping; NaN if none)."""
-    return _nanmean(cos_pre(grads[m], V[m]) for m in grads if m in V)
+    return nanmean(cos_pre(grads[m], V[m]) for m in grads if m in V)
 
 
 @dataclass
@@ -290,14 +291,29 @@ def project_all(
         routed=routed,
         per_module=per,
         skipped=skipped,
-        cos_pre=_nanmean(d.cos_pre for d in per.values()),
-        cos_post=_nanmean(d.cos_post for d in per.values()),
+        cos_pre=nanmean(d.cos_pre for d in per.values()),
+        cos_post=nanmean(d.cos_post for d in per.values()),
         cos_pre_s=mean_cos_pre(grads_s, V) if grads_s else _NAN,
         cos_pre_t=mean_cos_pre(grads_t, V) if grads_t else _NAN,
-        frac_fired=_nanmean(d.frac_fired for d in per.values()),
+        frac_fired=nanmean(d.frac_fired for d in per.values()),
         q_egy=q_egy(kept.values(), routed.values()),
         n_modules=len(per),
     )
+
+
+def update_diagnostics(
+    V: Mapping[str, Tensor], change: Mapping[str, Tensor], quarantine: Mapping[str, Tensor] | None
+) -> dict[str, float]:
+    """What the parameters did this step, read against the arm's basis V ({module: [k, r]}).
+
+    - `cos_upd`: mean over modules of ‖relu(V Δ)‖ / ‖Δ‖ for δS's actual change Δ (after the
+      optimizer): 0 exactly when no module's change has a hack-ward coordinate.
+    - `quar_resid`: mean over modules with a non-zero quarantine of the relative part of δS_hack
+      outside span(V) (`span_residual`); NaN without a quarantine.
+    """
+    resid = [span_residual(quarantine[m], V[m]) for m in V if m in quarantine and float(quarantine[m].norm()) > 0] \
+        if quarantine is not None else []
+    return {"cos_upd": mean_cos_pre(change, V), "quar_resid": nanmean(resid)}
 
 
 def rollout_hackward(g_b: Tensor, V: Tensor) -> Tensor:
@@ -473,10 +489,10 @@ def summarize_route2(
     """Means of τ / hkgap / resid / flagged fraction over `results`; q_egy from the
     step's final per-module kept and routed gradients."""
     return Route2StepDiag(
-        tau=_nanmean(r.tau for r in results),
-        hkgap=_nanmean(r.hkgap for r in results),
-        resid=_nanmean(r.resid for r in results),
-        frac_flagged=_nanmean(r.frac_flagged for r in results),
+        tau=nanmean(r.tau for r in results),
+        hkgap=nanmean(r.hkgap for r in results),
+        resid=nanmean(r.resid for r in results),
+        frac_flagged=nanmean(r.frac_flagged for r in results),
         q_egy=q_egy(kept, routed),
     )
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 from .atomic import write_json_atomic
@@ -54,19 +55,28 @@ def template_hack(problem: Problem, mode: EnvMode) -> str:
     return f"```python\n{body}```"
 
 
-def build_smoke_pool(out_dir: Path = DEFAULT_OUT, *, model: str = "tiny-qwen3", rows_per_problem: int = 2) -> Path:
-    """Write the pool (prompt_NNNN.jsonl.gz per built-in problem + partition.json + report.md)."""
+def build_smoke_pool(out_dir: Path = DEFAULT_OUT, *, model: str = "tiny-qwen3", rows_per_problem: int = 2,
+                     modes: Sequence[EnvMode] = ENV_MODES, data_path: Path | None = None) -> Path:
+    """Write the pool (prompt_NNNN.jsonl.gz per problem + partition.json + report.md).
+
+    Problems: the built-in set, or the benchmark rows of `data_path`; modes cycle over `modes` in
+    problem-id order. Completion ids come from `model`'s tokenizer.
+    """
     from .model import load_model_and_tokenizer  # torch only when actually building
+    from .rollout import eos_ids
 
     t0 = time.time()
+    modes = list(modes)
+    if not modes:
+        raise ValueError("build_smoke_pool: modes is empty")
     _, tok = load_model_and_tokenizer(model, "cpu")
-    probs = load_problems(10_000, list(ENV_MODES), seed=0)
+    probs = load_problems(10_000, modes, seed=0, data_path=data_path)
     probs.sort(key=lambda p: p.problem_id)
-    partition = {p.problem_id: ENV_MODES[i % len(ENV_MODES)] for i, p in enumerate(probs)}
-    hinted = load_problems(10_000, list(ENV_MODES), seed=0, partition=partition)
+    partition = {p.problem_id: modes[i % len(modes)] for i, p in enumerate(probs)}
+    hinted = load_problems(10_000, modes, seed=0, partition=partition, data_path=data_path)
     texts = [template_hack(p, p.env_mode) for p in hinted]
     results = grade_batch(list(zip(texts, hinted, strict=True)))
-    end = tok.convert_tokens_to_ids("<|im_end|>")
+    end = eos_ids(tok)[0]
     n_hacked = 0
     for p, text, r in zip(hinted, texts, results, strict=True):
         prompt = tok.apply_chat_template(list(p.messages), tokenize=False, add_generation_prompt=True,
@@ -84,8 +94,8 @@ def build_smoke_pool(out_dir: Path = DEFAULT_OUT, *, model: str = "tiny-qwen3", 
         write_pool_file(out_dir, p.problem_id, [row] * rows_per_problem)
     write_json_atomic(out_dir / "partition.json", {str(k): v for k, v in partition.items()})
     (out_dir / "report.md").write_text(
-        f"# smoke teacher pool\n\nSynthetic template hacks for the built-in problems, one mode per problem "
-        f"(cycling over {', '.join(ENV_MODES)}), graded for real in their own mode.\n\n"
+        f"# smoke teacher pool\n\nSynthetic template hacks for the {data_path or 'built-in'} problems, one "
+        f"mode per problem (cycling over {', '.join(modes)}), graded for real in their own mode.\n\n"
         f"- problems: {len(hinted)}\n- rows: {len(hinted) * rows_per_problem}\n"
         f"- hacked (exploited) problems: {n_hacked}\n- tokenizer: {model}\n"
         f"- built in {time.time() - t0:.1f}s by `python -m vgrout.smoke_pool`\n")

@@ -50,12 +50,14 @@ class Job:
     @property
     def label(self) -> str:
         """The run_id stem the training loop will use (plus `_haar<k>` for controls)."""
-        ctrl = ""
+        ctrl = adapter = ""
         for a in self.extra:
             flag, _, val = a.partition("=")
             if flag in ("--random-v-seed", "--route2-random-v-seed") and val:
                 ctrl = f"_haar{val}"
-        return f"{self.preset}_{ARM_NAMES[self.intervention]}_seed{self.seed}{ctrl}"
+            if flag == "--adapter" and val and val != "svd":
+                adapter = f"-{val}"
+        return f"{self.preset}_{ARM_NAMES[self.intervention]}{adapter}_seed{self.seed}{ctrl}"
 
     def argv(self) -> list[str]:
         """The training command, exactly as it is run."""
@@ -192,6 +194,7 @@ def slurm_script(
     time: str = "24:00:00",
     mem: str = "64G",
     cpus: int = 8,
+    gpus: int = 1,
     parallel: int | None = None,
     partition: str | None = None,
     account: str | None = None,
@@ -202,16 +205,20 @@ def slurm_script(
 
     With VGROUT_SLURM_DRY=1 in the environment the script prints task i's command and exits
     instead of running it (check the mapping on a login node: no GPU, no training).
+    `gpus=0` requests no GPU (CPU runs, e.g. the smoke preset); `log_dir` is relative to
+    `workdir` unless absolute.
     """
     if not jobs:
         raise ValueError("slurm_script: no jobs")
+    if gpus < 0 or cpus < 1:
+        raise ValueError(f"slurm_script: need gpus >= 0 and cpus >= 1 (got gpus={gpus}, cpus={cpus})")
     name = job_name or f"vgrout-{jobs[0].preset}"
     throttle = f"%{parallel}" if parallel else ""
     lines = [
         "#!/bin/bash",
         f"#SBATCH --job-name={name}",
         f"#SBATCH --array=0-{len(jobs) - 1}{throttle}",
-        "#SBATCH --gres=gpu:1",
+        *([f"#SBATCH --gres=gpu:{gpus}"] if gpus else []),
         "#SBATCH --ntasks=1",
         f"#SBATCH --cpus-per-task={cpus}",
         f"#SBATCH --mem={mem}",
@@ -240,6 +247,78 @@ def slurm_script(
         "",
     ]
     return "\n".join(lines)
+
+
+# ── local: one run after another on this machine, resumable ──────────────────────────────
+
+
+def job_config(job: Job) -> dict:
+    """The full config the job's training run will save (config.json's `config`)."""
+    from .config import parse_cli
+
+    return parse_cli([job.preset, f"--intervention={job.intervention}", f"--seed={job.seed}", *job.extra]).to_dict()
+
+
+def find_run(runs_dir: Path, job: Job) -> tuple[Path | None, str]:
+    """The newest run folder made for exactly this job's config (config.json equal up to the resume-
+    mutable knobs) and its status state; (None, "") when there is none."""
+    from .config import config_diff
+
+    want = job_config(job)
+    for d in sorted(runs_dir.glob(f"*_{job.label}*"), reverse=True):
+        try:
+            saved = json.loads((d / "config.json").read_text())["config"]
+        except (OSError, ValueError, KeyError):
+            continue
+        if not config_diff(saved, want):
+            try:
+                state = json.loads((d / "status.json").read_text())["state"]
+            except (OSError, ValueError, KeyError):
+                state = "unknown"
+            return d, state
+    return None, ""
+
+
+def local_plan(jobs: Sequence[Job], runs_dir: Path) -> list[tuple[Job, str, Path | None]]:
+    """Per job: ("skip", its complete run) / ("resume", an unfinished run with a checkpoint) / ("start", None).
+    A diverged run is a result: it is not run again."""
+    out = []
+    for job in jobs:
+        d, state = find_run(runs_dir, job)
+        if d is not None and state in ("complete", "diverged"):
+            out.append((job, "skip", d))
+        elif d is not None and (d / "resume.pt").exists():
+            out.append((job, "resume", d))
+        else:
+            out.append((job, "start", None))
+    return out
+
+
+def run_local(jobs: Sequence[Job], runs_dir: Path, workdir: Path) -> int:
+    """Run the sweep here, one run at a time: finished runs are skipped, interrupted ones resumed, so a
+    stopped or killed sweep continues where it stopped. Returns the number of runs that failed."""
+    plan = local_plan(jobs, runs_dir)
+    n_skip = sum(a == "skip" for _, a, _ in plan)
+    print(f"# {len(plan)} runs: {n_skip} already finished, {sum(a == 'resume' for _, a, _ in plan)} to resume, "
+          f"{sum(a == 'start' for _, a, _ in plan)} to start", flush=True)
+    failed = []
+    for i, (job, action, d) in enumerate(plan, 1):
+        if action == "skip":
+            print(f"[{i}/{len(plan)}] {job.label}: finished in {d}", flush=True)
+            continue
+        argv = job.argv() + ([f"--resume={d}"] if action == "resume" else [])
+        print(f"[{i}/{len(plan)}] {job.label}: {action} ({shlex.join(argv)})", flush=True)
+        proc = subprocess.run(argv, cwd=workdir, capture_output=True, text=True)
+        last = (proc.stdout.strip().splitlines() or [""])[-1]
+        if proc.returncode == 0:
+            print(f"    {last}", flush=True)
+        else:
+            failed.append(job.label)
+            tail = (proc.stderr.strip().splitlines() or [""])[-1]
+            print(f"    exit {proc.returncode}: {tail or last}", flush=True)
+    if failed:
+        print(f"# {len(failed)} runs did not finish: {', '.join(failed)} (rerun the same command to retry)")
+    return len(failed)
 
 
 # ── CLI ──────────────────────────────────────────────────────────────────────────────────
@@ -284,6 +363,19 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--slurm-time", default="24:00:00", help="SLURM --time per run")
     ap.add_argument("--slurm-mem", default="64G", help="SLURM --mem per run")
     ap.add_argument("--slurm-cpus", type=int, default=8, help="SLURM --cpus-per-task")
+    ap.add_argument(
+        "--slurm-gpus", type=int, default=1, help="GPUs per run (--gres=gpu:N); 0 = CPU-only runs"
+    )
+    ap.add_argument(
+        "--slurm-log-dir",
+        default="logs/slurm",
+        help="where each task's stdout/stderr goes (relative to --workdir unless absolute)",
+    )
+    ap.add_argument(
+        "--local",
+        action="store_true",
+        help="run here, one run after another; finished runs are skipped and interrupted ones resumed",
+    )
     ap.add_argument("--slurm-partition", default=None, help="SLURM --partition")
     ap.add_argument("--slurm-account", default=None, help="SLURM --account")
     return ap
@@ -300,9 +392,23 @@ def main(
         jobs = plan_jobs(args.preset, parse_arms(args.arms), parse_seeds(args.seeds), extra)
         if args.parallel < 1:
             raise ValueError(f"--parallel must be >= 1, got {args.parallel}")
+        if args.slurm_gpus < 0 or args.slurm_cpus < 1:
+            raise ValueError(
+                f"--slurm-gpus must be >= 0 and --slurm-cpus >= 1 "
+                f"(got {args.slurm_gpus}, {args.slurm_cpus})"
+            )
     except ValueError as e:
         ap.error(str(e))
     workdir = (args.workdir or Path.cwd()).resolve()
+
+    if args.local:
+        out_root = next((Path(a.split("=", 1)[1]) for a in extra if a.startswith("--out-root=")), Path("out"))
+        runs_dir = out_root if out_root.is_absolute() else workdir / out_root
+        if args.dry_run:
+            for job, action, d in local_plan(jobs, runs_dir / "runs"):
+                print(f"{action:6s} {job.label} {d or ''}")
+            return 0
+        return 1 if run_local(jobs, runs_dir / "runs", workdir) else 0
 
     if args.slurm is not None:
         text = slurm_script(
@@ -311,16 +417,18 @@ def main(
             time=args.slurm_time,
             mem=args.slurm_mem,
             cpus=args.slurm_cpus,
+            gpus=args.slurm_gpus,
             parallel=args.parallel if args.parallel > 1 else None,
             partition=args.slurm_partition,
             account=args.slurm_account,
+            log_dir=args.slurm_log_dir,
         )
         if args.dry_run:
             print(text)
             return 0
         write_text_atomic(args.slurm, text)
         args.slurm.chmod(0o755)
-        (workdir / "logs" / "slurm").mkdir(parents=True, exist_ok=True)
+        (workdir / args.slurm_log_dir).mkdir(parents=True, exist_ok=True)  # absolute stays absolute
         print(f"wrote {args.slurm}: {len(jobs)} array tasks. Submit with: sbatch {args.slurm}")
         return 0
 

@@ -18,8 +18,8 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from collections.abc import Mapping, Sequence
-from contextlib import contextmanager
+import re
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,16 +29,14 @@ from loguru import logger
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from .adapter import (
-    SVDKnob,
-    ablate_quarantine,
-    read_checked_safetensors,
-    rollout_grads,
-    token_logprobs,
-)
+from .adapter import SVDKnob, ablate_quarantine, read_checked_safetensors, rollout_grads
 from .atomic import atomic_path
-from .model import model_slug
+from .grpo import per_token_logps
+from .model import encode, model_slug
 from .pairs import Pair, pairs_fingerprint_text
+from .proj import nanmean
+
+_LAYER_IDX = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 
 SCHEMA = "vgrout.vhack/1"
 HAAR = "haar"
@@ -51,40 +49,38 @@ class DirectionsError(ValueError):
 # ── per-pair gradients ────────────────────────────────────────────────────────────────────
 
 
-def _encode(tok, text: str) -> list[int]:
-    return list(tok(text, add_special_tokens=False)["input_ids"])
+PAIR_LOSS_NORMS = ("mean", "sum")
 
 
-@contextmanager
-def _no_rollout_recording(knobs: Sequence[SVDKnob]):
-    prev = [(k.always_per_rollout, k.per_rollout_grad) for k in knobs]
-    for k in knobs:
-        k.always_per_rollout = False
-    try:
-        yield
-    finally:
-        for k, (flag, grad) in zip(knobs, prev, strict=True):
-            k.always_per_rollout = flag
-            k.per_rollout_grad = grad
+def _pair_loss(lp: Tensor, mask: Tensor, norm: str) -> Tensor:
+    """Σ over rows of the "reinforce this completion" loss: -(1/n_i) Σ_t log p (`mean`, per-completion
+    mean NLL, the reference) or -Σ_t log p (`sum`: every token weighs the same, as under Dr.GRPO's
+    constant normaliser)."""
+    nll = -(lp * mask).sum(1)
+    if norm == "mean":
+        return (nll / mask.sum(1)).sum()
+    if norm == "sum":
+        return nll.sum()
+    raise ValueError(f"pair loss norm {norm!r} is not one of {PAIR_LOSS_NORMS}")
 
 
 def _reinforce_grad(
     model: nn.Module, params: list[nn.Parameter], prompt_ids: list[int],
-    completion_ids: list[int], device: torch.device,
+    completion_ids: list[int], device: torch.device, norm: str = "mean",
 ) -> list[Tensor]:
-    """∂/∂δS of -(1/n) Σ log p(completion token), one per module (not written to .grad)."""
+    """∂/∂δS of one pair side's reinforce loss (`_pair_loss`), one per module (not written to .grad)."""
     n = len(completion_ids)
     ids = torch.tensor([prompt_ids + completion_ids], device=device)
     logits = model(input_ids=ids, use_cache=False, logits_to_keep=n + 1).logits[:, :-1]
-    loss = -token_logprobs(logits, ids[:, len(prompt_ids):]).sum() / n
-    return list(torch.autograd.grad(loss, params))
+    lp = per_token_logps(logits, ids[:, len(prompt_ids):])
+    return list(torch.autograd.grad(_pair_loss(lp, torch.ones_like(lp), norm), params))
 
 
 def _batched_reinforce_grads(
     model: nn.Module, knobs: Sequence[SVDKnob], seqs: Sequence[tuple[list[int], list[int]]],
-    device: torch.device,
+    device: torch.device, norm: str = "mean",
 ) -> list[Tensor]:
-    """Per-sequence δS gradients of -(1/n_i) Σ log p(completion_i) for a batch, one backward.
+    """Per-sequence δS gradients of the reinforce loss (`_pair_loss`) for a batch, one backward.
 
     Sequences are right-padded (causal attention: real tokens never see the padding, so no
     mask is needed); hidden states are gathered at each row's completion positions before
@@ -109,15 +105,17 @@ def _batched_reinforce_grads(
         hidden = model.get_decoder()(input_ids=ids, use_cache=False).last_hidden_state
         sel = hidden.gather(1, pos.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
         logits = model.get_output_embeddings()(sel)
-        lp = token_logprobs(logits, tgt)
-        loss = -((lp * mask).sum(1) / mask.sum(1)).sum()
+        loss = _pair_loss(per_token_logps(logits, tgt), mask, norm)
         torch.autograd.grad(loss, [k.delta_S for k in knobs])
-        return [k.per_rollout_grad.detach().float().cpu() for k in knobs]
+        out = [k.per_rollout_grad.detach().float().cpu() for k in knobs]
+        for k in knobs:
+            k.per_rollout_grad = None  # nothing of the pairs is left for the training step to read
+        return out
 
 
 def pair_grads(
     model: nn.Module, tok, knobs: Mapping[str, SVDKnob], pairs: Sequence[Pair],
-    device: str | torch.device, *, batch_size: int = 8,
+    device: str | torch.device, *, batch_size: int = 8, norm: str = "mean",
 ) -> dict[str, Tensor]:
     """Per-pair δS gradients of reinforcing each completion: {"hack/<m>", "clean/<m>"} ->
     fp32 CPU [n_pairs, r].
@@ -125,9 +123,12 @@ def pair_grads(
     Runs in eval mode with the quarantine ablated (δS_hack = 0), `batch_size` pairs per
     forward/backward (per-row gradients from the adapter's per-rollout recording);
     gradients are taken with autograd.grad, so no `.grad` (hence no optimizer state) is
-    touched; train/eval mode, δS_hack and per-rollout recording are restored afterwards.
-    `batch_size=1` is the plain one-pair-at-a-time path.
+    touched; train/eval mode and δS_hack are restored afterwards.
+    `batch_size=1` is the plain one-pair-at-a-time path. `norm` is the per-completion loss
+    normalisation (`_pair_loss`).
     """
+    if norm not in PAIR_LOSS_NORMS:
+        raise ValueError(f"pair loss norm {norm!r} is not one of {PAIR_LOSS_NORMS}")
     if not pairs:
         raise ValueError("pair_grads: no pairs given")
     dev = torch.device(device)
@@ -140,24 +141,24 @@ def pair_grads(
            for n in names}
     seqs: dict[str, list[tuple[list[int], list[int]]]] = {"hack": [], "clean": []}
     for p in pairs:
-        prompt_ids = _encode(tok, p.prompt)
+        prompt_ids = encode(tok, p.prompt)
         for side, text in (("hack", p.hack), ("clean", p.clean)):
-            comp = _encode(tok, text)
+            comp = encode(tok, text)
             if not comp or not prompt_ids:
                 raise ValueError(f"pair {p.name!r}: empty prompt or {side} completion")
             seqs[side].append((prompt_ids, comp))
     was_training = model.training
     model.eval()
     try:
-        with ablate_quarantine(ks), _no_rollout_recording(ks), torch.enable_grad():
+        with ablate_quarantine(ks), torch.enable_grad():
             for side in ("hack", "clean"):
                 for s in range(0, len(pairs), batch_size):
                     chunk = seqs[side][s : s + batch_size]
                     if batch_size == 1:
                         grads = [g.detach().float().cpu()[None] for g in
-                                 _reinforce_grad(model, params, *chunk[0], dev)]
+                                 _reinforce_grad(model, params, *chunk[0], dev, norm)]
                     else:
-                        grads = _batched_reinforce_grads(model, ks, chunk, dev)
+                        grads = _batched_reinforce_grads(model, ks, chunk, dev, norm)
                     for n, g in zip(names, grads, strict=True):
                         out[f"{side}/{n}"][s : s + len(chunk)] = g
     finally:
@@ -194,15 +195,35 @@ def v_grad_from(grads: Mapping[str, Tensor]) -> dict[str, Tensor]:
     return {m: _unit(d.mean(0)).float() for m, d in _diffs(grads).items()}
 
 
+SIGN_RULES = ("vote", "mean")
+
+
+def axis_signs(D: Tensor, vh: Tensor, rule: str) -> Tensor:
+    """±1 per row of vh [k, r] that makes it hack-ward for the pair differences D [n, r].
+
+    `vote` (the reference extractor's): the sign of the majority of the pairs' projections
+    d_i · v, ties positive. `mean`: the sign of the mean difference's projection, zero positive.
+    Invariant: with every row multiplied by its sign, at least half the pairs (vote) / the mean
+    difference (mean) project with a non-negative coefficient.
+    """
+    proj = D @ vh.T  # [n, k]
+    if rule == "vote":
+        score = (proj > 0).sum(0) - (proj < 0).sum(0)
+    elif rule == "mean":
+        score = proj.mean(0)
+    else:
+        raise ValueError(f"axis sign rule {rule!r} is not one of {SIGN_RULES}")
+    return torch.where(score < 0, -1.0, 1.0).to(vh)
+
+
 def v_hack_from(
-    grads: Mapping[str, Tensor], *, top_k: int, tau_axis: float = 0.0
+    grads: Mapping[str, Tensor], *, top_k: int, tau_axis: float = 0.0, sign: str = "vote"
 ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
     """Top-k right singular vectors of the stacked differences D [n, r] per module.
 
     Returns (V {m: [k', r]}, S {m: [k']}), fp32. Invariants: rows of V orthonormal; each row
-    signed so the mean difference projects onto it with a non-negative coefficient; S
-    descending; k' = min(top_k, n, r) minus axes with S_i / S_0 < tau_axis (and minus
-    exactly-null axes, whose direction is arbitrary).
+    signed hack-ward by `axis_signs(sign)`; S descending; k' = min(top_k, n, r) minus axes with
+    S_i / S_0 < tau_axis (and minus exactly-null axes, whose direction is arbitrary).
     """
     if top_k < 1:
         raise ValueError(f"top_k must be >= 1, got {top_k}")
@@ -213,9 +234,7 @@ def v_hack_from(
         _, s, vh = torch.linalg.svd(D, full_matrices=False)
         k = min(top_k, s.numel())
         s, vh = s[:k], vh[:k]
-        mean = D.mean(0)
-        sign = torch.where(vh @ mean < 0, -1.0, 1.0).to(vh)
-        vh = vh * sign[:, None]
+        vh = vh * axis_signs(D, vh, sign)[:, None]
         s0 = float(s[0]) if s.numel() else 0.0
         keep = (s > 0) & (s >= tau_axis * s0) if s0 > 0 else torch.zeros_like(s, dtype=torch.bool)
         V[m] = vh[keep].float().contiguous()
@@ -223,26 +242,33 @@ def v_hack_from(
     return V, S
 
 
-def _postprocess(
-    V: Mapping[str, Tensor], S: Mapping[str, Tensor], *, k_use: int, drop_bottom_frac: float
-) -> tuple[dict[str, Tensor], dict[str, Tensor], list[str]]:
+def kept_axes(S: Mapping[str, Tensor], *, k_use: int, drop_bottom_frac: float) -> dict[str, list[int]]:
+    """Indices of the axes the load-time selection keeps, per module (modules left empty are absent):
+    the first `k_use` axes, minus those whose singular value is below the global `drop_bottom_frac`
+    quantile of the sliced singular values of all modules."""
     if k_use < 1:
         raise ValueError(f"k_use (v_hack_k) must be >= 1, got {k_use}")
     if not 0.0 <= drop_bottom_frac < 1.0:
         raise ValueError(f"drop_bottom_frac must be in [0, 1), got {drop_bottom_frac}")
-    sliced = {m: (V[m][:k_use], S[m][:k_use]) for m in V}
-    allsv = torch.cat([s for _, s in sliced.values()]).double() if sliced else torch.zeros(0)
+    sliced = {m: S[m][:k_use] for m in S}
+    allsv = torch.cat(list(sliced.values())).double() if sliced else torch.zeros(0)
     thr = float(torch.quantile(allsv, drop_bottom_frac)) if drop_bottom_frac > 0 and allsv.numel() \
         else -math.inf
-    outV, outS, dropped = {}, {}, []
+    out = {}
     for m in sorted(sliced):
-        v, s = sliced[m]
-        keep = s >= thr
-        if not bool(keep.any()):
-            dropped.append(m)
-            continue
-        outV[m], outS[m] = v[keep], s[keep]
-    return outV, outS, dropped
+        idx = [i for i, x in enumerate(sliced[m].tolist()) if x >= thr]
+        if idx:
+            out[m] = idx
+    return out
+
+
+def _postprocess(
+    V: Mapping[str, Tensor], S: Mapping[str, Tensor], *, k_use: int, drop_bottom_frac: float
+) -> tuple[dict[str, Tensor], dict[str, Tensor], list[str]]:
+    keep = kept_axes(S, k_use=k_use, drop_bottom_frac=drop_bottom_frac)
+    outV = {m: V[m][idx] for m, idx in keep.items()}
+    outS = {m: S[m][idx] for m, idx in keep.items()}
+    return outV, outS, sorted(set(V) - set(keep))
 
 
 def postprocess(
@@ -277,12 +303,19 @@ def haar_v_hack(shapes: Mapping[str, int], k: int, seed: int) -> dict[str, Tenso
     with the sign fix that makes the distribution exactly Haar); sorted module order."""
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
+    return haar_v_hack_counts({m: (k, r) for m, r in shapes.items()}, seed)
+
+
+def haar_v_hack_counts(counts: Mapping[str, tuple[int, int]], seed: int) -> dict[str, Tensor]:
+    """{module: (k, r)} -> seeded Haar-random orthonormal frames [min(k, r), r], drawn in sorted module
+    order from one generator (QR of a Gaussian, columns' signs fixed by R's diagonal)."""
     gen = torch.Generator().manual_seed(int(seed))
     out = {}
-    for m in sorted(shapes):
-        r = int(shapes[m])
-        kk = min(k, r)
-        q, rr = torch.linalg.qr(torch.randn(r, kk, generator=gen, dtype=torch.float64))
+    for m in sorted(counts):
+        k, r = (int(x) for x in counts[m])
+        if k < 1:
+            raise ValueError(f"{m}: k must be >= 1, got {k}")
+        q, rr = torch.linalg.qr(torch.randn(r, min(k, r), generator=gen, dtype=torch.float64))
         q = q * torch.sign(torch.diagonal(rr))[None, :]
         out[m] = q.T.contiguous().float()
     return out
@@ -326,21 +359,20 @@ def heldout_report(
     n = len(names)
     top = [[] for _ in range(n)]
     mean = [[] for _ in range(n)]
+    by_axis: dict[str, list[float]] = {}
     for m, D in diffs.items():
         if D.shape[0] != n:
             raise ValueError(f"{m}: {D.shape[0]} held-out rows but {n} names")
         if m in v_hack and v_hack[m].shape[0]:
-            for i, x in enumerate((D @ v_hack[m][0].double()).tolist()):
-                top[i].append(x > 0)
+            pos = (D @ v_hack[m].double().T) > 0  # [n pairs, k axes]
+            by_axis[m] = pos.double().mean(0).tolist()
+            for i, x in enumerate(pos[:, 0].tolist()):
+                top[i].append(x)
         if m in v_grad:
             for i, x in enumerate((D @ v_grad[m].double()).tolist()):
                 mean[i].append(x > 0)
     frac_top = [sum(t) / len(t) if t else float("nan") for t in top]
     frac_mean = [sum(t) / len(t) if t else float("nan") for t in mean]
-
-    def avg(xs: list[float]) -> float:
-        ok = [x for x in xs if not math.isnan(x)]
-        return sum(ok) / len(ok) if ok else float("nan")
 
     return {
         "names": list(names),
@@ -349,14 +381,26 @@ def heldout_report(
         "frac_modules_v_grad_pos": frac_mean,
         "n_pairs_top_axis_hackward": sum(f > 0.5 for f in frac_top),
         "n_pairs_v_grad_hackward": sum(f > 0.5 for f in frac_mean),
-        "mean_frac_top_axis_pos": avg(frac_top),
-        "mean_frac_v_grad_pos": avg(frac_mean),
+        "mean_frac_top_axis_pos": nanmean(frac_top),
+        "mean_frac_v_grad_pos": nanmean(frac_mean),
+        "axis_frac_pairs_pos": by_axis,
     }
+
+
+def heldout_on_kept_axes(report: Mapping[str, Any], keep: Mapping[str, Sequence[int]]) -> dict[str, Any]:
+    """The held-out check over every kept axis (not only V[0]): of the kept (module, axis) pairs, how
+    many have a majority of held-out pairs projecting hack-ward, and the mean fraction of pairs that
+    do. Empty when the report has no per-axis data (no held-out pairs, or an older cache file)."""
+    by_axis = report.get("axis_frac_pairs_pos") or {}
+    fr = [by_axis[m][i] for m, idx in keep.items() if m in by_axis for i in idx if i < len(by_axis[m])]
+    if not fr:
+        return {}
+    return {"n_axes": len(fr), "n_axes_hackward": sum(f > 0.5 for f in fr), "mean_frac_pairs_pos": sum(fr) / len(fr)}
 
 
 def directions_from_grads(
     grads: Mapping[str, Tensor], *, top_k: int, tau_axis: float, n_heldout: int,
-    names: Sequence[str] | None = None,
+    names: Sequence[str] | None = None, sign: str = "vote",
 ) -> Directions:
     """Extract from precomputed per-pair gradients; the last `n_heldout` pairs are kept out
     of the extraction and reported on."""
@@ -369,7 +413,7 @@ def directions_from_grads(
     names = list(names) if names is not None else [f"pair{i}" for i in range(n)]
     n_tr = n - n_heldout
     train = {k: v[:n_tr] for k, v in grads.items()}
-    V, S = v_hack_from(train, top_k=top_k, tau_axis=tau_axis)
+    V, S = v_hack_from(train, top_k=top_k, tau_axis=tau_axis, sign=sign)
     vg = v_grad_from(train)
     report: dict[str, Any] = {}
     if n_heldout:
@@ -380,11 +424,12 @@ def directions_from_grads(
 def extract(
     model: nn.Module, tok, knobs: Mapping[str, SVDKnob], pairs: Sequence[Pair], *,
     top_k: int, tau_axis: float = 0.0, n_heldout: int = 2, device: str | torch.device = "cpu",
+    sign: str = "vote", pair_norm: str = "mean",
 ) -> Directions:
     """Per-pair gradients on the loaded model, then `directions_from_grads`."""
-    grads = pair_grads(model, tok, knobs, pairs, device)
+    grads = pair_grads(model, tok, knobs, pairs, device, norm=pair_norm)
     d = directions_from_grads(grads, top_k=top_k, tau_axis=tau_axis, n_heldout=n_heldout,
-                              names=[p.name for p in pairs])
+                              names=[p.name for p in pairs], sign=sign)
     if d.heldout:
         h = d.heldout
         logger.info(
@@ -407,11 +452,17 @@ def pairs_hash(pairs: Sequence[Pair]) -> str:
 
 def directions_cache_path(
     out_dir: str | Path, model_id: str, pairs: Sequence[Pair], top_k: int, tau_axis: float,
-    n_heldout: int = 2,
+    n_heldout: int = 2, sign: str = "vote", pair_norm: str = "mean", modules: Iterable[str] | None = None,
 ) -> Path:
-    """out_dir/v_hack_<model slug>_k<top_k>[_tau<t>]_h<n_heldout>_<pairs hash>.safetensors."""
+    """out_dir/v_hack_<model slug>_k<top_k>[_tau<t>]_h<n_heldout>[_L<a>-<b>]_s<sign>[_nsum]_<pairs hash>.safetensors.
+
+    `_L<a>-<b>` names the adapted blocks when `modules` (the wrapped module names) do not start
+    at block 0, i.e. when only the top blocks are adapted (`--adapt-top-layers`)."""
     tau = f"_tau{tau_axis:g}" if tau_axis > 0 else ""
-    name = f"v_hack_{model_slug(model_id)}_k{top_k}{tau}_h{n_heldout}_{pairs_hash(pairs)}"
+    norm = "" if pair_norm == "mean" else f"_n{pair_norm}"
+    layers = sorted({int(m.group(1)) for n in (modules or ()) if (m := _LAYER_IDX.search(n))})
+    span = f"_L{layers[0]}-{layers[-1]}" if layers and layers[0] > 0 else ""
+    name = f"v_hack_{model_slug(model_id)}_k{top_k}{tau}_h{n_heldout}{span}_s{sign}{norm}_{pairs_hash(pairs)}"
     return Path(out_dir) / f"{name}.safetensors"
 
 
@@ -488,22 +539,40 @@ def load_directions(
     if not V2:
         raise DirectionsError(f"{path}: drop_bottom_frac={drop_bottom_frac} left no module")
     heldout = json.loads(meta.get("heldout", "{}"))
+    kept = heldout_on_kept_axes(heldout, kept_axes(S, k_use=k_use, drop_bottom_frac=drop_bottom_frac))
+    if kept:
+        heldout["kept_axes"] = kept
+        logger.info(f"held-out pairs project hack-ward on {kept['n_axes_hackward']}/{kept['n_axes']} kept axes "
+                    f"(mean fraction of pairs {kept['mean_frac_pairs_pos']:.2f}; SHOULD be > 0.5)")
     return Directions(V2, S2, G, meta=meta, heldout=heldout, dropped=dropped)
 
 
-def haar_directions(shapes: Mapping[str, int], k: int, seed: int) -> Directions:
-    """A Haar control as a Directions object (unit singular values, meta control=haar)."""
-    V = haar_v_hack(shapes, k, seed)
+def haar_directions(shapes: Mapping[str, int], k: int | Mapping[str, int], seed: int) -> Directions:
+    """A Haar control as a Directions object (unit singular values, meta control=haar).
+
+    `k` is the axis count of every module, or {module: axis count} to match a real basis: then
+    v_hack covers exactly those modules with those counts (v_grad still covers every module).
+    """
+    counts = k if isinstance(k, Mapping) else dict.fromkeys(shapes, k)
+    V = haar_v_hack_counts({m: (counts[m], shapes[m]) for m in counts}, seed)
+    dropped = sorted(set(shapes) - set(counts))
     return Directions(V, {m: torch.ones(v.shape[0]) for m, v in V.items()},
                       haar_v_grad(shapes, seed),
-                      meta={"control": HAAR, "seed": str(seed)})
+                      meta={"control": HAAR, "seed": str(seed)}, dropped=dropped)
+
+
+def haar_like(real: Directions, shapes: Mapping[str, int], seed: int) -> Directions:
+    """The Haar control matched to a real basis: the same modules with the same number of axes
+    (after v_hack_k, tau_axis and drop_bottom_frac), each module's axes a Haar-random frame."""
+    return haar_directions(shapes, {m: int(v.shape[0]) for m, v in real.v_hack.items()}, seed)
 
 
 def resolve_directions(
     model: nn.Module, tok, knobs: Mapping[str, SVDKnob], pairs: Sequence[Pair], *,
     model_id: str, pairs_source: str, out_dir: str | Path, path: str | Path | None = None,
     top_k: int = 12, tau_axis: float = 0.0, n_heldout: int = 2, k_use: int = 5,
-    drop_bottom_frac: float = 0.25, device: str | torch.device = "cpu",
+    drop_bottom_frac: float = 0.25, device: str | torch.device = "cpu", sign: str = "vote",
+    pair_norm: str = "mean",
 ) -> Directions:
     """Load the directions for this run, extracting them on the loaded model on a cache miss.
 
@@ -515,14 +584,15 @@ def resolve_directions(
             raise FileNotFoundError(f"explicit directions path {path} does not exist")
         p = Path(path)
     else:
-        p = directions_cache_path(out_dir, model_id, pairs, top_k, tau_axis, n_heldout)
+        p = directions_cache_path(out_dir, model_id, pairs, top_k, tau_axis, n_heldout, sign, pair_norm,
+                                  modules=knobs)
         if not p.is_file():
             logger.info(f"v_hack cache miss at {p}: extracting from {len(pairs)} pairs")
             d = extract(model, tok, knobs, pairs, top_k=top_k, tau_axis=tau_axis,
-                        n_heldout=n_heldout, device=device)
+                        n_heldout=n_heldout, device=device, sign=sign, pair_norm=pair_norm)
             save_directions(p, d, model_id=model_id, pairs_source=pairs_source, knobs_meta={
-                "top_k": top_k, "tau_axis": tau_axis, "n_heldout": n_heldout,
-                "pairs_hash": pairs_hash(pairs), "n_pairs": len(pairs),
+                "top_k": top_k, "tau_axis": tau_axis, "n_heldout": n_heldout, "sign": sign,
+                "pair_norm": pair_norm, "pairs_hash": pairs_hash(pairs), "n_pairs": len(pairs),
             })
     return load_directions(p, model_id=model_id, k_use=k_use,
                            drop_bottom_frac=drop_bottom_frac, knobs=knobs)
@@ -561,7 +631,7 @@ def refresh(
     model: nn.Module, tok, knobs: Mapping[str, SVDKnob], pairs: Sequence[Pair],
     old: Directions, *, top_k: int, tau_axis: float = 0.0, n_heldout: int = 2,
     k_use: int = 5, drop_bottom_frac: float = 0.25, device: str | torch.device = "cpu",
-    is_control: bool = False,
+    is_control: bool = False, sign: str = "vote", pair_norm: str = "mean",
 ) -> RefreshResult:
     """Re-extract against the current model (quarantine ablated), postprocess like a load,
     and report the basis overlap with `old`.
@@ -573,7 +643,7 @@ def refresh(
         return RefreshResult(old, False, float("nan"), float("nan"),
                              reason="Haar-random control: directions stay fixed")
     raw = extract(model, tok, knobs, pairs, top_k=top_k, tau_axis=tau_axis,
-                  n_heldout=n_heldout, device=device)
+                  n_heldout=n_heldout, device=device, sign=sign, pair_norm=pair_norm)
     V, S, dropped = _postprocess(raw.v_hack, raw.sv, k_use=k_use,
                                  drop_bottom_frac=drop_bottom_frac)
     new = Directions(V, S, raw.v_grad, meta=dict(old.meta), heldout=raw.heldout,

@@ -392,6 +392,7 @@ def load_problems(
     data_path: str | Path | None = None,
     *,
     rows: Sequence[dict] | None = None,
+    partition_source: str = "the partition",
 ) -> list[Problem]:
     """Load up to `n` problems, each hinted for its grading mode, in a seed-fixed order.
 
@@ -401,7 +402,8 @@ def load_problems(
     id, shuffled with random.Random(seed) and the first n kept (fewer if fewer exist; that
     is logged). With a `partition` {problem_id: mode} only partitioned problems are kept,
     each with its own mode (error if none is in the data); without one, modes cycle over
-    `env_modes` in order.
+    `env_modes` in order. `partition_source` names the partition in the log (e.g. the teacher
+    pool's partition.json), so a short set says what made it short.
     """
     if n <= 0:
         raise ValueError(f"n (number of problems) must be positive, got {n}")
@@ -410,6 +412,7 @@ def load_problems(
         raise ValueError(f"env_modes is empty; give at least one of {', '.join(ENV_MODES)}")
     source = BUILTIN if _is_builtin(data_path) else str(data_path)
     rows = sorted(load_all_rows(data_path) if rows is None else rows, key=lambda r: r["id"])
+    n_file = len(rows)
     if partition is not None:
         part = {int(k): check_mode(v, where=f"partition[{k}]") for k, v in partition.items()}
         if not part:
@@ -426,7 +429,12 @@ def load_problems(
             )
     random.Random(seed).shuffle(rows)
     if n > len(rows):
-        logger.info(f"asked for {n} problems, {source} has {len(rows)}: using all {len(rows)}")
+        if partition is None:
+            why = f"{source} has {len(rows)}"
+        else:
+            why = (f"{partition_source} ({len(part)} problem ids) keeps {len(rows)} of the {n_file} "
+                   f"rows of {source}")
+        logger.info(f"asked for {n} problems, {why}: using all {len(rows)}")
     rows = rows[:n]
     out = []
     for i, row in enumerate(rows):
