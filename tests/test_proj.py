@@ -527,3 +527,27 @@ def test_project_all_route_refuses_preserve_magnitude():
     V = {"m": _basis(8, 2, 0)}
     with pytest.raises(ValueError, match="erase-only"):
         proj.project_all({"m": _grad(8, 1)}, V, mode="route", preserve_magnitude=True)
+
+
+def test_nanmean_skips_none_and_nan():
+    assert proj.nanmean([None, 2.0, float("nan"), 4.0]) == 3.0
+    assert proj.nanmean(x for x in (1.0, None)) == 1.0  # any iterable
+    assert math.isnan(proj.nanmean([None, float("nan")])) and math.isnan(proj.nanmean([]))
+
+
+def test_update_diagnostics_exact():
+    """cos_upd = mean over modules of ‖relu(VΔ)‖/‖Δ‖; quar_resid = mean relative part of δS_hack
+    outside span(V) over modules with a non-zero quarantine (NaN without one)."""
+    V = {"a": torch.tensor([[1.0, 0.0, 0.0]]), "b": torch.tensor([[0.0, 1.0, 0.0]])}
+    change = {"a": torch.tensor([3.0, 4.0, 0.0]),  # hack-ward coordinate 3 of norm 5: 0.6
+              "b": torch.tensor([0.0, -2.0, 0.0]),  # anti-hack only: 0
+              "x": torch.tensor([1.0, 0.0, 0.0])}  # no basis: not counted
+    quar = {"a": torch.tensor([0.0, 0.0, 2.0]),  # entirely outside span: 1
+            "b": torch.tensor([0.0, 3.0, 4.0]),  # 4/5 outside
+            "x": torch.tensor([0.0, 0.0, 1.0])}  # no basis: not counted
+    d = proj.update_diagnostics(V, change, quar)
+    assert d == {"cos_upd": pytest.approx(0.3), "quar_resid": pytest.approx(0.9)}
+    d = proj.update_diagnostics(V, change, {"a": quar["a"], "b": torch.zeros(3)})  # a zero quarantine: skipped
+    assert d["quar_resid"] == pytest.approx(1.0)
+    d = proj.update_diagnostics(V, {"b": torch.zeros(3)}, None)  # no change, no quarantine: NaN both
+    assert math.isnan(d["cos_upd"]) and math.isnan(d["quar_resid"])

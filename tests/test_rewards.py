@@ -94,6 +94,10 @@ def test_parse_gt_test_forms():
         "same_list",
     )
     assert parse_gt_test("assert is_same_tree(Solution().h(x=1), None)").kind == "same_tree"
+    # every form keeps the assert as given (the marker modes run it as written)
+    for src in ("assert Solution().f(a = [1, 2]) == [3]", " assert is_same_list(Solution().g(h=1), None)\n",
+                "assert is_same_tree(Solution().h(x=1), None)"):
+        assert parse_gt_test(src).source == src
 
 
 @pytest.mark.parametrize(
