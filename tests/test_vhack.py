@@ -543,7 +543,9 @@ def test_cache_path_name_is_exact():
         f"v_hack_Qwen--Qwen3-4B_k12_h2_svote_{h}.safetensors"
     assert vhack.directions_cache_path("d", "Qwen/Qwen3-4B", ps, 8, 0.1, 3, "mean", "sum").name == \
         f"v_hack_Qwen--Qwen3-4B_k8_tau0.1_h3_smean_nsum_{h}.safetensors"
-    top = ["model.layers.3.mlp.up_proj", "model.layers.5.self_attn.q_proj"]  # only the top blocks adapted
+    top = ["model.layers.3.mlp.up_proj", "model.layers.5.self_attn.q_proj", "model.layers.4.mlp.up_proj"]
+    assert vhack.directions_cache_path("d", "m", ps, 4, 0.0, modules=top[1:] + ["model.layers.1.x"]).name == \
+        f"v_hack_m_k4_h2_L1-5_svote_{h}.safetensors"
     assert vhack.directions_cache_path("d", "m", ps, 4, 0.0, modules=top).name == \
         f"v_hack_m_k4_h2_L3-5_svote_{h}.safetensors"
     assert vhack.directions_cache_path("d", "m", ps, 4, 0.0, modules=["model.layers.0.mlp.up_proj", *top]).name == \
@@ -612,6 +614,10 @@ def test_load_applies_the_quantile_and_reports_dropped(tmp_path):
     got = vhack.load_directions(p, model_id="m", k_use=4, drop_bottom_frac=0.9, knobs=MODS)
     want_v, want_dropped = vhack.postprocess(d.v_hack, d.sv, k_use=4, drop_bottom_frac=0.9)
     assert got.dropped == want_dropped and want_dropped  # the quantile empties some module
+    with _logs() as msgs:
+        vhack.load_directions(p, model_id="m", k_use=4, drop_bottom_frac=0.9, knobs=MODS)
+    assert msgs[0] == (f"v_hack postprocess: dropped {len(want_dropped)} of {len(d.v_hack)} modules with no "
+                       "axis above the 0.9 singular-value quantile")
     assert {m: v.shape[0] for m, v in got.v_hack.items()} == {m: v.shape[0] for m, v in want_v.items()}
     assert got.n_axes() == int((allsv.double() >= torch.quantile(allsv.double(), 0.9)).sum())
     assert set(got.v_grad) == set(MODS)  # v_grad is kept for every module
@@ -619,6 +625,22 @@ def test_load_applies_the_quantile_and_reports_dropped(tmp_path):
         "v_hack/q": torch.zeros(0, 4), "sv/q": torch.zeros(0), "v_grad/q": torch.ones(4)})
     with pytest.raises(vhack.DirectionsError, match="left no module"):
         vhack.load_directions(empty, model_id="m", k_use=2, drop_bottom_frac=0.5, knobs={"q": 4})
+
+
+class _logs:
+    """Collect the loguru messages logged inside the block."""
+
+    def __enter__(self) -> list[str]:
+        from loguru import logger
+
+        self.msgs: list[str] = []
+        self.sink = logger.add(lambda m: self.msgs.append(m.record["message"]), level="INFO")
+        return self.msgs
+
+    def __exit__(self, *exc) -> None:
+        from loguru import logger
+
+        logger.remove(self.sink)
 
 
 # ── fast end to end on a random tiny Qwen3 (character tokens, 97-token vocabulary) ────────
@@ -731,8 +753,9 @@ def test_extract_resolve_refresh_on_a_random_tiny_model(rand_tiny, tmp_path):
     for m in knobs:
         assert torch.equal(d.v_hack[m], want.v_hack[m]) and torch.equal(d.v_grad[m], want.v_grad[m])
     # resolve with every default: extracted once, cached under the default key, postprocessed
-    res = vhack.resolve_directions(model, tok, knobs, pairs, model_id="rand-qwen3",
-                                   pairs_source="test", out_dir=tmp_path)
+    with _logs() as msgs:
+        res = vhack.resolve_directions(model, tok, knobs, pairs, model_id="rand-qwen3",
+                                       pairs_source="test", out_dir=tmp_path)
     cache = vhack.directions_cache_path(tmp_path, "rand-qwen3", pairs, 12, 0.0, 2)
     assert [p.name for p in tmp_path.iterdir()] == [cache.name]
     assert {k: res.meta[k] for k in ("top_k", "tau_axis", "n_heldout", "pairs_hash", "n_pairs",
@@ -744,6 +767,14 @@ def test_extract_resolve_refresh_on_a_random_tiny_model(rand_tiny, tmp_path):
     for m, v in want_v.items():
         assert torch.equal(res.v_hack[m], v)
     kept = res.heldout.pop("kept_axes")  # the held-out check over every kept axis, added on load
+    h = want.heldout
+    assert msgs[:2] == [
+        f"v_hack cache miss at {cache}: extracting from 9 pairs",
+        f"v_hack extracted from 7 pairs (2 held out): held-out pairs hack-ward on the top axis in "
+        f"{h['n_pairs_top_axis_hackward']}/2, on v_grad in {h['n_pairs_v_grad_hackward']}/2 (mean module "
+        f"fraction {h['mean_frac_top_axis_pos']:.2f} / {h['mean_frac_v_grad_pos']:.2f}; SHOULD be > 0.5)"]
+    assert msgs[-1] == (f"held-out pairs project hack-ward on {kept['n_axes_hackward']}/{kept['n_axes']} kept "
+                        f"axes (mean fraction of pairs {kept['mean_frac_pairs_pos']:.2f}; SHOULD be > 0.5)")
     assert res.heldout == json.loads(json.dumps(want.heldout))
     assert kept == vhack.heldout_on_kept_axes(want.heldout, vhack.kept_axes(want.sv, k_use=5, drop_bottom_frac=0.25))
     assert kept["n_axes"] == sum(v.shape[0] for v in want_v.values())
@@ -790,7 +821,7 @@ def test_extract_resolve_refresh_on_a_random_tiny_model(rand_tiny, tmp_path):
     assert {m: v.shape for m, v in moved.directions.v_hack.items()} == {m: v.shape for m, v in want_v.items()}
     ctl = vhack.refresh(model, tok, knobs, pairs, res, top_k=12, is_control=True)
     assert ctl.refreshed is False and math.isnan(ctl.overlap_v_hack) and math.isnan(ctl.overlap_v_grad)
-    assert "Haar" in ctl.reason
+    assert ctl.reason == "Haar-random control: directions stay fixed"
 
 
 def test_load_directions_accepts_knobs(rand_tiny, tmp_path):
@@ -824,6 +855,10 @@ def test_axis_sign_vote_and_mean_disagree_where_one_pair_dominates():
     tie = torch.tensor([[-1.0, 0.0], [2.0, 0.0], [0.0, 5.0]], dtype=torch.float64)
     assert vhack.axis_signs(tie, v, "vote").tolist() == [1.0]
     assert vhack.axis_signs(-tie[:2], v, "vote").tolist() == [1.0]
+    zero = torch.tensor([[-1.0, 0.0], [0.0, 3.0]], dtype=torch.float64)  # a zero projection is no vote
+    assert vhack.axis_signs(zero, v, "vote").tolist() == [-1.0]
+    assert vhack.axis_signs(D, v, "vote").dtype == torch.float64
+    assert vhack.axis_signs(D.float(), v.float(), "mean").dtype == torch.float32
     with pytest.raises(ValueError, match="not one of"):
         vhack.axis_signs(D, v, "median")
 
@@ -856,7 +891,62 @@ def test_heldout_check_covers_every_kept_axis():
     kept = vhack.heldout_on_kept_axes(report, {"a": [0, 2], "b": [0]})
     assert kept == {"n_axes": 3, "n_axes_hackward": 2, "mean_frac_pairs_pos": pytest.approx(0.75)}
     assert vhack.heldout_on_kept_axes({}, {"a": [0]}) == {}
+    short = vhack.heldout_on_kept_axes({"axis_frac_pairs_pos": {"a": [1.0]}}, {"a": [0, 1], "z": [0]})
+    assert short == {"n_axes": 1, "n_axes_hackward": 1, "mean_frac_pairs_pos": 1.0}
     S = {"a": torch.tensor([5.0, 4.0, 1.0]), "b": torch.tensor([0.5, 0.4])}
     assert vhack.kept_axes(S, k_use=2, drop_bottom_frac=0.5) == {"a": [0, 1]}
     assert vhack.kept_axes(S, k_use=3, drop_bottom_frac=0.0) == {"a": [0, 1, 2], "b": [0, 1]}
 
+
+def test_pair_grads_sum_norm_and_two_per_batch(rand_tiny):
+    """norm="sum" is the gradient of -Σ log p (not the mean), on the batched and the one-pair path;
+    batches of 2 equal the one-pair path."""
+    model, tok, knobs = rand_tiny
+    pairs = _rand_pairs(5)
+    got = {bs: vhack.pair_grads(model, tok, knobs, pairs, "cpu", batch_size=bs, norm="sum") for bs in (1, 2, 8)}
+    mean2 = vhack.pair_grads(model, tok, knobs, pairs, "cpu", batch_size=2)
+    names = list(knobs)
+    for i, p in enumerate(pairs):
+        for side, text in (("hack", p.hack), ("clean", p.clean)):
+            n_tok = len(tok(text, add_special_tokens=False)["input_ids"])
+            assert n_tok > 1
+            for n, r in zip(names, _reference_grads(model, tok, knobs, p.prompt, text), strict=True):
+                key, scale = f"{side}/{n}", float(r.abs().max())
+                torch.testing.assert_close(mean2[key][i], r, rtol=1e-4, atol=1e-5 * scale)
+                for g in got.values():
+                    torch.testing.assert_close(g[key][i], r * n_tok, rtol=1e-4, atol=1e-5 * scale * n_tok)
+
+
+def test_sign_and_pair_norm_reach_the_extraction(rand_tiny, tmp_path):
+    """directions_from_grads / extract / resolve / refresh pass `sign` and `pair_norm` on; resolve
+    names the cache by them and by the adapted blocks."""
+    model, tok, knobs = rand_tiny
+    pairs = _rand_pairs(9)
+    names = [p.name for p in pairs]
+    grads = vhack.pair_grads(model, tok, knobs, pairs, "cpu", norm="sum")
+    kw = dict(top_k=12, tau_axis=0.0, n_heldout=2, names=names)
+    want = vhack.directions_from_grads(grads, sign="mean", **kw)
+    train = {k: v[:7] for k, v in grads.items()}
+    V, _ = vhack.v_hack_from(train, top_k=12, sign="mean")
+    assert all(torch.equal(want.v_hack[m], V[m]) for m in knobs)
+    vote = vhack.directions_from_grads(grads, sign="vote", **kw)
+    assert any(not torch.equal(want.v_hack[m], vote.v_hack[m]) for m in knobs)  # the rule matters here
+    d = vhack.extract(model, tok, knobs, pairs, top_k=12, sign="mean", pair_norm="sum")
+    assert all(torch.equal(d.v_hack[m], want.v_hack[m]) for m in knobs)
+    res = vhack.resolve_directions(model, tok, knobs, pairs, model_id="rand-qwen3", pairs_source="t",
+                                   out_dir=tmp_path, k_use=12, drop_bottom_frac=0.0, sign="mean",
+                                   pair_norm="sum")
+    assert [p.name for p in tmp_path.iterdir()] == [
+        vhack.directions_cache_path(tmp_path, "rand-qwen3", pairs, 12, 0.0, 2, "mean", "sum").name]
+    assert (res.meta["sign"], res.meta["pair_norm"]) == ("mean", "sum")
+    assert all(torch.equal(res.v_hack[m], want.v_hack[m]) for m in knobs)
+    fresh = vhack.refresh(model, tok, knobs, pairs, res, top_k=12, k_use=12, drop_bottom_frac=0.0,
+                          sign="mean", pair_norm="sum").directions
+    for m in knobs:
+        torch.testing.assert_close(fresh.v_hack[m], res.v_hack[m])
+    top = {m: k for m, k in knobs.items() if ".layers.1." in m}  # only the top block adapted
+    assert top and len(top) < len(knobs)
+    vhack.resolve_directions(model, tok, top, pairs, model_id="rand-qwen3", pairs_source="t",
+                             out_dir=tmp_path / "top", k_use=12, drop_bottom_frac=0.0)
+    assert [p.name for p in (tmp_path / "top").iterdir()] == [
+        f"v_hack_rand-qwen3_k12_h2_L1-1_svote_{vhack.pairs_hash(pairs)}.safetensors"]
