@@ -95,3 +95,36 @@ bench-step *ARGS:
 # The GPU figures in one prepared run (a lent GPU machine): bench-adapter at Qwen3-4B shapes in bf16, two fast steps of a random Qwen3-4B.
 bench-gpu OUT="out/gpu_check":
     uv run python benchmarks/gpu_check.py --out {{OUT}}
+
+# Mutation testing (mutmut 3) of one module against its own tests, e.g. `just mutate grpo`, `just mutate env/oracle`
+# (see README, Development). Work dir out/mutate/<module>/; extra ARGS go to `mutmut run` (e.g. a mutant-name glob).
+mutate MODULE *ARGS:
+    #!/usr/bin/env bash
+    set -euo pipefail
+    mod="{{MODULE}}"; mod="${mod%.py}"; mod="${mod#src/}"; mod="${mod#vgrout/}"
+    src="src/vgrout/$mod.py"
+    [ -f "$src" ] || { echo "no module $src" >&2; exit 2; }
+    case "$mod" in  # the grader's tests (the oracle's included) are its own file plus the hack matrix
+        env/oracle|env/rewards) tests=(tests/test_rewards.py tests/test_hack_matrix.py) ;;
+        *) tests=("tests/test_$(basename "$mod").py") ;;
+    esac
+    for t in "${tests[@]}"; do [ -f "$t" ] || { echo "no test file $t for $src" >&2; exit 2; }; done
+    sel=$(printf '"%s", ' "${tests[@]}")
+    root="$(pwd)"; work="out/mutate/${mod//\//_}"
+    rm -rf "$work"; mkdir -p "$work"  # fresh: mutmut never refreshes its copies of the other modules
+    for d in src tests scripts; do ln -s "$root/$d" "$work/$d"; done  # scripts/: test_results runs one
+    { cat pyproject.toml; printf '%s\n' '' '[tool.mutmut]' 'source_paths = ["src"]' 'also_copy = ["scripts"]' \
+        "only_mutate = [\"$src\"]" \
+        "pytest_add_cli_args_test_selection = [$sel\"-m\", \"not slow and not data\"]" \
+        'pytest_add_cli_args = ["-p", "no:xdist", "-p", "no:cacheprovider"]' \
+        'do_not_mutate_patterns = ["^\\s*raise "]  # the text of error messages (their conditions are mutated)'; \
+        } > "$work/pyproject.toml"
+    cd "$work"
+    # one thread per forked worker: an OpenMP pool inherited across fork deadlocks (false "timeouts")
+    export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
+    start=$SECONDS
+    uv run --project "$root" mutmut run {{ARGS}}
+    echo "mutmut run: $((SECONDS - start)) s for $src against ${tests[*]}"
+    uv run --project "$root" mutmut results --all true > results.txt
+    grep -v ': killed$' results.txt || true
+    awk -F': ' '{n[$2]++} END {for (s in n) printf "%s %d, ", s, n[s]; print "total " NR}' results.txt

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import copy
+import json
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 from loguru import logger
+from safetensors import safe_open
+from safetensors.torch import save_file
 from torch import nn
 
 from _tiny import random_qwen3
@@ -341,6 +344,265 @@ def test_save_load_round_trip_and_mismatches(tmp_path):
         A.load_adapter(tmp_path / "missing.safetensors", fresh, model_id="rand-qwen3")
     with pytest.raises(ValueError, match="reserved"):
         A.save_adapter(path, knobs, model_id="rand-qwen3", metadata={"model": "x"})
+
+
+def test_merged_generation_with_an_all_negative_knob(tmp_path):
+    """A knob whose δS + δS_hack is negative on every axis is merged, not skipped as 'zero'."""
+    model, _, knobs = _wrapped(tmp_path)
+    name = "model.layers.0.mlp.down_proj"
+    with torch.no_grad():
+        knobs[name].delta_S.fill_(-0.2)
+        knobs[name].delta_S_hack.fill_(-0.1)
+    ids = _ids(2, 8)
+    unmerged = _logits(model, ids)
+    before = knobs[name].base.weight.detach().clone()
+    with A.merged_for_generation(knobs):
+        merged_w = knobs[name].base.weight.detach().clone()
+        merged = _logits(model, ids)
+    torch.testing.assert_close(merged_w, before + knobs[name].delta_weight(), rtol=0, atol=1e-6)
+    torch.testing.assert_close(merged, unmerged, rtol=0, atol=1e-5)
+    assert torch.equal(knobs[name].base.weight, before)
+    # and the adapter path changed the output: the test is not vacuous
+    with A.zero_delta(knobs):
+        assert (_logits(model, ids) - unmerged).abs().max() > 1e-3
+
+
+def test_zero_delta_zeroes_the_quarantine_too(tmp_path):
+    """Inside zero_delta both knobs read 0 (δS_hack included) and the model is the base model."""
+    model, plain, knobs = _wrapped(tmp_path)
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for k in knobs.values():
+            k.delta_S_hack.copy_(torch.randn(k.rank, generator=g) * 0.3)  # δS stays 0
+    snap = {n: k.delta_S_hack.detach().clone() for n, k in knobs.items()}
+    ids = _ids(2, 7)
+    base = _logits(plain, ids)
+    assert (_logits(model, ids) - base).abs().max() > 1e-3  # the quarantine alone matters
+    with A.zero_delta(knobs):
+        for k in knobs.values():
+            assert torch.all(k.delta_S_hack == 0) and torch.all(k.delta_S == 0)
+            assert float(k.delta_weight().abs().max()) == 0.0
+        assert (_logits(model, ids) - base).abs().max() <= 1e-5
+        # the adapter path is skipped, not run with zeros: nothing flows back to the knobs
+        assert not model(input_ids=ids).logits.requires_grad
+    assert all(torch.equal(k.delta_S_hack, snap[n]) for n, k in knobs.items())
+
+
+# ── one knob on its own, dtypes, and what the model's state holds ─────────────────────────
+
+
+def _knob(d_in: int = 4, d_out: int = 3, seed: int = 0) -> A.SVDKnob:
+    g = torch.Generator().manual_seed(seed)
+    lin = nn.Linear(d_in, d_out)
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(d_out, d_in, generator=g))
+        lin.bias.copy_(torch.randn(d_out, generator=g))
+    U, S, Vh = torch.linalg.svd(lin.weight.detach(), full_matrices=False)
+    return A.SVDKnob("blk", lin, U, S, Vh)
+
+
+def test_a_bare_knob_is_its_linear_until_moved():
+    k = _knob()
+    x = torch.randn(5, 4, generator=torch.Generator().manual_seed(1))
+    assert (k.in_features, k.out_features, k.rank) == (4, 3, 3) and "rank=3" in repr(k)
+    assert k.weight is k.base.weight and k.bias is k.base.bias
+    torch.testing.assert_close(k(x), k.base(x), rtol=0, atol=1e-6)
+    assert k.per_rollout_grad is None
+    k(x).sum().backward()
+    assert k.per_rollout_grad is None  # no recording unless asked
+    with torch.no_grad():
+        k.delta_S.copy_(torch.tensor([0.5, -1.0, 2.0]))
+    torch.testing.assert_close(k(x), F.linear(x, k.base.weight + k.delta_weight(), k.base.bias))
+    U, S, Vh = torch.linalg.svd(k.base.weight.detach(), full_matrices=False)
+    for bad in ((U[:, :2], S, Vh), (U, S, Vh[:, :3])):
+        with pytest.raises(ValueError, match="SVD shapes"):
+            A.SVDKnob("blk", k.base, *bad)
+
+
+def test_flat_token_batches_split_into_rollouts():
+    """A [tokens, d] input inside rollout_grads(n): rows are n equal runs of tokens."""
+    k = _knob()
+    x = torch.randn(6, 4, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        k.delta_S.copy_(torch.tensor([0.3, 0.0, -0.2]))
+    w = torch.tensor([1.0, -1.0, 2.0])
+    with A.rollout_grads([k], 3):
+        (k(x) @ w).sum().backward()
+    h = x @ k.Vh.T  # [6, r]
+    g_tok = (w @ k.U) * h  # ∂L/∂s per token
+    torch.testing.assert_close(k.per_rollout_grad, g_tok.reshape(3, 2, 3).sum(1), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(k.delta_S.grad, g_tok.sum(0), rtol=1e-5, atol=1e-6)
+    with A.rollout_grads([k], 2), pytest.raises(ValueError, match="does not split"):
+        k(x[:3])
+    with A.rollout_grads([k], 4), pytest.raises(ValueError, match="does not split"):
+        k(x)
+
+
+def test_bf16_weights_keep_bf16_factors_and_fp32_knobs(tmp_path):
+    model = random_qwen3().to(torch.bfloat16)
+    knobs = A.wrap_model(model, "rand-qwen3-bf16", cache_root=tmp_path / "svd")
+    k = knobs["model.layers.0.mlp.up_proj"]
+    assert k.U.dtype == k.Vh.dtype == torch.bfloat16
+    assert k.S.dtype == k.delta_S.dtype == k.delta_S_hack.dtype == torch.float32
+    _randomise(knobs)
+    ids = _ids(2, 6)
+    logits = model(input_ids=ids).logits
+    assert logits.dtype == torch.bfloat16
+    logits.float().sum().backward()
+    assert k.delta_S.grad.dtype == torch.float32 and float(k.delta_S.grad.abs().max()) > 0
+
+
+def test_svd_factors_stay_out_of_the_model_state(tmp_path):
+    model, _, knobs = _wrapped(tmp_path)
+    keys = set(model.state_dict())
+    assert not {k for k in keys if k.rsplit(".", 1)[-1] in ("U", "Vh", "S")}
+    assert {f"{n}.delta_S" for n in knobs} <= keys and {f"{n}.delta_S_hack" for n in knobs} <= keys
+
+
+def test_gradient_through_a_frozen_knob_reaches_earlier_knobs(tmp_path):
+    """δS of layer 1 frozen (nonzero): layer 0's δS gradient still flows through layer 1's
+    adapter path, exactly as through the dense W' = W + U diag(δS) Vh."""
+    model, plain, knobs = _wrapped(tmp_path)
+    _randomise(knobs, hack=False)
+    for n, k in knobs.items():
+        if ".layers.1." in n:
+            k.delta_S.requires_grad_(False)
+            k.delta_S_hack.requires_grad_(False)
+    ids, adv = _ids(2, 7), torch.tensor([1.0, -0.5])
+    _grpo_like_loss(model(input_ids=ids).logits, ids, adv).backward()
+    dense = {name: _DenseRef(k) for name, k in knobs.items()}
+    for name, ref in dense.items():
+        parent, _, child = name.rpartition(".")
+        setattr(plain.get_submodule(parent), child, ref)
+    _grpo_like_loss(plain(input_ids=ids).logits, ids, adv).backward()
+    for name, k in knobs.items():
+        if ".layers.0." in name:
+            assert _rel(k.delta_S.grad, dense[name].d.grad) <= 1e-5, name
+        else:
+            assert k.delta_S.grad is None
+
+
+def test_output_head_inside_a_block_is_not_wrapped(tmp_path):
+    class Block(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.proj = nn.Linear(4, 4)
+
+    class Toy(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.layers = nn.ModuleList([Block(), Block()])
+
+        def get_output_embeddings(self) -> nn.Module:
+            return self.layers[1].proj
+
+    toy = Toy()
+    knobs = A.wrap_model(toy, "toy", cache_root=tmp_path / "svd")
+    assert list(knobs) == ["layers.0.proj"] and isinstance(toy.layers[0].proj, A.SVDKnob)
+    with pytest.raises(ValueError, match="no nn.Linear"):
+        A.wrap_model(nn.Sequential(nn.Linear(2, 2)), "flat", cache_root=tmp_path / "svd")
+
+
+# ── SVD cache: on-disk format and every way an entry can be bad ───────────────────────────
+
+
+def test_svd_cache_entry_in_the_documented_format_is_reused(tmp_path):
+    w = torch.randn(5, 3, generator=torch.Generator().manual_seed(4))
+    cache = tmp_path / "c"
+    cache.mkdir()
+    U, S, Vh = torch.linalg.svd(w, full_matrices=False)
+    meta = {"schema": A.SVD_SCHEMA, "model": "m", "module": "blk", "shape": "[5, 3]",
+            "checksum": A.weight_checksum(w)}
+    save_file({"U": (2 * U).contiguous(), "S": S.contiguous(), "Vh": Vh.contiguous()},
+              str(cache / "blk.safetensors"), metadata=meta)
+    loaded = A.SVD_STATS.loaded
+    got = A.svd_cached(w, "m", "blk", cache)
+    assert A.SVD_STATS.loaded == loaded + 1 and torch.equal(got[0], 2 * U)  # served from disk
+    assert len(A.weight_checksum(w)) == 32  # blake2b-128
+    w2 = w.clone()
+    w2[0, 0] += 1e-6
+    assert A.weight_checksum(w2) != A.weight_checksum(w)
+
+
+@pytest.mark.parametrize("bad", ["U", "S", "Vh", "S_nan", "Vh_nan", "model"])
+def test_svd_cache_rebuilds_every_bad_entry(tmp_path, bad):
+    w = torch.randn(5, 3, generator=torch.Generator().manual_seed(4))
+    cache = tmp_path / "c"
+    A.svd_cached(w, "m", "blk", cache)  # a good entry
+    path = cache / "blk.safetensors"
+    with safe_open(str(path), framework="pt") as f:
+        meta = dict(f.metadata())
+        t = {k: f.get_tensor(k) for k in ("U", "S", "Vh")}
+    if bad in ("U", "S", "Vh"):
+        t[bad] = t[bad][:-1].contiguous()  # one row short
+    elif bad == "model":
+        meta["model"] = "other"
+    else:
+        t[bad[:-4]][0] = float("nan")
+    save_file(t, str(path), metadata=meta)
+    rebuilt, computed = A.SVD_STATS.rebuilt, A.SVD_STATS.computed
+    messages, sink = _capture_warnings()
+    try:
+        U, S, Vh = A.svd_cached(w, "m", "blk", cache)
+    finally:
+        logger.remove(sink)
+    assert (A.SVD_STATS.rebuilt, A.SVD_STATS.computed) == (rebuilt + 1, computed + 1)
+    assert any("blk" in m and "rebuilding" in m for m in messages)
+    assert _rel(U @ torch.diag(S) @ Vh, w) < 1e-5
+
+
+# ── reference log-probs and adapter files ─────────────────────────────────────────────────
+
+
+def test_reference_logprobs_boundaries(tmp_path):
+    model, plain, knobs = _wrapped(tmp_path)
+    _randomise(knobs)
+    ids = _ids(2, 6)
+    for start in (1, 5):  # the first and the last admissible completion start
+        ref = reference_logprobs(model, knobs, ids, start)
+        want = per_token_logps(_logits(plain, ids)[:, start - 1 : -1], ids[:, start:])
+        torch.testing.assert_close(ref, want, rtol=0, atol=1e-5)
+    for start in (0, 6, 7):
+        with pytest.raises(ValueError, match="completion start"):
+            reference_logprobs(model, knobs, ids, start)
+
+
+def test_adapter_files_are_validated_before_anything_is_copied(tmp_path):
+    _, _, knobs = _wrapped(tmp_path)
+    _randomise(knobs)
+    path = tmp_path / "a.safetensors"
+    A.save_adapter(path, knobs, model_id="rand-qwen3", include_hack=True)
+    with safe_open(str(path), framework="pt") as f:
+        meta = dict(f.metadata())
+        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+    name = next(iter(knobs))
+    _, _, fresh = _wrapped(tmp_path)
+    before = [p.detach().clone() for p in A.deployed_params(fresh) + A.quarantine_params(fresh)]
+
+    def refuse(t: dict, m: dict, match: str, **kw) -> None:
+        bad = tmp_path / "bad.safetensors"
+        save_file(t, str(bad), metadata=m)
+        with pytest.raises(ValueError, match=match):
+            A.load_adapter(bad, fresh, model_id="rand-qwen3", **kw)
+        after = A.deployed_params(fresh) + A.quarantine_params(fresh)
+        assert all(torch.equal(a, b) for a, b in zip(before, after, strict=True))
+
+    refuse({k: v for k, v in tensors.items() if k != f"delta_S.{name}"}, meta, "missing, misshapen")
+    refuse({**tensors, f"delta_S.{name}": tensors[f"delta_S.{name}"][:-1]}, meta, "misshapen")
+    nan = tensors[f"delta_S_hack.{name}"].clone()
+    nan[0] = float("nan")
+    refuse({**tensors, f"delta_S_hack.{name}": nan}, meta, "non-finite", include_hack=True)
+    refuse(tensors, {k: v for k, v in meta.items() if k != "shapes"}, "do not match")
+    shapes = json.loads(meta["shapes"])
+    shapes["model.layers.9.extra"] = 4
+    del shapes[name]
+    refuse(tensors, {**meta, "shapes": json.dumps(shapes)},
+           rf"missing \['{name}'\], unexpected \['model.layers.9.extra'\], rank differs \[\]")
+    (tmp_path / "junk.safetensors").write_bytes(b"junk")
+    with pytest.raises(ValueError, match="adapter"):
+        A.load_adapter(tmp_path / "junk.safetensors", fresh, model_id="rand-qwen3")
+    with pytest.raises(TypeError, match="str -> str"):
+        A.save_adapter(path, knobs, model_id="rand-qwen3", metadata={"step": 25})  # type: ignore[dict-item]
 
 
 @pytest.mark.parametrize("head_trains", [False, True])

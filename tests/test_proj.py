@@ -314,3 +314,240 @@ def test_rollout_hackward():
     V = torch.eye(2, 4, dtype=torch.float64)
     g_b = torch.tensor([[2.0, -1.0, 0, 0], [0.5, -1.0, 0, 0], [0, 0, 3.0, 0]], dtype=torch.float64)
     assert proj.rollout_hackward(g_b, V).tolist() == [True, False, False]
+
+
+# ── exact values of the diagnostics and the defaults ─────────────────────────────────────
+
+
+def test_span_residual_exact_values():
+    """‖x - Vᵀ V x‖ / ‖x‖: 1 for a vector orthogonal to span(V), 4/5 for 3·(in) + 4·(out)."""
+    V = torch.eye(2, 5, dtype=torch.float64)  # span(V) = the first two axes
+    ortho = torch.tensor([0.0, 0.0, 3.0, 0.0, 0.0], dtype=torch.float64)
+    assert proj.span_residual(ortho, V) == 1.0
+    mixed = torch.tensor([3.0, 0.0, 0.0, 4.0, 0.0], dtype=torch.float64)
+    assert proj.span_residual(mixed, V) == pytest.approx(4 / 5, rel=1e-15)
+    inside = torch.tensor([3.0, -4.0, 0.0, 0.0, 0.0], dtype=torch.float64)
+    assert proj.span_residual(inside, V) == 0.0
+    # a float32 basis against a float64 vector: compared in the vector's dtype
+    assert proj.span_residual(mixed, V.float()) == pytest.approx(4 / 5, rel=1e-15)
+
+
+def test_frac_fired_per_gate_mode_and_default():
+    V = torch.eye(4, 6, dtype=torch.float64)
+    g = torch.tensor([3.0, -4.0, -1.0, 0.0, 5.0, 0.0], dtype=torch.float64)  # c = (3, -4, -1, 0)
+    assert proj.frac_fired(g, V, "reverse") == 2 / 4  # the two negative coefficients
+    assert proj.frac_fired(g, V, "one_sided") == 1 / 4
+    assert proj.frac_fired(g, V, "no_gate") == 3 / 4  # a zero coefficient never fires
+    assert proj.frac_fired(g, V) == 1 / 4  # default: one_sided
+    for gm in ("reverse", "one_sided"):
+        _, _, d = proj.erase(g, V, gate_mode=gm)
+        assert d.frac_fired == proj.frac_fired(g, V, gm)
+    # an empty basis (every axis dropped) fires nothing
+    empty = torch.zeros(0, 6, dtype=torch.float64)
+    assert proj.frac_fired(g, empty) == 0.0
+    assert proj.erase(g, empty)[2].frac_fired == 0.0
+
+
+def test_erase_and_route_defaults_are_one_sided_full_strength(setup):
+    g, V = setup
+    c = V @ g
+    want_removed = torch.clamp(c, min=0) @ V
+    for fn in (proj.erase, proj.route):
+        new, removed, _ = fn(g, V)
+        torch.testing.assert_close(removed, want_removed, rtol=0, atol=1e-12)
+        torch.testing.assert_close(new, g - want_removed, rtol=0, atol=1e-12)
+
+
+def test_overshoot_bounds():
+    V = torch.eye(1, 3, dtype=torch.float64)
+    g = torch.tensor([2.0, 1.0, 0.0], dtype=torch.float64)
+    g0, removed0, _ = proj.erase(g, V, overshoot=0.0)  # allowed: a no-op
+    torch.testing.assert_close(g0, g, rtol=0, atol=0)
+    assert float(removed0.norm()) == 0.0
+    g_half, _, _ = proj.erase(g, V, overshoot=0.5)
+    torch.testing.assert_close(g_half, torch.tensor([1.0, 1.0, 0.0], dtype=torch.float64))
+    for bad in (-0.1, float("inf"), float("nan")):
+        with pytest.raises(ValueError, match="overshoot"):
+            proj.erase(g, V, overshoot=bad)
+
+
+def test_preserve_magnitude_small_and_zero_results():
+    V = torch.eye(1, 3, dtype=torch.float64)
+    small = torch.tensor([3e-3, 4e-3, 0.0], dtype=torch.float64)  # ‖g‖ = 5e-3 < 1
+    g2, _, d = proj.erase(small, V, preserve_magnitude=True)
+    torch.testing.assert_close(g2, torch.tensor([0.0, 5e-3, 0.0], dtype=torch.float64))
+    assert d.norm_post == pytest.approx(5e-3, rel=1e-15)
+    # everything hack-ward: the erased gradient is 0 and stays 0 (no 0/0)
+    inside = torch.tensor([2.0, 0.0, 0.0], dtype=torch.float64)
+    g3, removed, _ = proj.erase(inside, V, preserve_magnitude=True)
+    assert g3.tolist() == [0.0, 0.0, 0.0] and removed.tolist() == [2.0, 0.0, 0.0]
+
+
+def test_shape_checks_refuse_wrong_ranks():
+    V = torch.eye(2, 4, dtype=torch.float64)
+    with pytest.raises(ValueError, match="shape"):
+        proj.erase(torch.ones(4, 1, dtype=torch.float64), V)  # V @ g would silently work
+    with pytest.raises(ValueError, match="shape"):
+        proj.erase(torch.ones(4, dtype=torch.float64), torch.ones(4, dtype=torch.float64))
+    with pytest.raises(ValueError, match="shape"):
+        proj.rollout_hackward(torch.ones(4, dtype=torch.float64), V)
+    with pytest.raises(ValueError, match="shape"):
+        proj.rollout_hackward(torch.ones(3, 4, dtype=torch.float64), torch.ones(4, dtype=torch.float64))
+    with pytest.raises(ValueError, match="shape"):
+        proj.Route2Gate().step("m", torch.ones(4, dtype=torch.float64), torch.ones(4), [True])
+    with pytest.raises(ValueError, match="shape"):
+        proj.Route2Gate().step("m", torch.ones(2, 4), torch.ones(2, 4), [True, False])
+
+
+def test_q_egy_exact():
+    z = torch.zeros(2, dtype=torch.float64)
+    assert proj.q_egy([z], [z]) == 0.0
+    small_k = torch.tensor([0.3, 0.0], dtype=torch.float64)
+    small_q = torch.tensor([0.0, 0.1], dtype=torch.float64)
+    assert proj.q_egy([small_k], [small_q]) == pytest.approx(0.1 / 0.4, rel=1e-15)
+    assert proj.q_egy([small_k], []) == 0.0
+    assert proj.q_egy([], [small_q]) == 1.0
+
+
+def test_project_all_passes_every_option_and_reports_each_module():
+    Vs = {f"m{i}": _basis(16, 3, 20 + i) for i in range(2)}
+    grads = {"first_no_basis": _grad(16, 98)} | {m: _mixed_grad(V, 30 + i) for i, (m, V) in
+                                                  enumerate(Vs.items())}
+    grads_t = {m: _mixed_grad(V, 40 + i) for i, (m, V) in enumerate(Vs.items())}
+    for kw in ({"gate_mode": "no_gate"}, {"overshoot": 1.1}, {"preserve_magnitude": True},
+               {"gate_mode": "reverse", "overshoot": 0.5}):
+        res = proj.project_all(grads, Vs, mode="erase", grads_t=grads_t, **kw)
+        assert res.skipped == ["first_no_basis"] and res.n_modules == 2
+        assert list(res.kept) == list(grads)  # every module after a skipped one is still projected
+        for m, V in Vs.items():
+            want_g, _, want_d = proj.erase(grads[m], V, **kw)
+            torch.testing.assert_close(res.kept[m], want_g, rtol=0, atol=0)
+            assert res.per_module[m] == want_d
+        per = list(res.per_module.values())
+        assert res.frac_fired == pytest.approx(sum(d.frac_fired for d in per) / 2)
+        assert res.cos_post == pytest.approx(sum(d.cos_post for d in per) / 2)
+        assert res.cos_pre_t == pytest.approx(proj.mean_cos_pre(grads_t, Vs))
+        assert res.as_row() == {
+            "cos_pre": res.cos_pre, "cos_pre_s": res.cos_pre_s, "cos_pre_t": res.cos_pre_t,
+            "cos_post": res.cos_post, "fired": res.frac_fired, "q_egy": res.q_egy,
+        }
+    # default overshoot 1: every hack-ward coefficient removed exactly
+    res = proj.project_all(grads, Vs, mode="route")
+    for m, V in Vs.items():
+        torch.testing.assert_close(res.routed[m], torch.clamp(V @ grads[m], min=0) @ V)
+    # nothing has a basis: the aggregates are NaN, not an error
+    none = proj.project_all({"a": _grad(4, 1)}, {}, mode="erase")
+    assert math.isnan(none.cos_pre) and math.isnan(none.frac_fired) and none.n_modules == 0
+
+
+def test_rollout_hackward_compares_each_rollouts_own_parts():
+    V = torch.eye(2, 4, dtype=torch.float64)
+    g_b = torch.tensor([[0.6, -0.5, 0, 0], [0.5, -0.6, 0, 0], [1.2, -1.0, 0, 0], [2.0, -2.0, 9.0, 0]],
+                       dtype=torch.float64)
+    assert proj.rollout_hackward(g_b, V).tolist() == [True, False, True, False]
+
+
+def test_build_anchors_accepts_zero_one_flags():
+    ha, ca = proj.build_anchors([1, 1, 1, 0, 0], [0, 1, 0], teacher_only=False)
+    assert ha.tolist() == [False, True, False, True, True] and ca.tolist() == [True, False, True, False, False]
+    ha, _ = proj.build_anchors([1, 1, 0], [1, 0, 1], teacher_only=False)  # teacher's own flag ignored
+    assert ha.tolist() == [True, False, True]
+
+
+def test_per_rollout_cos_small_norms_and_mixed_dtypes():
+    v = torch.tensor([1.0, 0.0], dtype=torch.float32)
+    g_b = torch.tensor([[3e-3, 4e-3], [0.0, 0.0], [-5.0, 0.0]], dtype=torch.float64)
+    cos = proj.per_rollout_cos(g_b, v)
+    assert cos.dtype == torch.float64
+    assert cos.tolist() == [pytest.approx(0.6, rel=1e-15), 0.0, -1.0]
+
+
+def test_route2_beta_bounds():
+    proj.Route2Gate(beta=0.0)  # no memory: allowed
+    for bad in (1.0, 1.5, -0.1):
+        with pytest.raises(ValueError, match="beta"):
+            proj.Route2Gate(beta=bad)
+
+
+def test_route2_one_sided_calibration_and_tau_boundary():
+    v = torch.tensor([1.0, 0.0], dtype=torch.float64)
+    # hack anchors only: τ = ema_hack / 2 and hkgap = ema_hack (the clean mean counts as 0)
+    g_b = torch.tensor([[3.0, 4.0], [4.0, 3.0]], dtype=torch.float64)  # cos 0.6, 0.8
+    res = proj.Route2Gate().step("m", g_b, v, [True, True])
+    assert (res.tau, res.hkgap, res.calibrated) == (pytest.approx(0.35), pytest.approx(0.7), False)
+    # clean anchors only: hkgap = -ema_clean
+    res = proj.Route2Gate().step("m", g_b, v, [False, False])
+    assert res.hkgap == pytest.approx(-0.7) and res.tau == pytest.approx(0.35)
+    # a rollout exactly at τ is not flagged (cos_b > τ, strictly): here τ = 0 and cos = 0
+    ortho = torch.tensor([[0.0, 2.0], [0.0, 3.0]], dtype=torch.float64)
+    res = proj.Route2Gate().step("m", ortho, v, [True, False])
+    assert res.tau == 0.0 and res.flagged.tolist() == [True, False]
+
+
+def test_route2_zero_one_anchor_and_small_kept_resid():
+    v = torch.tensor([1.0, 0.0], dtype=torch.float64)
+    g_b = torch.tensor([[3e-3, 4e-3], [-4e-3, 3e-3], [0.0, 1e-3]], dtype=torch.float64)
+    res = proj.Route2Gate().step("m", g_b, v, [1, 0, 0])  # 0/1 anchors select rows, not indices
+    assert res.flagged.tolist() == [True, False, False]
+    torch.testing.assert_close(res.routed, g_b[0])
+    kept = g_b[1] + g_b[2]  # (-4e-3, 4e-3): cos with v = -1/√2, though ‖kept‖ < 1
+    assert res.resid == pytest.approx(-1 / math.sqrt(2), rel=1e-12)
+    torch.testing.assert_close(res.kept, kept)
+
+
+def test_summarize_route2_means_every_field():
+    v = torch.tensor([1.0, 0.0], dtype=torch.float64)
+    gate = proj.Route2Gate()
+    rs = [gate.step(m, torch.tensor(rows, dtype=torch.float64), v, [True, False])
+          for m, rows in (("a", [[3.0, 4.0], [-1.0, 1.0]]), ("b", [[1.0, 0.0], [1.0, 2.0]]))]
+    d = proj.summarize_route2(rs, [r.kept for r in rs], [r.routed for r in rs])
+    assert d.hkgap == pytest.approx((rs[0].hkgap + rs[1].hkgap) / 2)
+    assert d.resid == pytest.approx((rs[0].resid + rs[1].resid) / 2)
+    assert d.tau == pytest.approx((rs[0].tau + rs[1].tau) / 2)
+
+
+def test_classifier_stats_edge_counts():
+    s = proj.classifier_stats([True, True, True, True], [True, False, True, False])  # tp = fp = 2
+    assert (s["precision"], s["recall"]) == (0.5, 1.0)
+    s = proj.classifier_stats([True, False, True, False], [True, True, False, False])  # tp = fn = 1
+    assert (s["precision"], s["recall"]) == (0.5, 0.5)
+    s = proj.classifier_stats([True, False], [False, False])  # nothing exploited: recall undefined
+    assert s["precision"] == 0.0 and math.isnan(s["recall"]) and math.isnan(s["f05"])
+
+
+def test_route2_with_a_float32_direction_and_float64_gradients():
+    v = torch.tensor([1.0, 0.0], dtype=torch.float32)
+    g_b = torch.tensor([[3.0, 4.0], [-1.0, 1.0]], dtype=torch.float64)
+    res = proj.Route2Gate().step("m", g_b, v, [True, False])
+    assert res.kept.dtype == torch.float64
+    assert res.resid == pytest.approx(-1 / math.sqrt(2), rel=1e-12)
+
+
+def test_project_all_route_refuses_preserve_magnitude():
+    V = {"m": _basis(8, 2, 0)}
+    with pytest.raises(ValueError, match="erase-only"):
+        proj.project_all({"m": _grad(8, 1)}, V, mode="route", preserve_magnitude=True)
+
+
+def test_nanmean_skips_none_and_nan():
+    assert proj.nanmean([None, 2.0, float("nan"), 4.0]) == 3.0
+    assert proj.nanmean(x for x in (1.0, None)) == 1.0  # any iterable
+    assert math.isnan(proj.nanmean([None, float("nan")])) and math.isnan(proj.nanmean([]))
+
+
+def test_update_diagnostics_exact():
+    """cos_upd = mean over modules of ‖relu(VΔ)‖/‖Δ‖; quar_resid = mean relative part of δS_hack
+    outside span(V) over modules with a non-zero quarantine (NaN without one)."""
+    V = {"a": torch.tensor([[1.0, 0.0, 0.0]]), "b": torch.tensor([[0.0, 1.0, 0.0]])}
+    change = {"a": torch.tensor([3.0, 4.0, 0.0]),  # hack-ward coordinate 3 of norm 5: 0.6
+              "b": torch.tensor([0.0, -2.0, 0.0]),  # anti-hack only: 0
+              "x": torch.tensor([1.0, 0.0, 0.0])}  # no basis: not counted
+    quar = {"a": torch.tensor([0.0, 0.0, 2.0]),  # entirely outside span: 1
+            "b": torch.tensor([0.0, 3.0, 4.0]),  # 4/5 outside
+            "x": torch.tensor([0.0, 0.0, 1.0])}  # no basis: not counted
+    d = proj.update_diagnostics(V, change, quar)
+    assert d == {"cos_upd": pytest.approx(0.3), "quar_resid": pytest.approx(0.9)}
+    d = proj.update_diagnostics(V, change, {"a": quar["a"], "b": torch.zeros(3)})  # a zero quarantine: skipped
+    assert d["quar_resid"] == pytest.approx(1.0)
+    d = proj.update_diagnostics(V, {"b": torch.zeros(3)}, None)  # no change, no quarantine: NaN both
+    assert math.isnan(d["cos_upd"]) and math.isnan(d["quar_resid"])

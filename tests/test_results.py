@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
+import io
 import json
 import math
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -13,14 +16,20 @@ import pytest
 
 from vgrout import results as res
 from vgrout.results import (
+    CSV_BASE_COLUMNS,
     DEPLOY_SCHEMA,
     aggregate,
+    betainc_reg,
+    csv_text,
     main,
+    markdown_table,
     mean_ci,
     scan_runs,
+    skipped_table,
     t_cdf,
     t_quantile,
     welch_diff_ci,
+    write_csv,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -131,8 +140,9 @@ def write_run(
         bm = {
             m: {
                 "in_dist": m == "run_tests",
-                "train_hack": h,
-                "train_solve": s,
+                # knob-on rates differ from the deployed ones, so a mix-up shows
+                "train_hack": h / 2 + 0.4,
+                "train_solve": s / 2 + 0.4,
                 "deploy_hack": h,
                 "deploy_solve": s,
                 "n": 8,
@@ -478,6 +488,356 @@ def test_script_wrapper_runs(tmp_path):
     assert (tmp_path / "o" / "results_latest.csv").is_file()
 
 
+def test_haar_vanilla_is_never_the_baseline(tmp_path):
+    """A random-direction vanilla control sorts after the real vanilla; it must not replace it
+    as the baseline, and alone it is no baseline at all."""
+    write_run(tmp_path, arm="vanilla", seed=41, hack_deploy=0.6, solve_deploy=0.3)
+    write_run(tmp_path, arm="vanilla", seed=41, random_v_seed=3, hack_deploy=0.9, solve_deploy=0.5)
+    write_run(tmp_path, arm="routing2", seed=41, hack_deploy=0.2, solve_deploy=0.32)
+    write_run(tmp_path, preset="fast", arm="vanilla", seed=41, random_v_seed=3, hack_deploy=0.9)
+    write_run(tmp_path, preset="fast", arm="routing2", seed=41, hack_deploy=0.1)
+    groups = {(g.preset, g.arm, g.control): g for g in aggregate(scan_runs(tmp_path)[0])}
+    van = groups[("smoke", "vanilla", "")]
+    r2 = groups[("smoke", "routing2", "")]
+    assert r2.baseline is van and r2.d_hack == pytest.approx(0.2 - 0.6) and r2.d_solve == pytest.approx(0.02)
+    vh = groups[("smoke", "vanilla", "haar")]
+    assert vh.baseline is van and vh.d_hack == pytest.approx(0.9 - 0.6)  # compared, not the base
+    assert van.baseline is None and van.d_hack is None and van.is_baseline and not vh.is_baseline
+    for key in (("fast", "routing2", ""), ("fast", "vanilla", "haar")):  # only a haar vanilla: no baseline
+        assert groups[key].baseline is None and groups[key].d_hack is None, key
+    deltas = [r["Δ hack vs vanilla"] for r in _cells(markdown_table(list(groups.values())))]
+    assert deltas.count("(baseline)") == 1 and deltas.count("no vanilla") == 2
+
+
+def test_per_mode_columns_are_deploy_rates(tmp_path):
+    write_run(tmp_path, seed=41, by_mode={"run_tests": (0.2, 0.3), "sentinel": (0.0, 0.5)})
+    write_run(tmp_path, seed=42, by_mode={"run_tests": (0.4, 0.3)})
+    (g,) = aggregate(scan_runs(tmp_path)[0])
+    assert g.mode_deploy_hack["run_tests"].mean == pytest.approx(0.3)  # train rates: 0.5, 0.6
+    assert g.mode_deploy_hack["sentinel"].mean == 0.0 and g.mode_deploy_hack["sentinel"].n == 1
+    rows = list(csv.DictReader(io.StringIO(csv_text([g]))))
+    assert float(rows[0]["deploy_hack_run_tests"]) == pytest.approx(0.3)
+    assert float(rows[0]["deploy_hack_sentinel"]) == 0.0
+
+
+# ── edges of the statistics and of the run-folder schema ──────────────────────────────────
+
+
+def test_student_t_edges():
+    assert t_quantile(0.5, 3) == pytest.approx(0.0, abs=1e-12)
+    assert t_quantile(0.025, 4) == pytest.approx(-2.776445105, abs=1e-8)  # p < 1/2 by symmetry
+    assert t_quantile(0.9999, 1) == pytest.approx(math.tan(math.pi * 0.4999), rel=1e-9)  # hi doubles
+    for p in (0.0, 1.0, -0.1):
+        with pytest.raises(ValueError, match="t_quantile"):
+            t_quantile(p, 3)
+    for df in (0, -1):
+        with pytest.raises(ValueError, match="t_cdf"):
+            t_cdf(1.0, df)
+    assert t_cdf(0.0, 5) == 0.5
+    assert (betainc_reg(2.0, 3.0, 0.0), betainc_reg(2.0, 3.0, 1.0)) == (0.0, 1.0)
+    # I_x(1, 1) = x, I_x(a, 1) = x^a, I_x(1, b) = 1 - (1 - x)^b, both sides of the switch point
+    for x in (0.1, 0.3, 0.7, 0.95):
+        assert betainc_reg(1.0, 1.0, x) == pytest.approx(x, abs=1e-13)
+        assert betainc_reg(3.0, 1.0, x) == pytest.approx(x**3, abs=1e-13)
+        assert betainc_reg(1.0, 4.0, x) == pytest.approx(1 - (1 - x) ** 4, abs=1e-13)
+    for x in (-0.1, 1.1):
+        with pytest.raises(ValueError, match="betainc_reg"):
+            betainc_reg(1.0, 1.0, x)
+
+
+def test_interval_levels_other_than_95():
+    ci = mean_ci([0.2, 0.4, 0.6], level=0.9)
+    assert ci.half_width == pytest.approx(t_quantile(0.95, 2) * 0.2 / math.sqrt(3), abs=1e-12)
+    lo, hi = welch_diff_ci([0.0, 0.2], [1.0, 1.2], level=0.5)
+    assert (hi - lo) / 2 == pytest.approx(t_quantile(0.75, 2) * math.sqrt(0.02), abs=1e-12)
+    assert welch_diff_ci([0.1, 0.2], [0.3]) is None
+
+
+def test_field_validation_edges(tmp_path):
+    d = write_run(tmp_path, seed=41)
+    rec = json.loads((d / "per_mode_deploy.json").read_text())
+    cases = {
+        "hack_deploy": [(True, "must be a finite number"), (float("inf"), "finite"), (-0.1, "not a rate")],
+        "by_mode": [({"run_tests": 0.5}, "by_mode['run_tests'] must be an object"),
+                    ({"run_tests": {"train_hack": 0.1}}, "by_mode['run_tests']: field 'train_solve'"),
+                    ([1], "'by_mode' must be a non-empty object")],
+    }
+    for field, values in cases.items():
+        for value, msg in values:
+            (d / "per_mode_deploy.json").write_text(json.dumps(dict(rec, **{field: value})))
+            runs, skipped = scan_runs(tmp_path)
+            assert not runs and msg in skipped[0].reason, (field, value, skipped)
+    # fields config.json also names are refused as a mismatch there; the record's own check stands
+    # behind it (a config.json without them, or with the same bad value)
+    own = {
+        "seed": [(True, "'seed' must be an integer"), (4.0, "'seed' must be an integer")],
+        "random_v_seed": [("3", "'random_v_seed' must be an integer")],
+        "model": [("", "'model' must be a non-empty string"), (3, "'model' must be a non-empty")],
+    }
+    for field, values in own.items():
+        for value, msg in values:
+            with pytest.raises(res.RunFolderError, match=re.escape(msg)):
+                res.parse_deploy_record(dict(rec, **{field: value}), d)
+    for edge in (0, 1):  # integer rates at the ends are rates
+        (d / "per_mode_deploy.json").write_text(json.dumps(dict(rec, hack_deploy=edge)))
+        (r,), _ = scan_runs(tmp_path)
+        assert r.hack_deploy == float(edge)
+    (d / "per_mode_deploy.json").write_text("[1, 2]")
+    assert "expected a JSON object, got list" in scan_runs(tmp_path)[1][0].reason
+    (d / "per_mode_deploy.json").write_bytes(b"\xff\xfe{")
+    assert "not valid JSON" in scan_runs(tmp_path)[1][0].reason
+
+
+def test_status_reasons(tmp_path):
+    d = write_run(tmp_path, seed=41, state="running", deploy=False)
+    cases = [
+        ({"state": "running", "step": -1, "steps": 10}, "status 'running', no step done"),
+        ({"state": "running", "step": 0, "steps": 10}, "status 'running', 1/10 steps done"),
+        ({"state": "failed", "step": "x", "steps": 10, "error": "boom"}, "status 'failed': boom"),
+        ({"state": "queued"}, "status 'queued'"),
+        ({"steps": 3}, "status None"),
+    ]
+    for status, reason in cases:
+        (d / "status.json").write_text(json.dumps(status))
+        assert [s.reason for s in scan_runs(tmp_path)[1]] == [reason]
+    (tmp_path / "stray.txt").write_text("not a run folder")  # files beside the folders are ignored
+    assert len(scan_runs(tmp_path)[1]) == 1
+
+
+def test_group_order_and_mixed_models(tmp_path):
+    write_run(tmp_path, arm="routing", seed=41, hack_deploy=0.3, solve_deploy=0.5)
+    write_run(tmp_path, arm="vanilla", seed=41, hack_deploy=0.5, solve_deploy=0.25)
+    a = write_run(tmp_path, arm="routing2", seed=41, hack_deploy=0.3, solve_deploy=0.25)
+    write_run(tmp_path, arm="projected", seed=41, hack_deploy=0.3, solve_deploy=0.375)
+    b = write_run(tmp_path, arm="routing2", seed=42, hack_deploy=0.3, solve_deploy=0.25, steps=12)
+    for d, model in ((a, "tiny-qwen3"), (b, "other-model")):  # config.json without model and steps
+        cfg = json.loads((d / "config.json").read_text())
+        cfg["config"] = {k: v for k, v in cfg["config"].items() if k not in ("model", "steps")}
+        (d / "config.json").write_text(json.dumps(cfg))
+        rec = json.loads((d / "per_mode_deploy.json").read_text())
+        (d / "per_mode_deploy.json").write_text(json.dumps(dict(rec, model=model)))
+    groups = aggregate(scan_runs(tmp_path)[0])
+    assert [g.arm for g in groups] == ["vanilla", "projected", "routing", "routing2"]
+    r2 = groups[-1]
+    assert r2.models == ["other-model", "tiny-qwen3"] and r2.steps == [10, 12] and r2.seeds == [41, 42]
+    assert r2.note == ("2 of 2 runs predate per-problem counts: no cluster interval; "
+                       "mixed models ['other-model', 'tiny-qwen3']; mixed step counts [10, 12]; "
+                       "no vanilla group with this config (arm-only knobs aside): no delta")
+    proj, routing = groups[1], groups[2]
+    assert proj.d_solve == 0.125 and routing.d_solve == 0.25 and proj.baseline is groups[0]
+    csv_rows = list(csv.DictReader(io.StringIO(csv_text(groups))))
+    assert csv_rows[-1]["models"] == "other-model tiny-qwen3" and csv_rows[-1]["note"] == r2.note
+    assert csv_rows[-1]["steps"] == "10 12" and csv_rows[0]["steps"] == "10"
+    assert csv_rows[0]["solve_verdict"] == "" and csv_rows[0]["baseline_hash"] == ""
+    assert csv_rows[1]["d_solve_vs_vanilla"] == "0.125" and csv_rows[1]["baseline_hash"] == groups[0].short_hash
+    assert float(csv_rows[1]["d_hack_vs_vanilla"]) == pytest.approx(-0.2)
+
+
+def test_unknown_arms_and_modes_sort_last(tmp_path):
+    write_run(tmp_path, arm="vanilla", seed=41, by_mode={"zz_new": (0.1, 0.2), "run_tests": (0.3, 0.4),
+                                                          "gt_only": (0.0, 0.5)})
+    INTERVENTION["lora"] = "lora"
+    try:
+        write_run(tmp_path, arm="lora", seed=41)
+        groups = aggregate(scan_runs(tmp_path)[0])
+    finally:
+        del INTERVENTION["lora"]
+    assert [g.arm for g in groups] == ["vanilla", "lora"]
+    assert list(groups[0].mode_deploy_hack) == ["run_tests", "gt_only", "zz_new"]
+    header = csv_text(groups).splitlines()[0].split(",")
+    nb = len(CSV_BASE_COLUMNS)
+    assert header[:nb] == CSV_BASE_COLUMNS and nb == 28
+    assert header[nb : nb + 3] == ["deploy_hack_run_tests", "deploy_hack_gt_only", "deploy_hack_zz_new"]
+    assert header[nb + 3 :] == [
+        "baseline_hash", "d_hack_vs_vanilla", "d_hack_ci_lo", "d_hack_ci_hi", "d_hack_cl", "d_hack_cl_lo",
+        "d_hack_cl_hi", "d_solve_vs_vanilla", "d_solve_ci_lo", "d_solve_ci_hi", "d_solve_cl", "d_solve_cl_lo",
+        "d_solve_cl_hi", "d_cl_paired", "solve_verdict", "solve_verdict_basis", "solve_margin", "models",
+        "steps", "note"]  # fmt: skip
+    table = markdown_table(groups)
+    assert "deploy hack zz_new" in table and table.index("deploy hack run_tests") < table.index("zz_new")
+
+
+def test_write_csv_names_and_solve_margin_flag(tmp_path, capsys):
+    write_run(tmp_path / "runs", arm="vanilla", seed=41, solve_deploy=0.30)
+    write_run(tmp_path / "runs", arm="routing2", seed=41, solve_deploy=0.20)
+    runs = scan_runs(tmp_path / "runs")[0]
+    groups = aggregate(runs)
+    path = write_csv(groups, tmp_path / "o", stamp="STAMP")
+    assert path == tmp_path / "o" / "results_STAMP.csv"
+    assert (tmp_path / "o" / "results_latest.csv").read_text() == path.read_text() == csv_text(groups)
+    assert not list((tmp_path / "o").glob("runs_*"))  # per-run CSVs only when given the runs
+    write_csv(groups, tmp_path / "o", stamp="S2", solve_margin=0.2, runs=runs)
+    assert (tmp_path / "o" / "runs_S2.csv").read_text() == (tmp_path / "o" / "runs_latest.csv").read_text() \
+        == res.runs_csv_text(runs)
+    rows = list(csv.DictReader(io.StringIO((tmp_path / "o" / "results_S2.csv").read_text())))
+    assert [r["solve_margin"] for r in rows] == ["", "0.2"]  # only where there is a baseline
+    assert main(["--runs", str(tmp_path / "runs"), "--out", str(tmp_path / "o"), "--solve-margin", "0.2"]) == 0
+    assert "matched = inside ±0.2 (equivalence)" in capsys.readouterr().out
+    assert main(["--runs", str(tmp_path / "runs"), "--out", str(tmp_path / "o")]) == 0
+    assert "matched = inside ±0.05 (equivalence)" in capsys.readouterr().out
+    for bad in ("-0.01", "nan", "inf"):
+        with pytest.raises(SystemExit) as e:
+            main(["--runs", str(tmp_path / "runs"), "--solve-margin", bad])
+        assert e.value.code == 2 and "--solve-margin must be a finite number >= 0" in capsys.readouterr().err
+    assert main(["--runs", str(tmp_path / "runs"), "--out", str(tmp_path / "o"), "--solve-margin", "0"]) == 0
+
+
+def _cells(table: str) -> list[dict[str, str]]:
+    """A github-markdown table as rows of {header: cell}."""
+    lines = [ln.strip().strip("|") for ln in table.strip().splitlines()]
+    header = [c.strip() for c in lines[0].split("|")]
+    return [dict(zip(header, (c.strip() for c in ln.split("|")), strict=True)) for ln in lines[2:]]
+
+
+def test_markdown_and_skipped_tables_exactly(tmp_path):
+    write_run(tmp_path / "runs", arm="vanilla", seed=41, hack_deploy=0.5, solve_deploy=0.25,
+              by_mode={"run_tests": (0.5, 0.25), "sentinel": (0.25, 0.25)})
+    write_run(tmp_path / "runs", arm="routing2", seed=41, random_v_seed=4, hack_deploy=0.25,
+              solve_deploy=0.5, stamp="20250101T000000")  # the haar folder sorts (and is read) first
+    write_run(tmp_path / "runs", arm="routing2", seed=41, hack_deploy=0.125, solve_deploy=0.25)
+    write_run(tmp_path / "runs", arm="routing", seed=41, state="failed", error="boom", deploy=False)
+    runs, skipped = scan_runs(tmp_path / "runs")
+    groups = aggregate(runs)
+    assert [(g.arm, g.control) for g in groups] == [("vanilla", ""), ("routing2", ""), ("routing2", "haar")]
+    hv = groups[0].short_hash
+    rows = _cells(markdown_table(groups))
+    assert list(rows[0]) == ["preset", "arm", "eval", "config", "n", "deploy hack", "deploy hack, clusters",
+                             "deploy solve", "deploy solve, clusters", "train hack", "train solve",
+                             "deploy hack run_tests", "deploy hack sentinel", "Δ hack vs vanilla",
+                             "Δ hack, clusters", "Δ solve", "Δ solve, clusters", "solve verdict", "note"]
+    old = "1 of 1 runs predate per-problem counts: no cluster interval"
+    assert rows[0] == {
+        "preset": "smoke", "arm": "vanilla", "eval": "train", "config": hv, "n": "1",
+        "deploy hack": "0.500 (CI n/a)", "deploy hack, clusters": "", "deploy solve": "0.250 (CI n/a)",
+        "deploy solve, clusters": "", "train hack": "0.500", "train solve": "0.250",
+        "deploy hack run_tests": "0.500", "deploy hack sentinel": "0.250", "Δ hack vs vanilla": "(baseline)",
+        "Δ hack, clusters": "", "Δ solve": "", "Δ solve, clusters": "", "solve verdict": "", "note": old}
+    assert rows[1] == {
+        "preset": "smoke", "arm": "routing2", "eval": "train", "config": groups[1].short_hash, "n": "1",
+        "deploy hack": "0.125 (CI n/a)", "deploy hack, clusters": "", "deploy solve": "0.250 (CI n/a)",
+        "deploy solve, clusters": "", "train hack": "0.125", "train solve": "0.250",
+        "deploy hack run_tests": "0.125", "deploy hack sentinel": "",  # no such mode
+        "Δ hack vs vanilla": f"-0.375 vs {hv}", "Δ hack, clusters": "", "Δ solve": "+0.000",
+        "Δ solve, clusters": "", "solve verdict": "no interval", "note": old}
+    assert rows[2]["arm"] == "routing2 (haar)" and rows[2]["config"] == groups[2].short_hash
+    assert (rows[2]["Δ hack vs vanilla"], rows[2]["Δ solve"]) == (f"-0.250 vs {hv}", "+0.250")
+    lone = aggregate([r for r in runs if r.arm != "vanilla"])
+    assert {r["Δ hack vs vanilla"] for r in _cells(markdown_table(lone))} == {"no vanilla"}
+    assert _cells(skipped_table(skipped)) == [
+        {"run folder": skipped[0].path.name, "why not averaged": "status 'failed', 5/10 steps done: boom"}]
+    assert skipped_table(skipped).splitlines()[1].startswith("|--")  # github format
+    csv_rows = list(csv.DictReader(io.StringIO(csv_text(groups))))
+    assert csv_rows[1]["deploy_hack_sentinel"] == "" and "\r" not in csv_text(groups)
+
+
+def test_main_output_defaults_and_help(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    write_run(tmp_path / "out" / "runs", arm="vanilla", seed=41, hack_deploy=0.5, solve_deploy=0.25)
+    write_run(tmp_path / "out" / "runs", arm="routing2", seed=41, hack_deploy=0.25, solve_deploy=0.5)
+    write_run(tmp_path / "out" / "runs", preset="fast", arm="vanilla", seed=41)
+    assert main([]) == 0  # --runs out/runs, --out out/results
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == "## Deployed hack / solve by experiment (3 runs under out/runs)"
+    assert out[2] == "Rates: mean over seeds [95% Student-t CI over seeds]; deploy = quarantine ablated."
+    table = out[out.index(next(ln for ln in out if ln.startswith("| preset "))):]
+    assert "## Runs" not in "\n".join(out)
+    (latest,) = (tmp_path / "out" / "results").glob("results_latest.csv")
+    (stamped,) = [p for p in (tmp_path / "out" / "results").glob("results_*.csv") if p != latest]
+    assert re.fullmatch(r"results_\d{8}T\d{6}\.csv", stamped.name)
+    assert out[-1] == (f"CSV: {Path('out/results') / stamped.name} (and out/results/results_latest.csv, "
+                       "per run: runs_latest.csv)")
+    assert sum(ln.startswith("| fast ") for ln in table) == 1
+    assert main(["--preset", "smoke", "--per-run"]) == 0
+    out = capsys.readouterr().out
+    assert "(2 runs under out/runs)" in out and "| fast " not in out and "## Runs (2)" in out
+    assert out.count("_smoke_") == 2  # the per-run table names each run folder
+    capsys.readouterr()
+    assert main(["--preset", "nosuch"]) == 1
+    assert "error: no complete runs with per_mode_deploy.json under out/runs" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for part in ("usage: results.py", "[--runs RUNS]", "[--out OUT]", "[--solve-margin SOLVE_MARGIN]",
+                 "[--per-run]", "[--preset PRESET]",
+                 "Aggregate complete runs into one table row per experiment (preset, arm, control, config): "
+                 "deployed hack/solve mean with 95% intervals over seeds and over problem clusters, delta vs "
+                 "the matching vanilla, a solve verdict.",
+                 "folder of run folders", "where CSVs go",
+                 "equivalence margin: Δsolve vs vanilla is 'matched' when its 95% interval lies in ±this",
+                 "also print one row per counted run", "only runs of this preset (default: every preset)"):
+        assert part in text, part
+
+
+def test_record_fields_and_messages_are_exact(tmp_path):
+    d = write_run(tmp_path, seed=41)
+    (r,), _ = scan_runs(tmp_path)
+    assert (r.run_id, r.preset, r.arm, r.seed, r.model, r.steps, r.eval_n, r.eval_set) == (
+        "smoke_vanilla_seed41", "smoke", "vanilla", 41, "tiny-qwen3", 10, 16, "train")
+    assert (r.control, r.random_v_seed) == ("", None)
+    rec = json.loads((d / "per_mode_deploy.json").read_text())
+    mismatch = "per_mode_deploy.json {k} = {v!r}: the two files describe different runs"
+    bad = {
+        "hack_deploy": (1.5, "per_mode_deploy.json: field 'hack_deploy' = 1.5 is not a rate in [0, 1]"),
+        "seed": (None, "config.json config.seed = 41 but " + mismatch.format(k="seed", v=None)),
+        "steps": ("10", "config.json config.steps = 10 but " + mismatch.format(k="steps", v="10")),
+        "steps_done": (None, "per_mode_deploy.json: field 'steps_done' must be an integer, got None"),
+        "eval_n": (None, "per_mode_deploy.json: field 'eval_n' must be an integer, got None"),
+        "random_v_seed": (1.5, "config.json config.random_v_seed = None but "
+                          + mismatch.format(k="random_v_seed", v=1.5)),
+        "eval_set": (None, "per_mode_deploy.json: field 'eval_set' must be a non-empty string, got None"),
+        "run_id": ("", "per_mode_deploy.json: field 'run_id' must be a non-empty string, got ''"),
+        "preset": (None, "config.json config.preset = 'smoke' but " + mismatch.format(k="preset", v=None)),
+        "arm": (None, "per_mode_deploy.json: field 'arm' must be a non-empty string, got None"),
+        "by_mode": ({"run_tests": {"train_hack": 2}},
+                    "per_mode_deploy.json by_mode['run_tests']: field 'train_hack' = 2 is not a rate in [0, 1]"),
+    }
+    for field, (value, msg) in bad.items():
+        (d / "per_mode_deploy.json").write_text(json.dumps(dict(rec, **{field: value})))
+        assert [s.reason for s in scan_runs(tmp_path)[1]] == [msg], field
+    # behind the same-run check, the record's own field checks (a record read on its own)
+    own = {
+        "seed": (None, "per_mode_deploy.json: field 'seed' must be an integer, got None"),
+        "steps": ("10", "per_mode_deploy.json: field 'steps' must be an integer, got '10'"),
+        "random_v_seed": (1.5, "per_mode_deploy.json: field 'random_v_seed' must be an integer, got 1.5"),
+        "preset": (None, "per_mode_deploy.json: field 'preset' must be a non-empty string, got None"),
+    }
+    for field, (value, msg) in own.items():
+        with pytest.raises(res.RunFolderError) as e:
+            res.parse_deploy_record(dict(rec, **{field: value}), d)
+        assert str(e.value) == msg, field
+
+
+def test_mean_ci_of_one_and_welch_with_three_on_the_left():
+    assert mean_ci([0.25]).n == 1
+    a, b = [0.1, 0.2, 0.6], [0.5, 0.7]
+    va = sum((x - 0.3) ** 2 for x in a) / 2 / 3
+    vb = sum((x - 0.6) ** 2 for x in b) / 1 / 2
+    df = (va + vb) ** 2 / (va**2 / 2 + vb**2 / 1)
+    lo, hi = welch_diff_ci(a, b)
+    assert (hi - lo) / 2 == pytest.approx(t_quantile(0.975, df) * math.sqrt(va + vb), rel=1e-12)
+
+
+def test_unknown_arms_sort_by_name_and_controls_after_the_real_direction(tmp_path):
+    for arm in ("zeta", "alpha"):
+        INTERVENTION[arm] = arm
+    try:
+        write_run(tmp_path, arm="zeta", seed=41, stamp="20260101T000001")
+        write_run(tmp_path, arm="alpha", seed=41, random_v_seed=2, stamp="20260101T000002")
+        write_run(tmp_path, arm="alpha", seed=41, stamp="20260101T000003")
+        groups = aggregate(scan_runs(tmp_path)[0])
+    finally:
+        for arm in ("zeta", "alpha"):
+            del INTERVENTION[arm]
+    assert [(g.arm, g.control) for g in groups] == [("alpha", ""), ("alpha", "haar"), ("zeta", "")]
+    write_run(tmp_path / "h", arm="routing2", seed=41, random_v_seed=3)
+    write_run(tmp_path / "h", arm="routing2", seed=42, random_v_seed=3)
+    (g,) = aggregate(scan_runs(tmp_path / "h")[0])
+    row = next(csv.DictReader(io.StringIO(csv_text([g]))))
+    assert row["random_v_seeds"] == "3" and row["seeds"] == "41 42" and row["control"] == "haar"
+    assert float(row["hack_deploy_ci_hi"]) == pytest.approx(g.hack_deploy.hi)
+    write_run(tmp_path / "h", arm="routing2", seed=43, random_v_seed=4)  # another Haar draw: its own row
+    assert [x.random_v_seeds for x in aggregate(scan_runs(tmp_path / "h")[0])] == [[3], [4]]
+
 
 # ── experiments are configs: grouping, superseding, baselines (issue 15 §2) ───────────────
 
@@ -485,7 +845,6 @@ def test_script_wrapper_runs(tmp_path):
 def test_every_config_knob_is_decided_science_or_not():
     """A new Config field must be put in NON_SCIENCE_KNOBS or SCIENCE_KNOBS (results.py): this
     fails until someone decides whether runs that differ in it are one experiment."""
-    import dataclasses
 
     from vgrout.config import Config
 

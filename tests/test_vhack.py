@@ -3,14 +3,17 @@ refresh, and one end-to-end extraction on the offline tiny Qwen3."""
 
 from __future__ import annotations
 
+import hashlib
 import json
+import math
 
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import save_file
 
 from vgrout import vhack
-from vgrout.pairs import builtin_pairs
+from vgrout.pairs import Pair, builtin_pairs, pairs_fingerprint_text
 
 
 def _gen(seed: int) -> torch.Generator:
@@ -127,12 +130,15 @@ def test_heldout_pairs_project_hackward():
     assert h["n_heldout"] == 2 and h["names"] == ["pair10", "pair11"]
     assert h["n_pairs_top_axis_hackward"] == 2 and h["n_pairs_v_grad_hackward"] == 2
     assert h["mean_frac_v_grad_pos"] == 1.0
-    # pure-noise pairs do not project consistently
+    # pure-noise pairs do not project consistently: held out, they fall on either side
     g = _gen(9)
-    noise = {f"hack/{m}": torch.randn(12, r, generator=g) for m, r in MODS.items()}
-    noise.update({f"clean/{m}": torch.zeros(12, r) for m, r in MODS.items()})
+    noise = {f"hack/{m}": torch.randn(40, r, generator=g) for m, r in MODS.items()}
+    noise.update({f"clean/{m}": torch.zeros(40, r) for m, r in MODS.items()})
+    hn = vhack.directions_from_grads(noise, top_k=3, tau_axis=0.0, n_heldout=20).heldout
+    assert 0.3 < hn["mean_frac_v_grad_pos"] < 0.7 and 0.3 < hn["mean_frac_top_axis_pos"] < 0.7
+    assert 3 < hn["n_pairs_v_grad_hackward"] < 17 and 3 < hn["n_pairs_top_axis_hackward"] < 17
     with pytest.raises(ValueError, match="need at least 2"):
-        vhack.directions_from_grads(noise, top_k=3, tau_axis=0.0, n_heldout=11)
+        vhack.directions_from_grads(noise, top_k=3, tau_axis=0.0, n_heldout=39)
 
 
 def test_haar_controls_reproducible():
@@ -160,6 +166,85 @@ def test_basis_overlap():
     assert vhack.basis_overlap(old, rot) == pytest.approx(1.0)  # same subspace, new basis
     assert vhack.basis_overlap({"v": torch.tensor([1.0, 0.0])},
                                {"v": torch.tensor([0.6, 0.8])}) == pytest.approx(0.36)
+    # different k: the fraction of the OLD subspace the new one spans (divided by k_old)
+    two, one = {"m": torch.eye(2, 6)}, {"m": torch.eye(1, 6)}
+    assert vhack.basis_overlap(two, one) == 0.5  # new spans half of old
+    assert vhack.basis_overlap(one, two) == 1.0  # new contains old
+    assert vhack.basis_overlap(one, {"m": torch.eye(6)[[1, 2, 3]]}) == 0.0
+    # an empty old basis is skipped; nothing shared is NaN
+    assert vhack.basis_overlap({"m": torch.zeros(0, 6), "n": torch.eye(1, 3)},
+                               {"m": torch.eye(1, 6), "n": torch.eye(1, 3)}) == 1.0
+    assert math.isnan(vhack.basis_overlap({"m": torch.eye(1, 3)}, {"n": torch.eye(1, 3)}))
+
+
+def test_heldout_pairs_are_kept_out_of_the_extraction():
+    """Only the first n - n_heldout pairs shape v_hack, sv and v_grad: poisoning the held-out
+    pairs changes the report, not the directions; v_grad has unit norm."""
+    grads, _ = _grads(MODS, 10, 3)
+    poisoned = {k: v.clone() for k, v in grads.items()}
+    for m, r in MODS.items():
+        poisoned[f"hack/{m}"][-2:] -= 1000.0 * torch.randn(2, r, generator=_gen(4))
+    d = vhack.directions_from_grads(poisoned, top_k=3, tau_axis=0.0, n_heldout=2,
+                                    names=[f"n{i}" for i in range(10)])
+    train = {k: v[:8] for k, v in grads.items()}
+    V, S = vhack.v_hack_from(train, top_k=3)
+    vg = vhack.v_grad_from(train)
+    for m in MODS:
+        assert torch.equal(d.v_hack[m], V[m]) and torch.equal(d.sv[m], S[m])
+        assert torch.equal(d.v_grad[m], vg[m])
+        assert float(d.v_grad[m].norm()) == pytest.approx(1.0, abs=1e-6)
+    assert d.heldout["names"] == ["n8", "n9"] and d.heldout["n_heldout"] == 2
+    no_report = vhack.directions_from_grads(grads, top_k=3, tau_axis=0.0, n_heldout=0)
+    assert no_report.heldout == {} and torch.equal(no_report.v_grad["layers.0.q"],
+                                                   vhack.v_grad_from(grads)["layers.0.q"])
+
+
+def test_no_signal_gives_zero_v_grad_and_no_axis():
+    h = torch.randn(4, 6, generator=_gen(2))
+    grads = {"hack/m": h, "clean/m": h.clone()}
+    assert torch.equal(vhack.v_grad_from(grads)["m"], torch.zeros(6))
+    V, S = vhack.v_hack_from(grads, top_k=3)
+    assert V["m"].shape == (0, 6) and S["m"].shape == (0,)
+
+
+def test_threshold_boundaries_keep_equal_values():
+    """tau_axis keeps S_i / S_0 == tau_axis; the quantile keeps s == threshold."""
+    D = torch.tensor([[0.0, 0.0, 10.0, 0.0], [0.0, 5.0, 0.0, 0.0], [2.5, 0.0, 0.0, 0.0]])
+    grads = {"hack/m": D, "clean/m": torch.zeros_like(D)}
+    for tau, want in ((0.25, [10.0, 5.0, 2.5]), (0.5, [10.0, 5.0]), (1.0, [10.0])):
+        _, S = vhack.v_hack_from(grads, top_k=3, tau_axis=tau)
+        assert S["m"].tolist() == want, tau
+    V = {"a": torch.eye(3, 4), "b": torch.eye(2, 4)}
+    S = {"a": torch.tensor([5.0, 3.0, 1.0]), "b": torch.tensor([4.0, 2.0])}
+    out, dropped = vhack.postprocess(V, S, k_use=3, drop_bottom_frac=0.25)  # quantile = 2.0
+    assert dropped == [] and out["a"].shape[0] == 2 and out["b"].shape[0] == 2
+
+
+def test_default_quantile_drops_the_bottom_quarter():
+    """drop_bottom_frac=0.25 drops axes below the 25% quantile (not above the 75% one)."""
+    V = {"a": torch.eye(2, 4), "b": torch.eye(2, 5)}
+    S = {"a": torch.tensor([8.0, 4.0]), "b": torch.tensor([2.0, 1.0])}
+    out, dropped = vhack.postprocess(V, S, k_use=2, drop_bottom_frac=0.25)  # quantile 1.75
+    assert dropped == [] and out["a"].shape[0] == 2
+    torch.testing.assert_close(out["b"], torch.eye(2, 5)[:1])
+    out, dropped = vhack.postprocess(V, S, k_use=1, drop_bottom_frac=0.25)  # [8, 2]: 3.5
+    assert dropped == ["b"] and list(out) == ["a"]
+
+
+def test_haar_frame_is_the_sign_fixed_qr_of_its_gaussian():
+    """Q from QR of the seeded Gaussian X with diag(R) > 0: Qᵀ X is upper triangular with a
+    positive diagonal (without the sign fix the frame is not Haar-distributed)."""
+    r, k, seed = 7, 5, 21
+    F = vhack.haar_v_hack({"m": r}, k=k, seed=seed)["m"].double()  # [k, r]
+    X = torch.randn(r, k, generator=_gen(seed), dtype=torch.float64)
+    R = F @ X
+    assert bool((torch.diagonal(R) > 0).all())
+    torch.testing.assert_close(torch.tril(R, -1), torch.zeros(k, k, dtype=torch.float64), atol=1e-5,
+                               rtol=0)
+    assert vhack.haar_v_hack({"m": 3}, k=5, seed=0)["m"].shape == (3, 3)  # k capped at r
+    g = vhack.haar_v_grad({"m": r}, seed=seed)["m"].double()
+    x = torch.randn(r, generator=_gen(seed), dtype=torch.float64)
+    torch.testing.assert_close(g, x / x.norm(), atol=1e-7, rtol=0)
 
 
 def _dirs(seed: int = 0) -> vhack.Directions:
@@ -367,6 +452,399 @@ def test_refresh_on_unchanged_model_reproduces_basis(tiny, tiny_grads):
         assert k.delta_S.grad is None
 
 
+# ── pure edge cases ───────────────────────────────────────────────────────────────────────
+
+
+def test_diffs_parse_module_names_and_check_shapes():
+    h = torch.tensor([[1.0, 0.0], [3.0, 0.0]])
+    grads = {"hack/blk/q": h, "clean/blk/q": torch.zeros(2, 2)}  # a name with a slash
+    assert list(vhack.v_grad_from(grads)) == ["blk/q"]
+    with pytest.raises(ValueError, match="need"):
+        vhack.v_grad_from({"hack/m": torch.ones(3), "clean/m": torch.ones(3)})  # 1-D
+    with pytest.raises(ValueError, match="need"):
+        vhack.v_grad_from({"hack/m": torch.ones(2, 3), "clean/m": torch.ones(3, 3)})
+
+
+def test_small_signals_are_normalised_and_kept():
+    """Differences of norm < 1: v_grad is still a unit vector and no axis is lost."""
+    D = torch.tensor([[1e-3, 0.0, 0.0], [0.0, 5e-4, 0.0]])
+    grads = {"hack/m": D, "clean/m": torch.zeros_like(D)}
+    torch.testing.assert_close(vhack.v_grad_from(grads)["m"], torch.tensor([2.0, 1.0, 0.0]) / 5**0.5)
+    V, S = vhack.v_hack_from(grads, top_k=2)
+    torch.testing.assert_close(V["m"], torch.eye(3)[:2])
+    torch.testing.assert_close(S["m"], torch.tensor([1e-3, 5e-4]))
+
+
+def test_null_axes_are_dropped():
+    D = torch.tensor([[1.0, 2.0, 0.0]] * 3)  # rank 1: two exactly-null singular values
+    V, S = vhack.v_hack_from({"hack/m": D, "clean/m": torch.zeros_like(D)}, top_k=3)
+    assert V["m"].shape == (1, 3) and S["m"].tolist() == [pytest.approx(15**0.5)]
+
+
+def test_postprocess_of_nothing_is_nothing():
+    for frac in (0.0, 0.5):
+        assert vhack.postprocess({}, {}, k_use=2, drop_bottom_frac=frac) == ({}, [])
+
+
+def test_directions_from_grads_passes_tau_and_allows_two_training_pairs():
+    grads = _known_spectrum([10.0, 5.0, 2.5, 1.0])  # 6 pairs
+    d = vhack.directions_from_grads(grads, top_k=4, tau_axis=0.3, n_heldout=4)
+    V, S = vhack.v_hack_from({k: v[:2] for k, v in grads.items()}, top_k=4, tau_axis=0.3)
+    assert torch.equal(d.sv["m"], S["m"]) and torch.equal(d.v_hack["m"], V["m"])
+    with pytest.raises(ValueError, match="need at least 2"):
+        vhack.directions_from_grads(grads, top_k=4, tau_axis=0.0, n_heldout=5)
+    with pytest.raises(ValueError, match="need at least 2"):
+        vhack.directions_from_grads(grads, top_k=4, tau_axis=0.0, n_heldout=-1)
+
+
+def test_heldout_report_exact_fractions():
+    """Two modules; per held-out pair: top-axis and v_grad signs counted strictly (> 0)."""
+    V = {"a": torch.tensor([[1.0, 0.0], [0.0, 1.0]]), "b": torch.tensor([[0.0, 1.0]])}
+    vg = {"a": torch.tensor([0.0, 1.0]), "b": torch.tensor([1.0, 0.0])}
+    hack = {  # rows: pair0, pair1, pair2
+        "a": torch.tensor([[0.5, -2.0], [-1.0, 0.5], [0.0, 0.0]]),
+        "b": torch.tensor([[0.0, 0.25], [3.0, -1.0], [0.0, 0.0]]),
+    }
+    grads = {f"{side}/{m}": (t if side == "hack" else torch.zeros_like(t))
+             for m, t in hack.items() for side in ("hack", "clean")}
+    rep = vhack.heldout_report(grads, V, vg, ["p0", "p1", "p2"])
+    assert rep == {
+        "names": ["p0", "p1", "p2"],
+        "n_heldout": 3,
+        "frac_modules_top_axis_pos": [1.0, 0.0, 0.0],  # a: row 0 only; b: its one row
+        "frac_modules_v_grad_pos": [0.0, 1.0, 0.0],
+        "n_pairs_top_axis_hackward": 1,
+        "n_pairs_v_grad_hackward": 1,
+        "mean_frac_top_axis_pos": pytest.approx(1 / 3),
+        "mean_frac_v_grad_pos": pytest.approx(1 / 3),
+        "axis_frac_pairs_pos": {"a": [pytest.approx(1 / 3)] * 2, "b": [pytest.approx(1 / 3)]},
+    }
+    # exactly half the modules hack-ward is not a hack-ward pair
+    half = vhack.heldout_report(grads, {"a": V["a"], "b": -V["b"]}, vg, ["p0", "p1", "p2"])
+    assert half["frac_modules_top_axis_pos"][0] == 0.5 and half["n_pairs_top_axis_hackward"] == 0
+    half = vhack.heldout_report(grads, V, {"a": vg["a"], "b": -vg["b"]}, ["p0", "p1", "p2"])
+    assert half["frac_modules_v_grad_pos"][1] == 0.5 and half["n_pairs_v_grad_hackward"] == 0
+    # a module without a basis (dropped, or emptied) only counts on v_grad; none at all: NaN
+    rep = vhack.heldout_report(grads, {"b": torch.zeros(0, 2)}, vg, ["p0", "p1", "p2"])
+    assert all(math.isnan(f) for f in rep["frac_modules_top_axis_pos"])
+    assert math.isnan(rep["mean_frac_top_axis_pos"]) and rep["n_pairs_top_axis_hackward"] == 0
+    assert rep["frac_modules_v_grad_pos"] == [0.0, 1.0, 0.0]
+    rep = vhack.heldout_report(grads, {}, {}, ["p0", "p1", "p2"])
+    assert math.isnan(rep["mean_frac_v_grad_pos"])
+    with pytest.raises(ValueError, match="held-out rows"):
+        vhack.heldout_report(grads, V, vg, ["p0"])
+
+
+def test_cache_path_name_is_exact():
+    ps = builtin_pairs()
+    h = vhack.pairs_hash(ps)
+    assert len(h) == 12 and h == hashlib.sha256(pairs_fingerprint_text(ps).encode()).hexdigest()[:12]
+    assert vhack.directions_cache_path("d", "Qwen/Qwen3-4B", ps, 12, 0.0).name == \
+        f"v_hack_Qwen--Qwen3-4B_k12_h2_svote_{h}.safetensors"
+    assert vhack.directions_cache_path("d", "Qwen/Qwen3-4B", ps, 8, 0.1, 3, "mean", "sum").name == \
+        f"v_hack_Qwen--Qwen3-4B_k8_tau0.1_h3_smean_nsum_{h}.safetensors"
+    top = ["model.layers.3.mlp.up_proj", "model.layers.5.self_attn.q_proj", "model.layers.4.mlp.up_proj"]
+    assert vhack.directions_cache_path("d", "m", ps, 4, 0.0, modules=top[1:] + ["model.layers.1.x"]).name == \
+        f"v_hack_m_k4_h2_L1-5_svote_{h}.safetensors"
+    assert vhack.directions_cache_path("d", "m", ps, 4, 0.0, modules=top).name == \
+        f"v_hack_m_k4_h2_L3-5_svote_{h}.safetensors"
+    assert vhack.directions_cache_path("d", "m", ps, 4, 0.0, modules=["model.layers.0.mlp.up_proj", *top]).name == \
+        f"v_hack_m_k4_h2_svote_{h}.safetensors"  # from block 0: no span in the name
+
+
+def test_haar_k1_and_counts():
+    one = vhack.haar_v_hack(MODS, k=1, seed=3)
+    assert all(v.shape == (1, MODS[m]) for m, v in one.items())
+    d = vhack.haar_directions(MODS, k=2, seed=3)
+    assert d.n_axes() == 6 and d.is_control and not _dirs().is_control
+    with pytest.raises(ValueError, match="k must be"):
+        vhack.haar_v_hack(MODS, k=0, seed=3)
+
+
+def test_save_checks_coverage_and_writes_k(tmp_path):
+    d = _dirs()
+    bad = vhack.Directions(d.v_hack, d.sv, {m: v for m, v in d.v_grad.items() if m != "layers.0.o"})
+    with pytest.raises(ValueError, match="same modules"):
+        vhack.save_directions(tmp_path / "x.safetensors", bad, model_id="m", pairs_source="s",
+                              knobs_meta={})
+    d.v_hack["layers.0.o"] = d.v_hack["layers.0.o"][:2]
+    d.sv["layers.0.o"] = d.sv["layers.0.o"][:2]
+    p = vhack.save_directions(tmp_path / "v.safetensors", d, model_id="m", pairs_source="s",
+                              knobs_meta={})
+    got = vhack.load_directions(p, model_id="m", k_use=9, drop_bottom_frac=0.0, knobs=MODS)
+    assert got.meta["k"] == "4" and got.v_hack["layers.0.o"].shape == (2, 300)
+
+
+def _write(path, tensors, meta=None):
+    save_file(tensors, str(path), metadata={"schema": vhack.SCHEMA, "model": "m", **(meta or {})})
+    return path
+
+
+def test_load_refuses_files_that_do_not_fit(tmp_path):
+    r = {"q": 4}
+    ok = {"v_hack/q": torch.eye(2, 4), "sv/q": torch.tensor([2.0, 1.0]), "v_grad/q": torch.eye(1, 4)[0]}
+    # a hand-written file without held-out metadata and with a foreign tensor still loads
+    got = vhack.load_directions(_write(tmp_path / "ok.safetensors", {**ok, "other/q": torch.ones(1)}),
+                                model_id="m", k_use=2, drop_bottom_frac=0.0, knobs=r)
+    assert got.heldout == {} and got.dropped == [] and got.v_hack["q"].shape == (2, 4)
+    cases = {
+        "no_v_hack": {k: v for k, v in ok.items() if k != "v_hack/q"},
+        "no_sv": {k: v for k, v in ok.items() if k != "sv/q"},
+        "v_hack_1d": {**ok, "v_hack/q": torch.ones(4)},
+        "v_hack_width": {**ok, "v_hack/q": torch.eye(2, 5)},
+        "sv_len": {**ok, "sv/q": torch.ones(3)},
+        "v_grad_len": {**ok, "v_grad/q": torch.ones(5)},
+        "nan": {**ok, "sv/q": torch.tensor([float("nan"), 1.0])},
+    }
+    for name, tensors in cases.items():
+        with pytest.raises(vhack.DirectionsError):
+            vhack.load_directions(_write(tmp_path / f"{name}.safetensors", tensors), model_id="m",
+                                  k_use=2, drop_bottom_frac=0.0, knobs=r)
+    (tmp_path / "junk.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(vhack.DirectionsError, match="not a readable safetensors directions file"):
+        vhack.load_directions(tmp_path / "junk.safetensors", model_id="m", k_use=2,
+                              drop_bottom_frac=0.0, knobs=r)
+
+
+def test_load_applies_the_quantile_and_reports_dropped(tmp_path):
+    d = _dirs()
+    p = vhack.save_directions(tmp_path / "v.safetensors", d, model_id="m", pairs_source="s",
+                              knobs_meta={})
+    allsv = torch.cat([s for s in d.sv.values()])
+    got = vhack.load_directions(p, model_id="m", k_use=4, drop_bottom_frac=0.9, knobs=MODS)
+    want_v, want_dropped = vhack.postprocess(d.v_hack, d.sv, k_use=4, drop_bottom_frac=0.9)
+    assert got.dropped == want_dropped and want_dropped  # the quantile empties some module
+    with _logs() as msgs:
+        vhack.load_directions(p, model_id="m", k_use=4, drop_bottom_frac=0.9, knobs=MODS)
+    assert msgs[0] == (f"v_hack postprocess: dropped {len(want_dropped)} of {len(d.v_hack)} modules with no "
+                       "axis above the 0.9 singular-value quantile")
+    assert {m: v.shape[0] for m, v in got.v_hack.items()} == {m: v.shape[0] for m, v in want_v.items()}
+    assert got.n_axes() == int((allsv.double() >= torch.quantile(allsv.double(), 0.9)).sum())
+    assert set(got.v_grad) == set(MODS)  # v_grad is kept for every module
+    empty = _write(tmp_path / "z.safetensors", {
+        "v_hack/q": torch.zeros(0, 4), "sv/q": torch.zeros(0), "v_grad/q": torch.ones(4)})
+    with pytest.raises(vhack.DirectionsError, match="left no module"):
+        vhack.load_directions(empty, model_id="m", k_use=2, drop_bottom_frac=0.5, knobs={"q": 4})
+
+
+class _logs:
+    """Collect the loguru messages logged inside the block."""
+
+    def __enter__(self) -> list[str]:
+        from loguru import logger
+
+        self.msgs: list[str] = []
+        self.sink = logger.add(lambda m: self.msgs.append(m.record["message"]), level="INFO")
+        return self.msgs
+
+    def __exit__(self, *exc) -> None:
+        from loguru import logger
+
+        logger.remove(self.sink)
+
+
+# ── fast end to end on a random tiny Qwen3 (character tokens, 97-token vocabulary) ────────
+
+
+class _CharTok:
+    """Character tokenizer over the random model's vocabulary (the `tok(text)` call shape);
+    like a Hugging Face tokenizer it adds a BOS token unless told not to."""
+
+    def __call__(self, text: str, add_special_tokens: bool = True) -> dict:
+        return {"input_ids": [96] * bool(add_special_tokens) + [ord(c) % 96 for c in text]}
+
+
+@pytest.fixture(scope="module")
+def rand_tiny(tmp_path_factory):
+    from _tiny import random_qwen3
+    from vgrout.adapter import wrap_model
+
+    model = random_qwen3(seed=0)
+    knobs = wrap_model(model, "rand-qwen3", cache_root=tmp_path_factory.mktemp("svd"))
+    return model, _CharTok(), knobs
+
+
+def _rand_pairs(n: int = 6) -> list[Pair]:
+    """Pairs of ragged lengths (the batches need padding)."""
+    return [Pair(f"p{i}", None, None, f"Q{i}: " + "ab" * i, "hack!" * (i % 3 + 1), f"ok {i}" + "z" * i)
+            for i in range(n)]
+
+
+def _reference_grads(model, tok, knobs, prompt: str, completion: str) -> list[torch.Tensor]:
+    """∂/∂δS of -mean log p(completion | prompt) through the model's full logits."""
+    p, c = (tok(t, add_special_tokens=False)["input_ids"] for t in (prompt, completion))
+    logits = model(input_ids=torch.tensor([p + c])).logits[0, len(p) - 1 : -1]
+    lp = torch.log_softmax(logits.float(), -1).gather(-1, torch.tensor(c)[:, None])
+    return list(torch.autograd.grad(-lp.mean(), [k.delta_S for k in knobs.values()]))
+
+
+def test_pair_grads_equal_an_independent_gradient_and_leave_no_trace(rand_tiny):
+    model, tok, knobs = rand_tiny
+    pairs = _rand_pairs()
+    g = torch.Generator().manual_seed(3)
+    first = next(iter(knobs.values()))
+    try:
+        with torch.no_grad():
+            for k in knobs.values():
+                k.delta_S.copy_(0.2 * torch.randn(k.rank, generator=g))
+                k.delta_S_hack.copy_(0.5 * torch.randn(k.rank, generator=g))
+        hack_vals = {m: k.delta_S_hack.detach().clone() for m, k in knobs.items()}
+        first.per_rollout_grad = torch.full((1, first.rank), 7.0)  # stale, from a training step
+        model.train()
+        batched = vhack.pair_grads(model, tok, knobs, pairs, "cpu", batch_size=4)  # ragged last chunk
+        # nothing of the pairs is left for the training step to read
+        assert model.training and all(k.per_rollout_grad is None for k in knobs.values())
+        model.eval()
+        single = vhack.pair_grads(model, tok, knobs, pairs, "cpu", batch_size=1)
+        default = vhack.pair_grads(model, tok, knobs, pairs, "cpu")
+        assert not model.training
+        for m, k in knobs.items():
+            assert torch.equal(k.delta_S_hack.detach(), hack_vals[m])
+            assert k.delta_S.grad is None and k.delta_S_hack.grad is None
+        assert set(batched) == {f"{s}/{m}" for s in ("hack", "clean") for m in knobs}
+        with torch.no_grad():  # the reference: the deployed model (quarantine zero)
+            for k in knobs.values():
+                k.delta_S_hack.zero_()
+        names = list(knobs)
+        for i, p in enumerate(pairs):
+            for side, text in (("hack", p.hack), ("clean", p.clean)):
+                ref = _reference_grads(model, tok, knobs, p.prompt, text)
+                for n, r in zip(names, ref, strict=True):
+                    key = f"{side}/{n}"
+                    scale = float(r.abs().max())
+                    for got in (batched, single, default):
+                        assert got[key].dtype == torch.float32 and got[key].shape == (6, knobs[n].rank)
+                        torch.testing.assert_close(got[key][i], r, rtol=1e-4, atol=1e-5 * scale)
+    finally:
+        with torch.no_grad():
+            for k in knobs.values():
+                k.delta_S.zero_()
+                k.delta_S_hack.zero_()
+        first.per_rollout_grad = None
+        model.eval()
+
+
+def test_pair_grads_refuses_bad_input(rand_tiny):
+    model, tok, knobs = rand_tiny
+    with pytest.raises(ValueError, match="no pairs"):
+        vhack.pair_grads(model, tok, knobs, [], "cpu")
+    with pytest.raises(ValueError, match="'empty'.*clean"):
+        vhack.pair_grads(model, tok, knobs, [Pair("empty", None, None, "Q", "x", "")], "cpu")
+    with pytest.raises(ValueError, match="'noprompt'"):
+        vhack.pair_grads(model, tok, knobs, [Pair("noprompt", None, None, "", "x", "y")], "cpu")
+    k = next(iter(knobs.values()))
+    k.delta_S.requires_grad_(False)
+    try:
+        with pytest.raises(RuntimeError, match="require grad"):
+            vhack.pair_grads(model, tok, knobs, _rand_pairs(), "cpu")
+    finally:
+        k.delta_S.requires_grad_(True)
+
+
+def test_extract_resolve_refresh_on_a_random_tiny_model(rand_tiny, tmp_path):
+    model, tok, knobs = rand_tiny
+    pairs = _rand_pairs(9)  # 7 training pairs: up to 7 axes, so k_use = 5 binds
+    grads = vhack.pair_grads(model, tok, knobs, pairs, "cpu")
+    want = vhack.directions_from_grads(grads, top_k=12, tau_axis=0.0, n_heldout=2,
+                                       names=[p.name for p in pairs])
+    assert max(v.shape[0] for v in want.v_hack.values()) > 5
+    d = vhack.extract(model, tok, knobs, pairs, top_k=12)  # defaults: tau 0, 2 held out, cpu
+    assert d.heldout == want.heldout and d.heldout["names"] == ["p7", "p8"]
+    for m in knobs:
+        assert torch.equal(d.v_hack[m], want.v_hack[m]) and torch.equal(d.v_grad[m], want.v_grad[m])
+    # resolve with every default: extracted once, cached under the default key, postprocessed
+    with _logs() as msgs:
+        res = vhack.resolve_directions(model, tok, knobs, pairs, model_id="rand-qwen3",
+                                       pairs_source="test", out_dir=tmp_path)
+    cache = vhack.directions_cache_path(tmp_path, "rand-qwen3", pairs, 12, 0.0, 2)
+    assert [p.name for p in tmp_path.iterdir()] == [cache.name]
+    assert {k: res.meta[k] for k in ("top_k", "tau_axis", "n_heldout", "pairs_hash", "n_pairs",
+                                     "pairs_source", "model")} == {
+        "top_k": "12", "tau_axis": "0.0", "n_heldout": "2", "pairs_hash": vhack.pairs_hash(pairs),
+        "n_pairs": "9", "pairs_source": "test", "model": "rand-qwen3"}
+    want_v, want_dropped = vhack.postprocess(want.v_hack, want.sv, k_use=5, drop_bottom_frac=0.25)
+    assert res.dropped == want_dropped and set(res.v_hack) == set(want_v)
+    for m, v in want_v.items():
+        assert torch.equal(res.v_hack[m], v)
+    kept = res.heldout.pop("kept_axes")  # the held-out check over every kept axis, added on load
+    h = want.heldout
+    assert msgs[:2] == [
+        f"v_hack cache miss at {cache}: extracting from 9 pairs",
+        f"v_hack extracted from 7 pairs (2 held out): held-out pairs hack-ward on the top axis in "
+        f"{h['n_pairs_top_axis_hackward']}/2, on v_grad in {h['n_pairs_v_grad_hackward']}/2 (mean module "
+        f"fraction {h['mean_frac_top_axis_pos']:.2f} / {h['mean_frac_v_grad_pos']:.2f}; SHOULD be > 0.5)"]
+    assert msgs[-1] == (f"held-out pairs project hack-ward on {kept['n_axes_hackward']}/{kept['n_axes']} kept "
+                        f"axes (mean fraction of pairs {kept['mean_frac_pairs_pos']:.2f}; SHOULD be > 0.5)")
+    assert res.heldout == json.loads(json.dumps(want.heldout))
+    assert kept == vhack.heldout_on_kept_axes(want.heldout, vhack.kept_axes(want.sv, k_use=5, drop_bottom_frac=0.25))
+    assert kept["n_axes"] == sum(v.shape[0] for v in want_v.values())
+    # a hit never touches the model; an explicit path is used as given
+    again = vhack.resolve_directions(None, None, knobs, pairs, model_id="rand-qwen3",
+                                     pairs_source="test", out_dir=tmp_path / "elsewhere", path=cache)
+    assert all(torch.equal(again.v_hack[m], res.v_hack[m]) for m in res.v_hack)
+    tau = vhack.resolve_directions(model, tok, knobs, pairs, model_id="rand-qwen3", pairs_source="t",
+                                   out_dir=tmp_path, top_k=3, tau_axis=0.5, n_heldout=1, k_use=2,
+                                   drop_bottom_frac=0.0)
+    assert vhack.directions_cache_path(tmp_path, "rand-qwen3", pairs, 3, 0.5, 1).is_file()
+    assert tau.meta["tau_axis"] == "0.5" and tau.heldout["n_heldout"] == 1
+    raw = vhack.directions_from_grads(grads, top_k=3, tau_axis=0.5, n_heldout=1)
+    want_tau, _ = vhack.postprocess(raw.v_hack, raw.sv, k_use=2, drop_bottom_frac=0.0)
+    assert all(torch.equal(tau.v_hack[m], v) for m, v in want_tau.items()) and tau.dropped == []
+    assert any(v.shape[0] == 1 for v in tau.v_hack.values())  # tau_axis = 0.5 removed an axis
+    # refresh with every default on the unchanged model reproduces the loaded directions
+    res.meta["marker"] = "kept"
+    fresh = vhack.refresh(model, tok, knobs, pairs, res, top_k=12)
+    assert fresh.refreshed is True and fresh.reason == ""
+    new = fresh.directions
+    assert new.meta == res.meta and new.meta is not res.meta and new.dropped == res.dropped
+    assert new.heldout == want.heldout
+    for m in res.v_hack:
+        torch.testing.assert_close(new.v_hack[m], res.v_hack[m])
+        torch.testing.assert_close(new.sv[m], res.sv[m])
+    assert all(torch.equal(new.v_grad[m], want.v_grad[m]) for m in knobs)
+    assert fresh.overlap_v_hack == pytest.approx(1.0, abs=1e-5)
+    assert fresh.overlap_v_grad == pytest.approx(1.0, abs=1e-5)
+    # against a different old basis the overlaps are measured, not assumed
+    other = vhack.haar_directions({m: k.rank for m, k in knobs.items()}, k=2, seed=1)
+    other.meta = {}
+    moved = vhack.refresh(model, tok, knobs, pairs, other, top_k=12, k_use=2, drop_bottom_frac=0.0)
+    assert moved.overlap_v_hack == pytest.approx(vhack.basis_overlap(other.v_hack, moved.directions.v_hack))
+    assert moved.overlap_v_grad == pytest.approx(vhack.basis_overlap(other.v_grad, moved.directions.v_grad))
+    assert moved.overlap_v_hack < 0.5 and all(v.shape[0] <= 2 for v in moved.directions.v_hack.values())
+    # refresh passes its knobs on: tau_axis, n_heldout, k_use and the quantile (dropped modules)
+    moved = vhack.refresh(model, tok, knobs, pairs, res, top_k=3, tau_axis=0.5, n_heldout=1, k_use=2,
+                          drop_bottom_frac=0.9)
+    raw = vhack.directions_from_grads(grads, top_k=3, tau_axis=0.5, n_heldout=1)
+    want_v, want_dropped = vhack.postprocess(raw.v_hack, raw.sv, k_use=2, drop_bottom_frac=0.9)
+    assert moved.directions.dropped == want_dropped and want_dropped
+    assert moved.directions.heldout["n_heldout"] == 1
+    assert {m: v.shape for m, v in moved.directions.v_hack.items()} == {m: v.shape for m, v in want_v.items()}
+    ctl = vhack.refresh(model, tok, knobs, pairs, res, top_k=12, is_control=True)
+    assert ctl.refreshed is False and math.isnan(ctl.overlap_v_hack) and math.isnan(ctl.overlap_v_grad)
+    assert ctl.reason == "Haar-random control: directions stay fixed"
+
+
+def test_load_directions_accepts_knobs(rand_tiny, tmp_path):
+    model, tok, knobs = rand_tiny
+    shapes = {m: k.rank for m, k in knobs.items()}
+    d = vhack.haar_directions(shapes, k=2, seed=4)
+    p = vhack.save_directions(tmp_path / "h.safetensors", d, model_id="rand-qwen3", pairs_source="haar",
+                              knobs_meta={})
+    got = vhack.load_directions(p, model_id="rand-qwen3", k_use=2, drop_bottom_frac=0.0, knobs=knobs)
+    assert all(torch.equal(got.v_hack[m], d.v_hack[m]) for m in knobs)
+
+
+def test_module_names_with_a_slash_round_trip(tmp_path):
+    d = vhack.haar_directions({"blk/q": 4}, k=2, seed=1)
+    p = vhack.save_directions(tmp_path / "s.safetensors", d, model_id="m", pairs_source="s", knobs_meta={})
+    got = vhack.load_directions(p, model_id="m", k_use=2, drop_bottom_frac=0.0, knobs={"blk/q": 4})
+    assert torch.equal(got.v_hack["blk/q"], d.v_hack["blk/q"])
+    empty = vhack.save_directions(tmp_path / "e.safetensors", vhack.Directions({}, {}, {}), model_id="m",
+                                  pairs_source="s", knobs_meta={})
+    with safe_open(str(empty), framework="pt") as f:
+        assert f.metadata()["k"] == "0"
+
+
 def test_axis_sign_vote_and_mean_disagree_where_one_pair_dominates():
     """Three pairs project -1, -1, +10 on the axis: the mean says +, the majority vote says -;
     a 1:1 tie is signed positive (the reference's rule)."""
@@ -377,6 +855,10 @@ def test_axis_sign_vote_and_mean_disagree_where_one_pair_dominates():
     tie = torch.tensor([[-1.0, 0.0], [2.0, 0.0], [0.0, 5.0]], dtype=torch.float64)
     assert vhack.axis_signs(tie, v, "vote").tolist() == [1.0]
     assert vhack.axis_signs(-tie[:2], v, "vote").tolist() == [1.0]
+    zero = torch.tensor([[-1.0, 0.0], [0.0, 3.0]], dtype=torch.float64)  # a zero projection is no vote
+    assert vhack.axis_signs(zero, v, "vote").tolist() == [-1.0]
+    assert vhack.axis_signs(D, v, "vote").dtype == torch.float64
+    assert vhack.axis_signs(D.float(), v.float(), "mean").dtype == torch.float32
     with pytest.raises(ValueError, match="not one of"):
         vhack.axis_signs(D, v, "median")
 
@@ -409,7 +891,62 @@ def test_heldout_check_covers_every_kept_axis():
     kept = vhack.heldout_on_kept_axes(report, {"a": [0, 2], "b": [0]})
     assert kept == {"n_axes": 3, "n_axes_hackward": 2, "mean_frac_pairs_pos": pytest.approx(0.75)}
     assert vhack.heldout_on_kept_axes({}, {"a": [0]}) == {}
+    short = vhack.heldout_on_kept_axes({"axis_frac_pairs_pos": {"a": [1.0]}}, {"a": [0, 1], "z": [0]})
+    assert short == {"n_axes": 1, "n_axes_hackward": 1, "mean_frac_pairs_pos": 1.0}
     S = {"a": torch.tensor([5.0, 4.0, 1.0]), "b": torch.tensor([0.5, 0.4])}
     assert vhack.kept_axes(S, k_use=2, drop_bottom_frac=0.5) == {"a": [0, 1]}
     assert vhack.kept_axes(S, k_use=3, drop_bottom_frac=0.0) == {"a": [0, 1, 2], "b": [0, 1]}
 
+
+def test_pair_grads_sum_norm_and_two_per_batch(rand_tiny):
+    """norm="sum" is the gradient of -Σ log p (not the mean), on the batched and the one-pair path;
+    batches of 2 equal the one-pair path."""
+    model, tok, knobs = rand_tiny
+    pairs = _rand_pairs(5)
+    got = {bs: vhack.pair_grads(model, tok, knobs, pairs, "cpu", batch_size=bs, norm="sum") for bs in (1, 2, 8)}
+    mean2 = vhack.pair_grads(model, tok, knobs, pairs, "cpu", batch_size=2)
+    names = list(knobs)
+    for i, p in enumerate(pairs):
+        for side, text in (("hack", p.hack), ("clean", p.clean)):
+            n_tok = len(tok(text, add_special_tokens=False)["input_ids"])
+            assert n_tok > 1
+            for n, r in zip(names, _reference_grads(model, tok, knobs, p.prompt, text), strict=True):
+                key, scale = f"{side}/{n}", float(r.abs().max())
+                torch.testing.assert_close(mean2[key][i], r, rtol=1e-4, atol=1e-5 * scale)
+                for g in got.values():
+                    torch.testing.assert_close(g[key][i], r * n_tok, rtol=1e-4, atol=1e-5 * scale * n_tok)
+
+
+def test_sign_and_pair_norm_reach_the_extraction(rand_tiny, tmp_path):
+    """directions_from_grads / extract / resolve / refresh pass `sign` and `pair_norm` on; resolve
+    names the cache by them and by the adapted blocks."""
+    model, tok, knobs = rand_tiny
+    pairs = _rand_pairs(9)
+    names = [p.name for p in pairs]
+    grads = vhack.pair_grads(model, tok, knobs, pairs, "cpu", norm="sum")
+    kw = dict(top_k=12, tau_axis=0.0, n_heldout=2, names=names)
+    want = vhack.directions_from_grads(grads, sign="mean", **kw)
+    train = {k: v[:7] for k, v in grads.items()}
+    V, _ = vhack.v_hack_from(train, top_k=12, sign="mean")
+    assert all(torch.equal(want.v_hack[m], V[m]) for m in knobs)
+    vote = vhack.directions_from_grads(grads, sign="vote", **kw)
+    assert any(not torch.equal(want.v_hack[m], vote.v_hack[m]) for m in knobs)  # the rule matters here
+    d = vhack.extract(model, tok, knobs, pairs, top_k=12, sign="mean", pair_norm="sum")
+    assert all(torch.equal(d.v_hack[m], want.v_hack[m]) for m in knobs)
+    res = vhack.resolve_directions(model, tok, knobs, pairs, model_id="rand-qwen3", pairs_source="t",
+                                   out_dir=tmp_path, k_use=12, drop_bottom_frac=0.0, sign="mean",
+                                   pair_norm="sum")
+    assert [p.name for p in tmp_path.iterdir()] == [
+        vhack.directions_cache_path(tmp_path, "rand-qwen3", pairs, 12, 0.0, 2, "mean", "sum").name]
+    assert (res.meta["sign"], res.meta["pair_norm"]) == ("mean", "sum")
+    assert all(torch.equal(res.v_hack[m], want.v_hack[m]) for m in knobs)
+    fresh = vhack.refresh(model, tok, knobs, pairs, res, top_k=12, k_use=12, drop_bottom_frac=0.0,
+                          sign="mean", pair_norm="sum").directions
+    for m in knobs:
+        torch.testing.assert_close(fresh.v_hack[m], res.v_hack[m])
+    top = {m: k for m, k in knobs.items() if ".layers.1." in m}  # only the top block adapted
+    assert top and len(top) < len(knobs)
+    vhack.resolve_directions(model, tok, top, pairs, model_id="rand-qwen3", pairs_source="t",
+                             out_dir=tmp_path / "top", k_use=12, drop_bottom_frac=0.0)
+    assert [p.name for p in (tmp_path / "top").iterdir()] == [
+        f"v_hack_rand-qwen3_k12_h2_L1-1_svote_{vhack.pairs_hash(pairs)}.safetensors"]

@@ -1176,7 +1176,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
         prog="results.py",
         description="Aggregate complete runs into one table row per experiment (preset, arm, control, "
-        "config): deployed hack/solve mean with 95%% intervals over seeds and over problem clusters, "
+        "config): deployed hack/solve mean with 95% intervals over seeds and over problem clusters, "
         "delta vs the matching vanilla, a solve verdict.",
     )
     ap.add_argument("--runs", type=Path, default=Path("out/runs"), help="folder of run folders")

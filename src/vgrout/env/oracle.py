@@ -165,11 +165,19 @@ class Node:
 
 
 def decode_value(obj: Any) -> Any:
-    """Turn one encoded JSON value into plain builtins; MalformedRecord on anything unexpected.
+    """Turn one encoded JSON value into plain builtins; MalformedRecord on anything unexpected,
+    a value nested too deeply to decode included (untrusted code chooses the depth).
 
     Invariant: the result is built only from None, bool, int, float, str, list,
     tuple, dict, set/frozenset and `Node`, all created here.
     """
+    try:
+        return _decode(obj)
+    except RecursionError:
+        raise MalformedRecord("value nested too deeply to decode") from None
+
+
+def _decode(obj: Any) -> Any:
     t = type(obj)
     if obj is None or t is bool or t is str or t is float or t is int:
         return obj
@@ -186,12 +194,12 @@ def decode_value(obj: Any) -> Any:
     if type(body) is not list:
         raise MalformedRecord(f"tag {tag!r} needs a list body")
     if tag == "L":
-        return [decode_value(e) for e in body]
+        return [_decode(e) for e in body]
     if tag == "T":
-        return tuple(decode_value(e) for e in body)
+        return tuple(_decode(e) for e in body)
     if tag == "S":
         try:
-            return {decode_value(e) for e in body}
+            return {_decode(e) for e in body}
         except TypeError:
             raise MalformedRecord("unhashable set element") from None
     if tag == "D":
@@ -200,19 +208,19 @@ def decode_value(obj: Any) -> Any:
             if type(pair) is not list or len(pair) != 2:
                 raise MalformedRecord("bad dict item")
             try:
-                out[decode_value(pair[0])] = decode_value(pair[1])
+                out[_decode(pair[0])] = _decode(pair[1])
             except TypeError:
                 raise MalformedRecord("unhashable dict key") from None
         return out
     if tag == "N":
-        return Node("list", tuple(decode_value(e) for e in body))
+        return Node("list", tuple(_decode(e) for e in body))
     if tag == "R":
         items = []
         for e in body:
             if e is None:
                 items.append(None)
             elif type(e) is list and len(e) == 1:
-                items.append((decode_value(e[0]),))
+                items.append((_decode(e[0]),))
             else:
                 raise MalformedRecord("bad tree entry")
         return Node("tree", tuple(items))
