@@ -128,3 +128,28 @@ def test_different_configs_are_never_drawn_as_seeds_of_one_line(tmp_path):
     assert {p.name for p in written} == {dyn.name, bars.name}
     for png in (dyn, bars):  # anti-aliased black edges alone give a few hundred #808080 pixels
         assert colour_pixels(png, "#000000") > 2000 and colour_pixels(png, "#808080", tol=0.01) > 2000, png.name
+
+
+def test_final_eval_is_read_and_drawn_when_no_periodic_eval(tmp_path):
+    """A run without periodic deploy evals still shows its final eval on the deploy panels (a star
+    after the last step); a run without per_mode_deploy.json has no final values."""
+    from vgrout.plots import plot_dynamics
+
+    a = write_run(tmp_path / "runs", arm="routing2", seed=1, steps=4, eval_every=100, hack_deploy=0.25,
+                  solve_deploy=0.125)
+    ra = load_series(a)
+    assert ra.final == {"hack_deploy": 0.25, "solve_deploy": 0.125}
+    assert not np.isfinite(ra.values["hack_deploy"]).any()  # no periodic eval in 4 steps
+    b = write_run(tmp_path / "runs", arm="routing2", seed=2, steps=4, eval_every=100, deploy=False)
+    assert load_series(b).final == {}
+    with_final = plot_dynamics([ra], tmp_path / "with.png", "smoke")
+    without = plot_dynamics([load_series(b)], tmp_path / "without.png", "smoke")
+    rgb = np.array([int(ARM_COLOURS["routing2"][i : i + 2], 16) / 255 for i in (1, 3, 5)])
+
+    def lower_half_pixels(path: Path) -> int:  # the deploy panels
+        img = mpimg.imread(path)[..., :3]
+        h = img.shape[0]  # below the train panels, above the legend
+        return int((np.abs(img[h // 2 : int(h * 0.92)] - rgb).max(axis=-1) < 0.02).sum())
+
+    assert lower_half_pixels(without) == 0  # "no data in these runs"
+    assert lower_half_pixels(with_final) > 100  # the two stars

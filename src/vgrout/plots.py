@@ -160,6 +160,7 @@ class RunSeries:
     values: dict[str, np.ndarray]
     config: dict[str, object] = dataclasses.field(default_factory=dict)  # science knobs (results)
     config_hash: str = ""
+    final: dict[str, float] = dataclasses.field(default_factory=dict)  # the final eval (per_mode_deploy.json)
 
     @property
     def group(self) -> GroupKey:
@@ -221,7 +222,18 @@ def load_series(run_dir: Path) -> RunSeries:
         values={k: np.asarray(v, dtype=float)[order] for k, v in cols.items()},
         config=science_config(knobs),
         config_hash=config_hash(science_config(knobs)),
+        final=final_eval(run_dir),
     )
+
+
+def final_eval(run_dir: Path) -> dict[str, float]:
+    """The final eval's head rates, {"hack_deploy", "solve_deploy"}, from per_mode_deploy.json ({} when
+    the run has none or it is unreadable: the table, not the plot, is where a bad record is reported)."""
+    try:
+        rec = json.loads((run_dir / "per_mode_deploy.json").read_text())
+        return {k: float(rec[k]) for k in ("hack_deploy", "solve_deploy")}
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
 
 
 def moving_average(y: np.ndarray, k: int) -> np.ndarray:
@@ -303,6 +315,12 @@ def _panel(
             marker = st.marker or ("o" if sparse else None)
             ax.plot(steps, mean, color=st.colour, ls=st.ls, lw=2.4, marker=marker, ms=5,
                     markevery=1 if sparse else max(1, steps.size // 8))
+        finals = [(int(r.step[-1]) + 1, r.final[key]) for r in rs if sparse and key in r.final]
+        if finals:  # the final eval, after the last step: a star per seed, a large one at the mean
+            drawn = True
+            ax.scatter([x for x, _ in finals], [y for _, y in finals], color=st.colour, marker="*", s=40, alpha=0.4)
+            ax.scatter([max(x for x, _ in finals)], [float(np.mean([y for _, y in finals]))], color=st.colour,
+                       marker="*", s=260, edgecolors="black", linewidths=0.6, zorder=3)
     if not drawn:
         ax.text(
             0.5,
@@ -350,14 +368,14 @@ def plot_dynamics(runs: Sequence[RunSeries], out_path: Path, preset: str, smooth
             axes[1, 0],
             "hack_deploy",
             True,
-            "deploy hack rate (quarantine ablated)",
+            "deploy hack rate (quarantine ablated; ★ final eval)",
             "exploited / eval rollouts",
         ),
         (
             axes[1, 1],
             "solve_deploy",
             True,
-            "deploy solve rate (quarantine ablated)",
+            "deploy solve rate (quarantine ablated; ★ final eval)",
             "strict-oracle correct / eval rollouts",
         ),
     ]
