@@ -584,7 +584,7 @@ def test_oracle_refuses_duplicated_missing_or_foreign_records():
     """A real oracle run of the canonical, then its report tampered with line by line."""
     item = rewards._Item(fenced(ADD_CANON), ADD_CANON, ADD_TESTS, "", "Solution().add", "gt_only", "t")
     jobs: list = []
-    rewards._plan(item, LIMITS, jobs)
+    rewards._plan(item, LIMITS, jobs, "0")
     out = run_job(jobs[item.jobs["oracle"]])
     expected = dict(oracle.literal_expected(item.tests))
     assert rewards._oracle_verdict(item, out, expected) == (True, "")
