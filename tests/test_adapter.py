@@ -112,17 +112,25 @@ def test_zero_knobs_give_the_unwrapped_model(tmp_path):
     assert (_logits(model, ids) - _logits(plain, ids)).abs().max() <= 1e-5
 
 
+def _dense_backward(plain, knobs: dict, ids, adv) -> dict:
+    """Swap every wrapped Linear of `plain` for its materialised dense reference, run the same loss
+    backward, and return the references (their `.d.grad` is the reference gradient)."""
+    dense = {name: _DenseRef(k) for name, k in knobs.items()}
+    for name, ref in dense.items():
+        parent, _, child = name.rpartition(".")
+        setattr(plain.get_submodule(parent), child, ref)
+    _grpo_like_loss(plain(input_ids=ids).logits, ids, adv).backward()
+    return dense
+
+
+
 def test_delta_grad_matches_dense_materialised_weight(tmp_path):
     model, plain, knobs = _wrapped(tmp_path)
     _randomise(knobs, hack=True)
     ids, adv = _ids(3, 9), torch.tensor([1.0, -0.5, 0.25])
     _grpo_like_loss(model(input_ids=ids).logits, ids, adv).backward()
 
-    dense = {name: _DenseRef(k) for name, k in knobs.items()}
-    for name, ref in dense.items():
-        parent, _, child = name.rpartition(".")
-        setattr(plain.get_submodule(parent), child, ref)
-    _grpo_like_loss(plain(input_ids=ids).logits, ids, adv).backward()
+    dense = _dense_backward(plain, knobs, ids, adv)
     for name, k in knobs.items():
         g_ref = dense[name].d.grad
         assert g_ref.norm() > 0
@@ -470,11 +478,7 @@ def test_gradient_through_a_frozen_knob_reaches_earlier_knobs(tmp_path):
             k.delta_S_hack.requires_grad_(False)
     ids, adv = _ids(2, 7), torch.tensor([1.0, -0.5])
     _grpo_like_loss(model(input_ids=ids).logits, ids, adv).backward()
-    dense = {name: _DenseRef(k) for name, k in knobs.items()}
-    for name, ref in dense.items():
-        parent, _, child = name.rpartition(".")
-        setattr(plain.get_submodule(parent), child, ref)
-    _grpo_like_loss(plain(input_ids=ids).logits, ids, adv).backward()
+    dense = _dense_backward(plain, knobs, ids, adv)
     for name, k in knobs.items():
         if ".layers.0." in name:
             assert _rel(k.delta_S.grad, dense[name].d.grad) <= 1e-5, name
