@@ -235,7 +235,6 @@ def build_tiny_qwen3(
     if _is_valid_build(out_dir, params):
         return out_dir
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
     logger.info(f"building {TINY_QWEN3} into {out_dir} ({params})")
     with staging_dir(out_dir) as tmp:
         config = Qwen3Config(
@@ -345,7 +344,6 @@ def build_smollm2(out_dir: Path | None = None, *, gguf: Path | None = None) -> P
     params = _smollm2_params(gguf)
     if _smollm2_valid(out_dir, params):
         return out_dir
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
     logger.info(f"converting {gguf} into {out_dir} (fp32, one-off)")
     with staging_dir(out_dir) as tmp:
         src = dict(gguf_file=gguf.name)

@@ -253,7 +253,6 @@ def build_organism(recipe: SFTRecipe = ORGANISM_RECIPE, out_dir: Path | None = N
     out_dir = Path(out_dir) if out_dir is not None else models_dir() / ORGANISM
     if _valid(out_dir, key):
         return out_dir
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
     logger.info(f"building the organism's SFT warm start into {out_dir} (key {key}): {recipe}")
     t0 = time.time()
     model, tok = load_model_and_tokenizer(recipe.base, "cpu")

@@ -76,7 +76,8 @@ def apply_update(run: Run, acc: StepGrads) -> dict:
     gn = float(torch.nn.utils.clip_grad_norm_(run.params, run.cfg.grad_clip))
     lr = run.sched.get_last_lr()[0]  # the rate this step's update used
     snap = snapshot(run.knobs)
-    before = {n: k.deployed()[0].detach().clone() for n, k in run.knobs.items()}
+    dep = iter(snap["dep"])  # deployed_params order: each module's deployed() tensors in turn; δS comes first
+    before = {n: [next(dep) for _ in k.deployed()][0] for n, k in run.knobs.items()}
     run.opt.step()
     run.sched.step()
     run.opt.zero_grad(set_to_none=True)
