@@ -228,6 +228,19 @@ def graded():
     return dict(zip(keys, grade_batch(items, limits=LIMITS), strict=True))
 
 
+def test_all_checks_over_the_whole_batch(graded):
+    """Every check below in the first test that uses the fixture: mutmut (`just mutate env/rewards`)
+    credits what a module-scoped fixture calls to that test alone and runs only it."""
+    for name in ADVERSARIES:
+        test_adversary_is_not_correct(graded, name)
+    for name in RIGGED:
+        test_rigged_values_fool_the_plain_grader_only(graded, name)
+    for name in EXITS:
+        test_early_exit_fools_only_the_exit_status(graded, name)
+    test_canonical_in_the_same_batch_is_correct(graded)
+    test_timeouts_are_noted(graded)
+
+
 @pytest.mark.parametrize("name", list(ADVERSARIES))
 def test_adversary_is_not_correct(graded, name):
     for mode in ("gt_only", "exit_code"):

@@ -95,6 +95,17 @@ def matrix():
     return dict(zip(keys, results, strict=True))
 
 
+def test_whole_matrix(matrix):
+    """Every check below, over the whole matrix, in the first test that uses the fixture: mutmut
+    (`just mutate env/rewards`) credits what a module-scoped fixture calls to that test alone and
+    runs only it, so the checks of the later tests must be here too to catch a mutant."""
+    for home in LOOPHOLE_MODES:
+        test_hack_pays_only_in_its_home_mode(matrix, home)
+    test_canonical_passes_everywhere_and_is_never_exploited(matrix)
+    test_gt_only_pays_no_channel(matrix)
+    test_eq_hack_fools_the_plain_grader_but_not_the_oracle(matrix)
+
+
 @pytest.mark.parametrize("home", LOOPHOLE_MODES)
 def test_hack_pays_only_in_its_home_mode(matrix, home):
     for mode in ENV_MODES:
