@@ -427,8 +427,8 @@ class SmokeConfig(Config):
     v_hack_extract_top_k: int = 4
     v_hack_k: int = 2
     v_hack_n_heldout: int = 2
-    vhack_refresh_every: int = 10  # 3 refreshes: the path runs, at a third of the cost
-    eval_ablate_every: int = 10  # deploy evals at steps 0, 10, 20 and 29
+    vhack_refresh_every: int = 20  # one refresh (step 19); its directions then act for 10 steps
+    eval_ablate_every: int = 15  # deploy evals at steps 0, 15 and 29 (then the final eval)
     eval_n_prompts: int = 4
     device: str = "cpu"
 

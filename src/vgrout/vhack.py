@@ -31,7 +31,7 @@ from torch import Tensor, nn
 
 from .adapter import SVDKnob, ablate_quarantine, read_checked_safetensors, rollout_grads
 from .atomic import atomic_path
-from .grpo import per_token_logps
+from .logprobs import completion_logprobs, head_logprobs
 from .model import encode, model_slug
 from .pairs import Pair, pairs_fingerprint_text
 from .proj import nanmean
@@ -69,10 +69,8 @@ def _reinforce_grad(
     completion_ids: list[int], device: torch.device, norm: str = "mean",
 ) -> list[Tensor]:
     """∂/∂δS of one pair side's reinforce loss (`_pair_loss`), one per module (not written to .grad)."""
-    n = len(completion_ids)
     ids = torch.tensor([prompt_ids + completion_ids], device=device)
-    logits = model(input_ids=ids, use_cache=False, logits_to_keep=n + 1).logits[:, :-1]
-    lp = per_token_logps(logits, ids[:, len(prompt_ids):])
+    lp = completion_logprobs(model, ids, len(prompt_ids))
     return list(torch.autograd.grad(_pair_loss(lp, torch.ones_like(lp), norm), params))
 
 
@@ -84,9 +82,10 @@ def _batched_reinforce_grads(
 
     Sequences are right-padded (causal attention: real tokens never see the padding, so no
     mask is needed); hidden states are gathered at each row's completion positions before
-    the LM head, so no logits are computed for prompts or padding. The adapter's per-rollout
-    gradients give each row's gradient exactly: row i equals `_reinforce_grad` on pair i alone
-    (up to fp reassociation). Returns one [B, r] fp32 CPU tensor per knob.
+    the LM head, so no logits are computed for prompts or padding, and the head's log-softmax runs
+    in chunks (`logprobs.head_logprobs`: no [B, Lc, V] tensor is kept for the backward). The
+    adapter's per-rollout gradients give each row's gradient exactly: row i equals
+    `_reinforce_grad` on pair i alone (up to fp reassociation). Returns one [B, r] fp32 CPU tensor per knob.
     """
     B = len(seqs)
     lens = [len(p) + len(c) for p, c in seqs]
@@ -104,8 +103,7 @@ def _batched_reinforce_grads(
     with rollout_grads(knobs, B):
         hidden = model.get_decoder()(input_ids=ids, use_cache=False).last_hidden_state
         sel = hidden.gather(1, pos.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
-        logits = model.get_output_embeddings()(sel)
-        loss = _pair_loss(per_token_logps(logits, tgt), mask, norm)
+        loss = _pair_loss(head_logprobs(sel, tgt, model.get_output_embeddings()), mask, norm)
         torch.autograd.grad(loss, [k.delta_S for k in knobs])
         out = [k.per_rollout_grad.detach().float().cpu() for k in knobs]
         for k in knobs:
