@@ -20,15 +20,17 @@ organism *ARGS:
     uv run python -m vgrout.organism
     uv run python -m vgrout.train organism {{ARGS}}
 
-# Every arm and control on the organism over 3 seeds, resumable (finished runs are skipped); then results and plots.
+# Every arm and control on the organism over 3 seeds, two runs at a time (each with half the cores; `--parallel=1`: one),
+# resumable (finished runs are skipped); then results and plots. Each block adapter has its own `none` run (both
+# blocks train and deploy): results takes an arm's delta against the vanilla of the same adapter.
 organism-sweep SEEDS="41-43" *ARGS:
     uv run python -m vgrout.organism
-    uv run python scripts/sweep.py organism none,erase,route,route2 {{SEEDS}} --local {{ARGS}}
-    uv run python scripts/sweep.py organism erase,route,route2 {{SEEDS}} --local --random-v-seed=7 {{ARGS}}
-    uv run python scripts/sweep.py organism absorb {{SEEDS}} --local --adapter=scorda {{ARGS}}
-    uv run python scripts/sweep.py organism absorb {{SEEDS}} --local --adapter=scorda_rev {{ARGS}}
-    uv run python scripts/sweep.py organism routeA {{SEEDS}} --local --adapter=lora2r {{ARGS}}
-    uv run python scripts/sweep.py organism routeA {{SEEDS}} --local --adapter=lora2r --random-v-seed=7 {{ARGS}}
+    uv run python scripts/sweep.py organism none,erase,route,route2 {{SEEDS}} --local --parallel=2 {{ARGS}}
+    uv run python scripts/sweep.py organism erase,route,route2 {{SEEDS}} --local --parallel=2 --random-v-seed=7 {{ARGS}}
+    uv run python scripts/sweep.py organism none,absorb {{SEEDS}} --local --parallel=2 --adapter=scorda {{ARGS}}
+    uv run python scripts/sweep.py organism none,absorb {{SEEDS}} --local --parallel=2 --adapter=scorda_rev {{ARGS}}
+    uv run python scripts/sweep.py organism none,routeA {{SEEDS}} --local --parallel=2 --adapter=lora2r {{ARGS}}
+    uv run python scripts/sweep.py organism routeA {{SEEDS}} --local --parallel=2 --adapter=lora2r --random-v-seed=7 {{ARGS}}
     uv run python scripts/results.py --preset organism --per-run
     uv run python scripts/plot_dynamics.py --preset organism
 
@@ -104,8 +106,9 @@ mutate MODULE *ARGS:
     mod="{{MODULE}}"; mod="${mod%.py}"; mod="${mod#src/}"; mod="${mod#vgrout/}"
     src="src/vgrout/$mod.py"
     [ -f "$src" ] || { echo "no module $src" >&2; exit 2; }
-    case "$mod" in  # the grader's tests (the oracle's included) are its own file plus the hack matrix
-        env/oracle|env/rewards) tests=(tests/test_rewards.py tests/test_hack_matrix.py) ;;
+    case "$mod" in  # the grader's tests (the oracle's included): its own file, the hack matrix, the adversaries
+        env/oracle|env/rewards)
+            tests=(tests/test_rewards.py tests/test_hack_matrix.py tests/test_adversarial_grading.py) ;;
         *) tests=("tests/test_$(basename "$mod").py") ;;
     esac
     for t in "${tests[@]}"; do [ -f "$t" ] || { echo "no test file $t for $src" >&2; exit 2; }; done
@@ -117,6 +120,7 @@ mutate MODULE *ARGS:
         "only_mutate = [\"$src\"]" \
         "pytest_add_cli_args_test_selection = [$sel\"-m\", \"not slow and not data\"]" \
         'pytest_add_cli_args = ["-p", "no:xdist", "-p", "no:cacheprovider"]' \
+        'process_isolation = "forkserver"  # no mutant inherits caches the stats run filled' \
         'do_not_mutate_patterns = ["^\\s*raise "]  # the text of error messages (their conditions are mutated)'; \
         } > "$work/pyproject.toml"
     cd "$work"

@@ -10,7 +10,10 @@ adapter weights as the trainer samples; `plain` is HF generate (every row prefil
 `shared` prefills each distinct prompt once (vgrout.prefix_gen). Also the prefill alone.
 Configurations alternate within each repeat (so drift hits all alike); medians over --repeats.
 train: seconds of one Dr.GRPO forward+backward of G right-padded rollouts (prompt + --completion
-tokens) through the adapter, with all layers adapted (0) or only the top N.
+tokens) through the adapter, with all layers adapted (0) or only the top N; with only the top N, the
+frozen blocks below either see the group's prompt once (`shared`, the trainer's path) or once per row
+(`plain`, `completion_logprobs(share_prompt=False)`), alternating within each repeat, and the last line
+is `organism_fb_ratio=<shared / plain>x` for the last --top-layers value.
 Run under the shared CPU lock on a shared machine: `flock /work/cpu.lock uv run python ...`.
 """
 
@@ -91,6 +94,7 @@ def bench_train(args) -> None:
     from vgrout.adapter import deployed_params, rollout_grads
     from vgrout.logprobs import completion_logprobs
 
+    ratio = None
     for top in (int(x) for x in args.top_layers.split(",")):
         model, tok, knobs, prompts = _setup(args.threads, top_layers=top, per_rollout=args.per_rollout)
         model.train()
@@ -99,23 +103,31 @@ def bench_train(args) -> None:
         ids = torch.randint(100, 40000, (g, plen + args.completion))
         ids[:, :plen] = torch.tensor(prompts[0])
         mask = torch.ones(g, args.completion)
-        times = []
+        hows = ["plain", "shared"] if top else ["plain"]
+        times: dict[str, list[float]] = {h: [] for h in hows}
         for _ in range(args.repeats):
-            t = time.perf_counter()
-            with rollout_grads(knobs, g) if args.per_rollout else nullcontext():
-                logp = completion_logprobs(model, ids, plen)
-                adv = torch.linspace(-1, 1, g)
-                tl = grpo.token_losses(logp, logp.detach(), adv, clip=0.2, beta=0.0, ref_logp=None)
-                loss = grpo.reduce_loss(tl, mask, unbiased=True, max_new=args.completion, group=g, prompts_per_step=1)
-                loss.backward()
-            times.append(time.perf_counter() - t)
-            for p in deployed_params(knobs):
-                p.grad = None
+            for how in hows:
+                t = time.perf_counter()
+                with rollout_grads(knobs, g) if args.per_rollout else nullcontext():
+                    logp = completion_logprobs(model, ids, plen, share_prompt=how == "shared")
+                    adv = torch.linspace(-1, 1, g)
+                    tl = grpo.token_losses(logp, logp.detach(), adv, clip=0.2, beta=0.0, ref_logp=None)
+                    loss = grpo.reduce_loss(tl, mask, unbiased=True, max_new=args.completion, group=g,
+                                            prompts_per_step=1)
+                    loss.backward()
+                times[how].append(time.perf_counter() - t)
+                for p in deployed_params(knobs):
+                    p.grad = None
         n = sum(k.rank for k in knobs.values())
-        print(f"top_layers={top or 'all':>3} ({len(knobs)} modules, {n:,} δS) G={g} tokens={plen}+{args.completion} "
-              f"per_rollout={args.per_rollout}: fwd+bwd {statistics.median(times):5.1f} s median of {args.repeats}",
-              flush=True)
+        for how in hows:
+            print(f"top_layers={top or 'all':>3} ({len(knobs)} modules, {n:,} δS) G={g} tokens={plen}+"
+                  f"{args.completion} per_rollout={args.per_rollout} prompt={how}: fwd+bwd "
+                  f"{statistics.median(times[how]):5.1f} s median of {args.repeats}", flush=True)
+        if top:
+            ratio = statistics.median(times["shared"]) / statistics.median(times["plain"])
         del model, knobs
+    if ratio is not None:
+        print(f"organism_fb_ratio={ratio:.2f}x")
 
 
 def main() -> None:

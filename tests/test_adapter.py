@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -643,5 +644,194 @@ def test_chunked_head_logprobs_equal_the_full_log_softmax(tmp_path, chunk_rows, 
     torch.testing.assert_close(lp_chunk, lp_full, rtol=0, atol=1e-5)
     assert set(g_chunk) == set(g_full)
     for n in g_full:
-        torch.testing.assert_close(g_chunk[n][0], g_full[n][0], rtol=1e-5, atol=1e-7)
-        torch.testing.assert_close(g_chunk[n][1], g_full[n][1], rtol=1e-5, atol=1e-7)
+        # atol: both fp32 paths sit ~3e-7 from the float64 truth (test_frozen_head_logprobs_match_float64)
+        torch.testing.assert_close(g_chunk[n][0], g_full[n][0], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(g_chunk[n][1], g_full[n][1], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("rows", [1, 7, 64])
+def test_frozen_head_logprobs_match_float64(rows):
+    """The chunked frozen-head log-prob (one exp pass for logsumexp and softmax) equals the float64
+    log-softmax at the target, value and ∂/∂h, to fp32 rounding, over the real 151,936 vocabulary."""
+    from vgrout.logprobs import _FrozenHeadLogProbs
+
+    g = torch.Generator().manual_seed(3)
+    N, H, V = 16, 32, 151_936
+    h = torch.randn(N, H, generator=g) * 3
+    W = torch.randn(V, H, generator=g) * 0.05
+    t = torch.randint(0, V, (N,), generator=g)
+    w_out = torch.randn(N, generator=g)
+    h64 = h.double().requires_grad_(True)
+    ref = torch.log_softmax(h64 @ W.double().T, -1).gather(-1, t[:, None]).squeeze(-1)
+    (w_out.double() * ref).sum().backward()
+    h32 = h.clone().requires_grad_(True)
+    lp = _FrozenHeadLogProbs.apply(h32, t, W, None, rows)
+    (w_out * lp).sum().backward()
+    torch.testing.assert_close(lp.double(), ref.detach(), rtol=0, atol=2e-6)
+    torch.testing.assert_close(h32.grad.double(), h64.grad, rtol=1e-5, atol=1e-6)
+    assert (lp < 0).all()
+
+
+def test_quarantine_energy_shares_exact():
+    """quarantine_norm, quarantine_mass, grad_mass, snapshot and update_mass on two bare knobs
+    with hand-set offsets, gradients and one optimizer-like change (exact sums of squares)."""
+    k1, k2 = _knob(), _knob()
+    assert A.quarantine_norm([k1, k2]) == 0.0 and A.quarantine_norm({"a": k1}) == 0.0
+    with torch.no_grad():
+        k1.delta_S.copy_(torch.tensor([1.0, 2.0, 0.0]))
+        k1.delta_S_hack.copy_(torch.tensor([0.0, 3.0, 0.0]))
+        k2.delta_S_hack.copy_(torch.tensor([4.0, 0.0, 0.0]))
+    assert A.quarantine_norm([k1, k2]) == 5.0  # sqrt(3² + 4²): the deployed δS do not count
+    assert A._sq([torch.tensor([1.0, 2.0]), None, torch.tensor([3.0])]) == 14.0
+    assert A.quarantine_mass([torch.tensor([1.0, 2.0])], [torch.tensor([2.0]), None]) == 4 / 9
+    assert A.quarantine_mass([None], [torch.tensor([0.5])]) == 1.0
+    assert A.quarantine_mass([torch.tensor([0.5])], []) == 0.0
+    assert math.isnan(A.quarantine_mass([torch.zeros(2)], [None]))
+    k1.delta_S.grad = torch.tensor([1.0, 0.0, 0.0])
+    k1.delta_S_hack.grad = torch.tensor([0.0, 1.0, 1.0])
+    k2.delta_S.grad, k2.delta_S_hack.grad = torch.tensor([0.0, 0.0, 1.0]), None
+    assert A.grad_mass([k1, k2]) == 2 / 4
+    snap = A.snapshot({"a": k1, "b": k2})
+    assert [t.tolist() for t in snap["dep"]] == [[1.0, 2.0, 0.0], [0.0, 0.0, 0.0]]
+    assert [t.tolist() for t in snap["quar"]] == [[0.0, 3.0, 0.0], [4.0, 0.0, 0.0]]
+    with torch.no_grad():
+        k1.delta_S.add_(torch.tensor([0.0, 0.0, 2.0]))  # the snapshot is a copy, not a view
+        k2.delta_S_hack.sub_(torch.tensor([1.0, 0.0, 0.0]))
+    assert snap["dep"][0].tolist() == [1.0, 2.0, 0.0] and snap["quar"][1].tolist() == [4.0, 0.0, 0.0]
+    assert A.update_mass([k1, k2], snap) == 1 / 5  # moved: 2² deployed, 1² quarantine
+    assert math.isnan(A.update_mass([k1, k2], A.snapshot([k1, k2])))  # nothing moved since
+
+
+def test_load_adapter_names_the_file_kind_and_at_most_three_modules(tmp_path):
+    saved = {f"blk{i}": _knob(seed=i) for i in range(5)}
+    for i, k in enumerate(saved.values()):
+        k.name = f"blk{i}"
+    path = tmp_path / "a.safetensors"
+    A.save_adapter(path, saved, model_id="m")
+    with pytest.raises(FileNotFoundError, match=r"^adapter file .*nope\.safetensors does not exist"):
+        A.load_adapter(tmp_path / "nope.safetensors", saved, model_id="m")
+    (tmp_path / "junk.safetensors").write_bytes(b"junk")
+    with pytest.raises(ValueError, match=r"not a readable safetensors adapter file"):
+        A.load_adapter(tmp_path / "junk.safetensors", saved, model_id="m")
+    with pytest.raises(ValueError, match=r"this adapter was made for model 'm', not 'x'"):
+        A.load_adapter(path, saved, model_id="x")
+    others = {f"oth{i}": _knob(seed=i) for i in range(4)}
+    for name, k in others.items():
+        k.name = name
+    wider = {f"blk{i}": _knob(d_in=5, d_out=4, seed=i) for i in range(4)}
+    for name, k in wider.items():
+        k.name = name
+    with pytest.raises(ValueError) as e:
+        A.load_adapter(path, others, model_id="m")
+    assert str(e.value).endswith("(missing ['oth0', 'oth1', 'oth2'], unexpected ['blk0', 'blk1', 'blk2'], "
+                                 "rank differs [])")
+    with pytest.raises(ValueError) as e:
+        A.load_adapter(path, wider, model_id="m")
+    assert str(e.value).endswith("(missing [], unexpected ['blk4'], rank differs ['blk0', 'blk1', 'blk2'])")
+
+
+def test_top_layers_wraps_exactly_the_highest_blocks(tmp_path):
+    """top_layers = N wraps the Linears of the last N blocks and no others; 0 and the layer count
+    both wrap every block; more than the layer count, or < 0, is refused before anything is wrapped."""
+    per_block = 7  # q, k, v, o, gate, up, down
+    for top, layers in ((0, {0, 1, 2}), (1, {2}), (2, {1, 2}), (3, {0, 1, 2})):
+        knobs = A.wrap_model(random_qwen3(num_layers=3), "rand-qwen3", cache_root=tmp_path / "svd", top_layers=top)
+        assert {int(n.split("layers.")[1].split(".")[0]) for n in knobs} == layers, top
+        assert len(knobs) == per_block * len(layers)
+    for bad, msg in ((4, "top_layers=4 but the model has 3 layers"), (-1, "top_layers must be >= 0")):
+        model = random_qwen3(num_layers=3)
+        with pytest.raises(ValueError, match=msg):
+            A.wrap_model(model, "rand-qwen3", cache_root=tmp_path / "svd", top_layers=bad)
+        assert not any(isinstance(m, A.SVDKnob) for m in model.modules())
+
+
+def test_per_rollout_recording_refuses_a_batch_that_is_not_one_row_per_rollout():
+    """Inside rollout_grads(n): a flat batch whose rows do not split into n rollouts, and a
+    [B, L, d] batch with B != n, raise; B == n records [n, r]; no_grad forwards never check."""
+    k = _knob(d_in=4, d_out=3)
+    g = torch.Generator().manual_seed(5)
+    with A.rollout_grads([k], 2):
+        with pytest.raises(ValueError, match=r"input batch \(5, 4\) does not split into 2 rollouts"):
+            k(torch.randn(5, 4, generator=g))
+        with pytest.raises(ValueError, match=r"batch of 4 sequences inside rollout_grads\(n_rollouts=2\)"):
+            k(torch.randn(4, 3, 4, generator=g))
+        with pytest.raises(ValueError, match="does not split into 2 rollouts"):
+            k(torch.randn(1, 3, 4, generator=g))  # 3 rows of r: not 2 rollouts
+        with pytest.raises(ValueError, match="batch of 1 sequences"):  # 4 rows of r split in 2; 1 sequence
+            k(torch.randn(1, 4, 4, generator=g))
+        with torch.no_grad():
+            k(torch.randn(5, 4, generator=g))  # generation-time shapes are never checked
+        k(torch.randn(2, 3, 4, generator=g)).sum().backward()
+        assert k.per_rollout_grad.shape == (2, 3)
+        k(torch.randn(4, 4, generator=g)).sum().backward()  # flat [n * T, d]: T = 2 rows per rollout
+        assert k.per_rollout_grad.shape == (2, 3)
+
+
+@pytest.mark.parametrize("top", [1, 2, 3])
+def test_frozen_lower_blocks_see_a_group_prompt_once(tmp_path, monkeypatch, top):
+    """With only the top blocks adapted, `completion_logprobs` runs the frozen lower blocks on the group's
+    shared prompt once (`_shared_prompt_hidden`): values, δS gradients and per-rollout gradients equal the
+    plain full forward's to fp rounding. Rows whose prompts differ take the plain path."""
+    import vgrout.logprobs as LP
+
+    model = random_qwen3(seed=0, num_layers=4)
+    knobs = A.wrap_model(model, "rand-qwen3", cache_root=tmp_path / "svd", top_layers=top)
+    assert LP.frozen_depth(model) == 4 - top
+    _randomise(knobs, hack=True)
+    depths = []
+    real = LP._shared_prompt_hidden
+    monkeypatch.setattr(LP, "_shared_prompt_hidden", lambda m, i, p, d: depths.append(d) or real(m, i, p, d))
+    G, plen = 3, 5
+    ids = _ids(G, 13)
+    ids[:, :plen] = ids[0, :plen]
+    mask = torch.ones(G, ids.shape[1] - plen)
+    mask[1, 5:] = 0  # right padding after a shorter completion
+    mask[2, 2:] = 0
+    adv = torch.tensor([1.0, -0.5, 2.0])
+
+    def run(split: bool):
+        model.zero_grad(set_to_none=True)
+        with A.rollout_grads(knobs, G):
+            if split:
+                lp = completion_logprobs(model, ids, plen)
+            else:
+                logits = model(input_ids=ids, logits_to_keep=ids.shape[1] - plen + 1).logits[:, :-1]
+                lp = per_token_logps(logits, ids[:, plen:])
+            (-(adv[:, None] * lp * mask).sum()).backward()
+        return lp.detach(), {n: (k.delta_S.grad.clone(), k.per_rollout_grad.clone()) for n, k in knobs.items()}
+
+    lp_full, g_full = run(False)
+    lp_split, g_split = run(True)
+    assert depths == [4 - top]
+    with torch.no_grad():  # a single row has nothing to share: the plain forward, same values
+        torch.testing.assert_close(completion_logprobs(model, ids[:1], plen), lp_full[:1], rtol=0, atol=1e-5)
+    assert depths == [4 - top]
+    torch.testing.assert_close(lp_split, lp_full, rtol=0, atol=1e-5)
+    for n in g_full:
+        assert g_full[n][0].abs().max() > 0
+        torch.testing.assert_close(g_split[n][0], g_full[n][0], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(g_split[n][1], g_full[n][1], rtol=1e-5, atol=1e-6)
+    # one row with another prompt: the plain forward, same values as the full path
+    other = ids.clone()
+    other[1, 0] = (other[1, 0] + 1) % VOCAB
+    with torch.no_grad():
+        lp_other = completion_logprobs(model, other, plen)
+        logits = model(input_ids=other, logits_to_keep=other.shape[1] - plen + 1).logits[:, :-1]
+    assert depths == [4 - top]
+    torch.testing.assert_close(lp_other, per_token_logps(logits, other[:, plen:]), rtol=0, atol=1e-5)
+
+
+def test_frozen_depth_counts_the_blocks_below_the_lowest_trainable_one(tmp_path):
+    """frozen_depth: every block but the adapted top ones; 0 when the embeddings train; all blocks when
+    nothing trains."""
+    from vgrout.logprobs import frozen_depth
+
+    model = random_qwen3(seed=0, num_layers=4)
+    assert frozen_depth(model) == 0  # a fresh model: everything trains
+    for p in model.parameters():
+        p.requires_grad_(False)
+    assert frozen_depth(model) == 4
+    model.get_decoder().layers[2].mlp.up_proj.weight.requires_grad_(True)
+    assert frozen_depth(model) == 2
+    model.get_decoder().embed_tokens.weight.requires_grad_(True)
+    assert frozen_depth(model) == 0

@@ -50,6 +50,9 @@ def test_provenance_records_command_and_versions():
     p = ck.provenance()
     assert p["packages"]["torch"] and p["command"] and p["git_commit"]
     assert os.path.isabs(p["cwd"])
+    import torch
+
+    assert p["torch_threads"] == torch.get_num_threads() >= 1
 
 
 def test_resume_of_an_older_schema_is_refused_in_one_line(tmp_path):

@@ -234,6 +234,21 @@ def test_merged_decoding_equals_the_adapter_forward(wrapped):
         assert torch.equal(model(input_ids=ids).logits, base)  # weights restored bit-exactly
 
 
+def _group_batch(ids: torch.Tensor, lengths, seed: int):
+    """A GRPO group as the trainer batches it: prompt `ids[0]` then random completions of `lengths`,
+    right-padded with id 2; returns (completions, [G, plen + Lc] ids, [G, Lc] completion mask)."""
+    g = torch.Generator().manual_seed(seed)
+    comps = [torch.randint(100, 40000, (n,), generator=g) for n in lengths]
+    plen, lc = ids.shape[1], max(lengths)
+    batch = torch.full((len(comps), plen + lc), 2)
+    mask = torch.zeros(len(comps), lc)
+    for b, c in enumerate(comps):
+        batch[b, :plen] = ids[0]
+        batch[b, plen:plen + len(c)] = c
+        mask[b, :len(c)] = 1
+    return comps, batch, mask
+
+
 def test_per_rollout_grads_are_exact_on_the_organism(wrapped):
     """Right-padded rollouts of different lengths, as the trainer batches them: the rows sum to the
     batch gradient, and each row equals that rollout's own gradient (computed alone, unpadded)."""
@@ -241,16 +256,9 @@ def test_per_rollout_grads_are_exact_on_the_organism(wrapped):
 
     model, _, knobs, ids, _ = wrapped
     plen = ids.shape[1]
-    g = torch.Generator().manual_seed(1)
-    comps = [torch.randint(100, 40000, (n,), generator=g) for n in (7, 4, 6)]
+    comps, batch, mask = _group_batch(ids, (7, 4, 6), seed=1)
     adv = torch.tensor([1.0, -0.75, -0.25])
-    G, lc = len(comps), max(len(c) for c in comps)
-    batch = torch.full((G, plen + lc), 2)
-    mask = torch.zeros(G, lc)
-    for b, c in enumerate(comps):
-        batch[b, :plen] = ids[0]
-        batch[b, plen:plen + len(c)] = c
-        mask[b, :len(c)] = 1
+    G = len(comps)
 
     def loss_of(x: torch.Tensor, m: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
         logits = model(input_ids=x, logits_to_keep=x.shape[1] - plen + 1).logits[:, :-1]
@@ -272,6 +280,49 @@ def test_per_rollout_grads_are_exact_on_the_organism(wrapped):
             assert _rel(per[n][b], k.delta_S.grad) < 1e-4, (b, n)
     for k in knobs.values():
         k.delta_S.grad = None
+
+
+def test_shared_prompt_logprobs_are_exact_on_the_organism(wrapped):
+    """The trainer's log-probs on the Llama organism (top 2 of 30 blocks adapted): the 28 frozen blocks
+    see the group's prompt once, and values, δS and per-rollout gradients equal the plain forward's."""
+    from vgrout import grpo
+    from vgrout.logprobs import completion_logprobs, frozen_depth
+
+    model, _, knobs, ids, _ = wrapped
+    assert frozen_depth(model) == 28
+    plen = ids.shape[1]
+    g = torch.Generator().manual_seed(2)
+    comps, batch, mask = _group_batch(ids, (6, 3, 5), seed=2)
+    adv = torch.tensor([0.5, -1.0, 0.25])
+    G, lc = len(comps), mask.shape[1]
+    with torch.no_grad():
+        for k in knobs.values():
+            k.delta_S.copy_(torch.randn(k.rank, generator=g) * 0.05)
+
+    def run(shared: bool):
+        for k in knobs.values():
+            k.delta_S.grad = None
+        with A.rollout_grads(knobs, G):
+            if shared:
+                lp = completion_logprobs(model, batch, plen)
+            else:
+                logits = model(input_ids=batch, logits_to_keep=lc + 1).logits[:, :-1]
+                lp = grpo.per_token_logps(logits, batch[:, plen:])
+            (-(adv[:, None] * lp * mask).sum()).backward()
+        return lp.detach(), {n: (k.delta_S.grad.clone(), k.per_rollout_grad.clone()) for n, k in knobs.items()}
+
+    try:
+        lp_plain, g_plain = run(False)
+        lp_shared, g_shared = run(True)
+    finally:
+        with torch.no_grad():
+            for k in knobs.values():
+                k.delta_S.zero_()
+                k.delta_S.grad = None
+    torch.testing.assert_close(lp_shared, lp_plain, rtol=0, atol=1e-4)
+    for n in g_plain:
+        assert _rel(g_shared[n][0], g_plain[n][0]) < 1e-4, n
+        assert _rel(g_shared[n][1], g_plain[n][1]) < 1e-4, n
 
 
 def test_organism_slug_names_the_sft_recipe():

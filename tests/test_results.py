@@ -356,6 +356,9 @@ def test_aggregate_means_cis_and_delta_vs_vanilla(tmp_path):
     assert r.solve_verdict == "inconclusive" and r.verdict_basis == "seeds"
 
     haar = groups[("routing2", "haar")]
+    assert r.control_group is haar and r.d_ctrl == pytest.approx(0.15 - 0.55)
+    assert r.d_ctrl_ci is None and not r.d_ctrl_paired  # seeds {41, 42} vs {41}: Welch needs 2 a side
+    assert haar.control_group is None and v.control_group is None and (v.ctrl_why, haar.ctrl_why) == ("", "")
     assert haar.random_v_seeds == [7] and haar.hack_deploy.lo is None  # n = 1: no CI
     assert haar.d_hack == pytest.approx(-0.05) and haar.d_hack_ci is None
 
@@ -364,6 +367,7 @@ def test_aggregate_means_cis_and_delta_vs_vanilla(tmp_path):
     # one seed and no per-problem counts: no interval of Δsolve, so no verdict
     assert proj.solve_verdict is None and proj.d_solve_ci is None and proj.d_solve_cl is None
     assert proj.note == "1 of 1 runs predate per-problem counts: no cluster interval"
+    assert proj.control_group is None and proj.ctrl_why == "no Haar control"
 
 
 def test_runs_of_different_step_counts_are_different_experiments(tmp_path):
@@ -651,8 +655,9 @@ def test_unknown_arms_and_modes_sort_last(tmp_path):
     assert header[nb + 3 :] == [
         "baseline_hash", "d_hack_vs_vanilla", "d_hack_ci_lo", "d_hack_ci_hi", "d_hack_cl", "d_hack_cl_lo",
         "d_hack_cl_hi", "d_solve_vs_vanilla", "d_solve_ci_lo", "d_solve_ci_hi", "d_solve_cl", "d_solve_cl_lo",
-        "d_solve_cl_hi", "d_cl_paired", "solve_verdict", "solve_verdict_basis", "solve_margin", "models",
-        "steps", "note"]  # fmt: skip
+        "d_solve_cl_hi", "d_cl_paired", "solve_verdict", "solve_verdict_basis", "solve_margin", "control_hash",
+        "d_hack_vs_haar", "d_haar_ci_lo", "d_haar_ci_hi", "d_haar_paired", "d_haar_cl", "d_haar_cl_lo",
+        "d_haar_cl_hi", "d_haar_cl_paired", "models", "steps", "note"]  # fmt: skip
     table = markdown_table(groups)
     assert "deploy hack zz_new" in table and table.index("deploy hack run_tests") < table.index("zz_new")
 
@@ -704,22 +709,27 @@ def test_markdown_and_skipped_tables_exactly(tmp_path):
     assert list(rows[0]) == ["preset", "arm", "eval", "config", "n", "deploy hack", "deploy hack, clusters",
                              "deploy solve", "deploy solve, clusters", "train hack", "train solve",
                              "deploy hack run_tests", "deploy hack sentinel", "Δ hack vs vanilla",
-                             "Δ hack, clusters", "Δ solve", "Δ solve, clusters", "solve verdict", "note"]
+                             "Δ hack, clusters", "Δ solve", "Δ solve, clusters", "solve verdict", "Δ hack vs Haar",
+                             "Δ hack vs Haar, clusters", "note"]
     old = "1 of 1 runs predate per-problem counts: no cluster interval"
     assert rows[0] == {
         "preset": "smoke", "arm": "vanilla", "eval": "train", "config": hv, "n": "1",
         "deploy hack": "0.500 (CI n/a)", "deploy hack, clusters": "", "deploy solve": "0.250 (CI n/a)",
         "deploy solve, clusters": "", "train hack": "0.500", "train solve": "0.250",
         "deploy hack run_tests": "0.500", "deploy hack sentinel": "0.250", "Δ hack vs vanilla": "(baseline)",
-        "Δ hack, clusters": "", "Δ solve": "", "Δ solve, clusters": "", "solve verdict": "", "note": old}
+        "Δ hack, clusters": "", "Δ solve": "", "Δ solve, clusters": "", "solve verdict": "", "Δ hack vs Haar": "",
+        "Δ hack vs Haar, clusters": "", "note": old}
     assert rows[1] == {
         "preset": "smoke", "arm": "routing2", "eval": "train", "config": groups[1].short_hash, "n": "1",
         "deploy hack": "0.125 (CI n/a)", "deploy hack, clusters": "", "deploy solve": "0.250 (CI n/a)",
         "deploy solve, clusters": "", "train hack": "0.125", "train solve": "0.250",
         "deploy hack run_tests": "0.125", "deploy hack sentinel": "",  # no such mode
         "Δ hack vs vanilla": f"-0.375 vs {hv}", "Δ hack, clusters": "", "Δ solve": "+0.000",
-        "Δ solve, clusters": "", "solve verdict": "no interval", "note": old}
+        "Δ solve, clusters": "", "solve verdict": "no interval",
+        "Δ hack vs Haar": f"-0.125 vs {groups[2].short_hash}",  # one seed each: no interval
+        "Δ hack vs Haar, clusters": "", "note": old}
     assert rows[2]["arm"] == "routing2 (haar)" and rows[2]["config"] == groups[2].short_hash
+    assert rows[2]["Δ hack vs Haar"] == ""  # a control has no control
     assert (rows[2]["Δ hack vs vanilla"], rows[2]["Δ solve"]) == (f"-0.250 vs {hv}", "+0.250")
     lone = aggregate([r for r in runs if r.arm != "vanilla"])
     assert {r["Δ hack vs vanilla"] for r in _cells(markdown_table(lone))} == {"no vanilla"}
@@ -1250,3 +1260,139 @@ def test_real_runs_group_by_config_supersede_and_pair(real_runs, tmp_path, capsy
     assert {styles[k].label for k in lines} == {
         f"vanilla lr=0.003 [{again.short_hash}]", f"vanilla lr=0.001 [{van_lr.short_hash}]",
         f"projected lr=0.001 [{erase.short_hash}]"}
+
+
+# ---------------------------------------------------------------- exact edges (mutation survivors)
+
+
+def test_cluster_intervals_at_two_clusters_and_their_exact_none_results():
+    two = res.ratio_ci([1, 3], [4, 4])
+    assert two.lo is not None and two.n_clusters == 2 and two.n == 8  # C = 2 is enough for an interval
+    assert res.ratio_ci([1], [4]) == res.ClusterCI(0.25, None, None, 1, 4)
+    assert res.paired_ratio_diff_ci([1], [4], [0], [4]) == res.DiffCI(0.25, None, None, None, 1, True)
+    assert res.unpaired_ratio_diff_ci([1, 2], [4, 4], [0], [4]) == res.DiffCI(0.375, None, None, None, 3, False)
+    assert res.unpaired_ratio_diff_ci([1], [4], [0, 1], [4, 4]) == res.DiffCI(0.125, None, None, None, 3, False)
+    same = res.unpaired_ratio_diff_ci([1, 1], [4, 4], [0, 0], [4, 4])  # zero variance on both sides
+    assert same == res.DiffCI(0.25, 0.25, 0.25, None, 4, False)
+    both = res.unpaired_ratio_diff_ci([1, 3], [4, 4], [0, 2], [4, 4])
+    assert both.lo is not None and both.df is not None and both.paired is False and both.n_clusters == 4
+    p2 = res.paired_ratio_diff_ci([1, 3], [4, 4], [0, 1], [4, 4])
+    assert p2.lo is not None and (p2.df, p2.n_clusters, p2.paired) == (1, 2, True)
+    with pytest.raises(ValueError, match="no samples"):
+        res.ratio_ci([0], [0])
+    assert res.ratio_ci([1, 0], [1, 0]).rate == 1.0  # a total of one sample is enough
+
+
+def test_welch_variance_and_df_exact():
+    a_e, a_n, b_e, b_n = [1, 3, 2], [4, 4, 4], [0, 2], [4, 4]
+    pa, pb = 6 / 12, 2 / 8
+    ra = [(y - pa * n) / 12 for y, n in zip(a_e, a_n, strict=True)]
+    rb = [(y - pb * n) / 8 for y, n in zip(b_e, b_n, strict=True)]
+    va, vb = 3 / 2 * sum(r * r for r in ra), 2 / 1 * sum(r * r for r in rb)
+    df = (va + vb) ** 2 / (va**2 / 2 + vb**2 / 1)
+    got = res.unpaired_ratio_diff_ci(a_e, a_n, b_e, b_n)
+    half = res.t_quantile(0.975, df) * math.sqrt(va + vb)
+    assert got.df == pytest.approx(df, rel=1e-12)
+    assert (got.lo, got.hi) == pytest.approx((pa - pb - half, pa - pb + half), rel=1e-12)
+
+
+def test_solve_verdict_boundaries():
+    assert res.solve_verdict(0.0, 0.1, 0.0) == "inconclusive"  # margin 0 is allowed; lo = 0 does not exclude 0
+    assert res.solve_verdict(-0.1, 0.0, 0.0) == "inconclusive"
+    assert res.solve_verdict(0.01, 0.1, 0.05) == "solve differs"
+
+
+def test_t_functions_edges():
+    assert res.t_cdf(0.0, 5.0) == 0.5 and res.t_cdf(-1.0, 5.0) == pytest.approx(1 - res.t_cdf(1.0, 5.0))
+    assert res.t_quantile(0.5, 3.0) == pytest.approx(0.0, abs=1e-9)
+    with pytest.raises(ValueError):
+        res.t_quantile(0.0, 3.0)
+    # closed forms (df 1: tan(π(p - 1/2)); df 2: (2p-1)·sqrt(2 / (1 - (2p-1)²))), far past the first bracket
+    assert res.t_quantile(0.975, 1.0) == pytest.approx(math.tan(math.pi * 0.475), rel=1e-9)
+    a = 2 * 0.9995 - 1
+    assert res.t_quantile(0.9995, 2.0) == pytest.approx(a * math.sqrt(2 / (1 - a * a)), rel=1e-9)
+    assert res.t_quantile(0.75, 1.0) == pytest.approx(1.0, rel=1e-9)
+
+
+def test_config_hash_is_sha256_of_compact_sorted_json():
+    import hashlib
+
+    want = hashlib.sha256(b'{"a":[1,2],"b":{"c":1,"d":2}}').hexdigest()
+    assert res.config_hash({"b": {"d": 2, "c": 1}, "a": [1, 2]}) == want
+
+
+def test_formatters_exact():
+    assert res._fmt_knob([1, 2]) == "1,2" and res._fmt_knob(res._ABSENT) == "(absent)" and res._fmt_knob(3) == "3"
+    assert res._fmt_cl(res.ClusterCI(0.25, 0.25, 0.25, 3, 12)) == "0.250 [0.250, 0.250] C=3 (zero variance)"
+    assert res._fmt_cl(res.ClusterCI(0.25, 0.1, 0.4, 3, 12)) == "0.250 [0.100, 0.400] C=3"
+    assert res._fmt_cl(res.ClusterCI(0.25, None, None, 1, 4)) == "0.250 (CI n/a, C=1)" and res._fmt_cl(None) == ""
+    assert res._fmt_d(None, None) == "" and res._fmt_d(0.5, (0.25, 0.75)) == "+0.500 [+0.250, +0.750]"
+    assert res._fmt_dcl(res.DiffCI(0.1, None, None, None, 3, False)) == "+0.100 (CI n/a) unpaired C=3"
+    zero = res.DiffCI(0.1, 0.1, 0.1, None, 3, True)
+    assert res._fmt_dcl(zero) == "+0.100 [+0.100, +0.100] paired C=3 (zero variance)"
+    assert res._fmt_dcl(res.DiffCI(-0.1, -0.2, 0.05, 4.0, 5, False)) == "-0.100 [-0.200, +0.050] unpaired C=5"
+    assert res._fmt_dcl(None) == ""
+
+
+def test_table_legend_text():
+    """The legend names the solve margin it is given and each statistic the table prints."""
+    lines = res.table_legend(0.05).split("\n")
+    assert len(lines) == 6 and all(line.strip() for line in lines)
+    assert "matched = inside ±0.05 (equivalence)" in lines[4] and "excludes 0" in lines[4]
+    assert lines[5].startswith("Δ hack vs Haar: the real direction minus its Haar control") and "paired t" in lines[5]
+    assert "inside ±0.1 (" in res.table_legend(0.1) and "±0.05" not in res.table_legend(0.1)
+    assert lines[0].startswith("Rates: mean over seeds [95% Student-t CI over seeds]; deploy = quarantine ablated")
+    assert "never averaged" in lines[1] and "t with C-1 df" in lines[2]
+    assert "Welch 95% CI" in lines[3] and "paired over (seed, problem)" in lines[3]
+
+
+def test_delta_vs_haar_is_paired_over_shared_seeds_else_welch(tmp_path):
+    """A real direction minus its Haar control (same config, random_v_seed set): the t-interval of the
+    per-seed differences when both ran the same seeds, Welch's otherwise, and over (seed, problem)
+    clusters paired; controls drawn with two different seeds are never picked between."""
+    real = {41: 0.10, 42: 0.20, 43: 0.30}
+    haar = {41: 0.20, 42: 0.25, 43: 0.45}
+    for seed, h in real.items():
+        write_run(tmp_path / "a", arm="routing2", seed=seed, hack_deploy=h, solve_deploy=0.0)
+        write_run(tmp_path / "a", arm="routing2", seed=seed, random_v_seed=7, hack_deploy=haar[seed],
+                  solve_deploy=0.0)
+        write_run(tmp_path / "a", arm="projected", seed=seed, hack_deploy=h, solve_deploy=0.0)
+    groups = {(g.arm, g.control): g for g in aggregate(scan_runs(tmp_path / "a")[0])}
+    g, ctrl = groups[("routing2", "")], groups[("routing2", "haar")]
+    assert g.control_group is ctrl and g.d_ctrl_paired
+    assert g.d_ctrl == pytest.approx(-0.1, abs=1e-12)
+    half = 4.302652729749752 * 0.05 / math.sqrt(3)  # per-seed diffs -0.1, -0.05, -0.15: sd 0.05
+    assert g.d_ctrl_ci == pytest.approx((-0.1 - half, -0.1 + half), abs=1e-12)
+    assert groups[("projected", "")].ctrl_why == "no Haar control"
+    cells = {(r["arm"]): r for r in _cells(markdown_table(list(groups.values())))}
+    assert cells["routing2"]["Δ hack vs Haar"] == f"-0.100 [-0.224, +0.024] paired vs {ctrl.short_hash}"
+    assert cells["projected"]["Δ hack vs Haar"] == "no Haar control"
+    row = next(r for r in csv.DictReader(io.StringIO(csv_text(list(groups.values()))))
+               if (r["arm"], r["control"]) == ("routing2", ""))
+    assert (row["control_hash"], row["d_haar_paired"]) == (ctrl.short_hash, "true")
+    assert float(row["d_haar_ci_lo"]) == pytest.approx(-0.1 - half, abs=1e-12)
+
+    # the control misses seed 43: Welch over the two sets of seeds, not paired
+    for seed, h in real.items():
+        write_run(tmp_path / "b", arm="routing2", seed=seed, hack_deploy=h, solve_deploy=0.0)
+    for seed in (41, 42):
+        write_run(tmp_path / "b", arm="routing2", seed=seed, random_v_seed=7, hack_deploy=haar[seed],
+                  solve_deploy=0.0)
+    g = next(x for x in aggregate(scan_runs(tmp_path / "b")[0]) if not x.control)
+    assert not g.d_ctrl_paired and g.d_ctrl == pytest.approx(0.2 - 0.225)
+    assert g.d_ctrl_ci == welch_diff_ci([0.1, 0.2, 0.3], [0.2, 0.25])
+
+    # per-problem counts: the cluster difference is paired over the shared (seed, problem) units
+    write_run(tmp_path / "c", arm="routing2", seed=41, by_problem={"1": (8, 2, 0), "2": (8, 4, 0)})
+    write_run(tmp_path / "c", arm="routing2", seed=41, random_v_seed=7,
+              by_problem={"1": (8, 4, 0), "2": (8, 6, 0)})
+    g = next(x for x in aggregate(scan_runs(tmp_path / "c")[0]) if not x.control)
+    assert g.d_ctrl_cl is not None and g.d_ctrl_cl.paired and g.d_ctrl_cl.diff == pytest.approx(-0.25)
+
+    # two controls of the same config drawn with different seeds: no delta, and the cell says why
+    for rv in (7, 8):
+        write_run(tmp_path / "d", arm="routing2", seed=41, random_v_seed=rv, hack_deploy=0.3, solve_deploy=0.0)
+    write_run(tmp_path / "d", arm="routing2", seed=41, hack_deploy=0.1, solve_deploy=0.0)
+    g = next(x for x in aggregate(scan_runs(tmp_path / "d")[0]) if not x.control)
+    assert g.control_group is None and g.ctrl_why.startswith("2 Haar controls (")
+    assert g.ctrl_why.endswith("): no delta")

@@ -319,3 +319,45 @@ def test_local_sweep_skips_finished_resumes_interrupted_starts_new(tmp_path):
 
     assert json.loads((paused / "status.json").read_text())["state"] == "complete"
     assert [a for _, a, _ in local_plan(jobs[:2], out / "runs")] == ["skip", "skip"]
+
+
+def test_parallel_local_runs_share_the_cores():
+    """--local --parallel N: each run gets cores // N torch threads (at least 1) through OMP_NUM_THREADS,
+    unless the caller set it; one run at a time leaves the environment alone."""
+    from vgrout.sweep import lane_threads, run_env
+
+    assert [lane_threads(n, 2) for n in (1, 2, 3)] == [2, 1, 1]
+    assert [lane_threads(n, 16) for n in (1, 2, 3, 5)] == [16, 8, 5, 3]
+    with pytest.raises(ValueError, match="parallel must be >= 1"):
+        lane_threads(0, 2)
+    base = {"PATH": "/bin"}
+    assert run_env(1, base, 2) == base
+    assert run_env(2, base, 16) == {"PATH": "/bin", "OMP_NUM_THREADS": "8"}
+    assert run_env(2, {**base, "OMP_NUM_THREADS": "3"}, 16)["OMP_NUM_THREADS"] == "3"
+    assert base == {"PATH": "/bin"}  # the caller's mapping is not modified
+
+
+@pytest.mark.slow
+def test_local_sweep_runs_two_at_a_time_each_on_its_share(tmp_path, monkeypatch, capsys):
+    """Two real tiny runs started together by --local --parallel=2: both complete, each recorded the
+    thread count its lane was given, and a second invocation skips both."""
+    import json
+
+    from _golden import build_inputs
+    from vgrout.sweep import main
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr("vgrout.sweep._cpus", lambda: 4)
+    pool, pairs = build_inputs(tmp_path / "inputs")
+    out = tmp_path / "out"
+    common = [f"--teacher-pool-dir={pool}", f"--vhack-pairs-path={pairs}", f"--out-root={out}", "--steps=1",
+              "--max-new=8", "--eval-n-prompts=1", "--eval-ablate-every=0", "--v-hack-extract-top-k=2",
+              "--v-hack-k=1", "--v-hack-n-heldout=1"]
+    assert main(["smoke", "none", "41,42", "--local", "--parallel=2", f"--workdir={REPO}", *common]) == 0
+    said = capsys.readouterr().out
+    assert "2 to start; 2 at a time, OMP_NUM_THREADS=2" in said
+    runs = sorted((out / "runs").iterdir())
+    assert [json.loads((d / "status.json").read_text())["state"] for d in runs] == ["complete", "complete"]
+    assert [json.loads((d / "config.json").read_text())["provenance"]["torch_threads"] for d in runs] == [2, 2]
+    assert main(["smoke", "none", "41,42", "--local", "--parallel=2", f"--workdir={REPO}", *common]) == 0
+    assert "2 already finished, 0 to resume, 0 to start" in capsys.readouterr().out

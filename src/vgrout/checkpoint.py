@@ -220,6 +220,7 @@ def provenance() -> dict:
         "platform": platform.platform(),
         "packages": pkgs,
         "cuda": torch.version.cuda if torch.cuda.is_available() else None,
+        "torch_threads": torch.get_num_threads(),  # wall times depend on it (sweep --local --parallel sets it)
     }
 
 

@@ -14,6 +14,9 @@ log-softmax's (`grpo.per_token_logps`) to fp rounding.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -45,12 +48,15 @@ class _FrozenHeadLogProbs(torch.autograd.Function):
         w32 = weight.float()
         for s in range(0, n, rows):
             logits = F.linear(h[s : s + rows], weight, bias).float()
-            t = targets[s : s + rows]
-            lse = torch.logsumexp(logits, dim=-1)
-            out[s : s + rows] = logits.gather(-1, t.unsqueeze(-1)).squeeze(-1) - lse
+            t = targets[s : s + rows].unsqueeze(-1)
+            at_t = logits.gather(-1, t)
+            m = logits.amax(-1, keepdim=True)
+            e = logits.sub_(m).exp_()  # exp(logit - max), in place: one exp pass serves lse and softmax
+            z = e.sum(-1, keepdim=True)
+            out[s : s + rows] = (at_t - m - z.log()).squeeze(-1)
             if jac is not None:
-                p = logits.sub_(lse.unsqueeze(-1)).exp_()  # softmax, in place of the logits
-                p[torch.arange(p.shape[0], device=p.device), t] -= 1.0  # softmax - onehot
+                p = e.div_(z)  # softmax
+                p.scatter_add_(-1, t, torch.full_like(at_t, -1.0))  # softmax - onehot
                 jac[s : s + rows] = -(p @ w32)
         ctx.save_for_backward(jac)
         ctx.h_dtype = h.dtype
@@ -82,15 +88,83 @@ def head_logprobs(hidden: Tensor, targets: Tensor, head: nn.Linear, *, chunk_byt
     return torch.cat(out).reshape(B, T)
 
 
-def completion_logprobs(model: nn.Module, ids: Tensor, plen: int, *, chunk_bytes: int = CHUNK_BYTES) -> Tensor:
-    """log p(ids[:, t] | ids[:, :t]) for t >= plen: [B, L - plen] fp32 (differentiable)."""
+def frozen_depth(model: nn.Module) -> int:
+    """How many leading decoder blocks compute a function of the token ids alone: the blocks below the
+    lowest one that holds a parameter with requires_grad (0 when the embeddings train; all of them when
+    nothing trains). With `--adapt-top-layers N` that is every block but the top N."""
+    dec = model.get_decoder()
+    if any(p.requires_grad for p in dec.embed_tokens.parameters()):
+        return 0
+    return next((i for i, blk in enumerate(dec.layers) if any(p.requires_grad for p in blk.parameters())),
+                len(dec.layers))
+
+
+# Decoders whose forward treats `inputs_embeds` as the first block's input unchanged and gives every block
+# the same mask (no per-index attention types), so a slice of their blocks can run on its own.
+_SLICEABLE = frozenset({"llama", "qwen2", "qwen3"})
+
+
+def _sliceable(model: nn.Module) -> bool:
+    cfg = model.config
+    return cfg.model_type in _SLICEABLE and len(set(getattr(cfg, "layer_types", None) or ["one"])) == 1
+
+
+@contextmanager
+def _only_blocks(dec: nn.Module, lo: int, hi: int, *, final_norm: bool) -> Iterator[None]:
+    """Inside: `dec` runs decoder blocks [lo, hi) only, and its final norm only if `final_norm`
+    (the modules themselves are untouched; the block list and norm are restored on exit)."""
+    blocks, norm = dec.layers, dec.norm
+    dec.layers = nn.ModuleList(list(blocks)[lo:hi])
+    if not final_norm:
+        dec.norm = nn.Identity()
+    try:
+        yield
+    finally:
+        dec.layers, dec.norm = blocks, norm
+
+
+def _shared_prompt_hidden(model: nn.Module, ids: Tensor, plen: int, depth: int) -> Tensor:
+    """Final hidden states of right-padded rows that share one prompt, with the `depth` frozen lower
+    blocks run on the prompt once instead of once per row.
+
+    The lower blocks hold no trainable parameter, so their output is a function of the ids alone:
+    they run without grad, first on the prompt (one row, keeping its keys/values), then on every row's
+    completion against that cache; the upper blocks then run with grad on the whole [B, L] sequence as
+    usual. Invariant: equals the plain forward `model.get_decoder()(input_ids=ids)` to fp rounding,
+    values and gradients (positions, causal attention and the blocks' inputs are the same)."""
+    from transformers import DynamicCache
+
+    dec, B = model.get_decoder(), ids.shape[0]
+    with torch.no_grad(), _only_blocks(dec, 0, depth, final_norm=False):
+        out = dec(input_ids=ids[:1, :plen], use_cache=True)
+        kv = [(layer.keys.expand(B, -1, -1, -1), layer.values.expand(B, -1, -1, -1))
+              for layer in out.past_key_values.layers[:depth]]
+        cache = DynamicCache(ddp_cache_data=kv, config=model.config)
+        h_comp = dec(input_ids=ids[:, plen:], past_key_values=cache, use_cache=True).last_hidden_state
+        h = torch.cat([out.last_hidden_state.expand(B, -1, -1), h_comp], dim=1)
+    with _only_blocks(dec, depth, len(dec.layers), final_norm=True):
+        return dec(inputs_embeds=h, use_cache=False).last_hidden_state
+
+
+def completion_logprobs(model: nn.Module, ids: Tensor, plen: int, *, chunk_bytes: int = CHUNK_BYTES,
+                        share_prompt: bool = True) -> Tensor:
+    """log p(ids[:, t] | ids[:, :t]) for t >= plen: [B, L - plen] fp32 (differentiable).
+
+    When several rows share one prompt and the lower blocks are frozen (`--adapt-top-layers`), those
+    blocks see the prompt once (`_shared_prompt_hidden`, unless `share_prompt` is False); otherwise one
+    plain forward. Both give the same values and gradients to fp rounding."""
     n_comp = ids.shape[1] - plen
     if plen < 1 or n_comp < 1:
         raise ValueError(f"completion start {plen} must lie in [1, {ids.shape[1]})")
     cap = getattr(model.config, "final_logit_softcapping", None)
     if cap:
         raise NotImplementedError(f"logit soft-capping ({cap}) is not supported by the chunked log-probs")
-    hidden = model.get_decoder()(input_ids=ids, use_cache=False).last_hidden_state
+    # one row shares nothing (the split would run three forwards for the work of one)
+    depth = frozen_depth(model) if share_prompt and ids.shape[0] > 1 else 0
+    if depth > 0 and _sliceable(model) and bool((ids[:, :plen] == ids[:1, :plen]).all()):
+        hidden = _shared_prompt_hidden(model, ids, plen, depth)
+    else:
+        hidden = model.get_decoder()(input_ids=ids, use_cache=False).last_hidden_state
     return head_logprobs(hidden[:, plen - 1 : -1], ids[:, plen:], model.get_output_embeddings(),
                          chunk_bytes=chunk_bytes)
 

@@ -758,6 +758,12 @@ class GroupStats:
     d_solve_cl: DiffCI | None = None
     solve_verdict: str | None = None  # VERDICTS, None when no Δsolve interval exists
     verdict_basis: str = ""  # "seeds", "paired clusters" or "clusters"
+    control_group: GroupStats | None = None  # the Haar control of a real-direction group
+    d_ctrl: float | None = None  # deploy hack minus the Haar control's (means over seeds)
+    d_ctrl_ci: tuple[float, float] | None = None  # 95%: paired t over shared seeds, else Welch
+    d_ctrl_paired: bool = False  # whether d_ctrl_ci is the paired interval
+    d_ctrl_cl: DiffCI | None = None  # over (seed, problem) clusters, paired where possible
+    ctrl_why: str = ""  # why a direction arm has no delta vs Haar ("" when it has one, or needs none)
     note: str = ""
 
     @property
@@ -815,6 +821,37 @@ def find_baseline(g: GroupStats, groups: Sequence[GroupStats]) -> tuple[GroupSta
         return exact[0], ""
     return None, (f"{len(cands)} vanilla configs match outside the arm-only knobs "
                   f"({', '.join(b.short_hash for b in cands)}), none exactly: no delta")
+
+
+# Arms whose effect is claimed for a direction (v_hack / v_grad / v_act): each needs its Haar control.
+DIRECTION_ARMS = frozenset({"projected", "routing", "routing2", "routeA"})
+
+
+def find_control(g: GroupStats, groups: Sequence[GroupStats]) -> tuple[GroupStats | None, str]:
+    """The Haar control of a real-direction group: the control group of the same preset, arm and
+    eval set whose science knobs equal g's except `random_v_seed`. (None, why) when g is itself a
+    control, or there is no such group, or several (controls drawn with different seeds)."""
+    if g.control:
+        return None, ""
+    core = _without(g.config, {"random_v_seed"})
+    cands = [h for h in groups if h.control and h.preset == g.preset and h.arm == g.arm
+             and h.eval_set == g.eval_set and _without(h.config, {"random_v_seed"}) == core]
+    if len(cands) == 1:
+        return cands[0], ""
+    if not cands:
+        return None, "no Haar control" if g.arm in DIRECTION_ARMS else ""
+    return None, f"{len(cands)} Haar controls ({', '.join(h.short_hash for h in cands)}): no delta"
+
+
+def seed_diff_ci(a: Mapping[int, float], b: Mapping[int, float], level: float = 0.95
+                 ) -> tuple[tuple[float, float] | None, bool]:
+    """Interval of mean(a) - mean(b) over seeds, and whether it is paired. When both sides ran the same
+    seeds (>= 2), the t-interval of the per-seed differences: a seed's real run and its control share
+    the problem and teacher draws, so the pairing removes that shared noise. Otherwise Welch's."""
+    if sorted(a) == sorted(b) and len(a) >= 2:
+        c = mean_ci([a[s] - b[s] for s in sorted(a)], level)
+        return (c.lo, c.hi), True  # type: ignore[return-value]
+    return welch_diff_ci(list(a.values()), list(b.values()), level), False
 
 
 def aggregate(runs: Sequence[RunRecord], solve_margin: float = DEFAULT_SOLVE_MARGIN) -> list[GroupStats]:
@@ -887,6 +924,15 @@ def aggregate(runs: Sequence[RunRecord], solve_margin: float = DEFAULT_SOLVE_MAR
         else:
             continue
         g.solve_verdict = solve_verdict(lo, hi, solve_margin)
+    for g in out:
+        ctrl, g.ctrl_why = find_control(g, out)
+        if ctrl is None:
+            continue
+        g.control_group = ctrl
+        g.d_ctrl = g.hack_deploy.mean - ctrl.hack_deploy.mean
+        g.d_ctrl_ci, g.d_ctrl_paired = seed_diff_ci({r.seed: r.hack_deploy for r in g.runs},
+                                                    {r.seed: r.hack_deploy for r in ctrl.runs})
+        g.d_ctrl_cl = cluster_diff_ci(g.runs, ctrl.runs, "deploy_hack")
     return out
 
 
@@ -950,6 +996,9 @@ def table_legend(solve_margin: float = DEFAULT_SOLVE_MARGIN) -> str:
         f"solve verdict: from the 95% CI of Δsolve (over seeds when both groups have >= 2 seeds, else over "
         f"clusters): matched = inside ±{solve_margin:g} (equivalence), solve differs = excludes 0, "
         "else inconclusive (also when the interval has zero width: no spread was estimated).",
+        "Δ hack vs Haar: the real direction minus its Haar control (same config, random directions); seeds: "
+        "paired t over the seeds both ran ('paired'), else Welch; clusters: paired over (seed, problem) where "
+        "both have the same units.",
     ])
 
 
@@ -988,6 +1037,9 @@ def markdown_table(groups: Sequence[GroupStats]) -> str:
             }
         for k in ("Δ hack vs vanilla", "Δ hack, clusters", "Δ solve", "Δ solve, clusters", "solve verdict"):
             row[k] = delta.get(k, "")
+        row["Δ hack vs Haar"] = g.ctrl_why if g.control_group is None else (
+            f"{_fmt_d(g.d_ctrl, g.d_ctrl_ci)}{' paired' if g.d_ctrl_paired else ''} vs {g.control_group.short_hash}")
+        row["Δ hack vs Haar, clusters"] = _fmt_dcl(g.d_ctrl_cl)
         row["note"] = g.note
         rows.append(row)
     return tabulate(rows, headers="keys", tablefmt="github", disable_numparse=True)
@@ -1055,6 +1107,15 @@ CSV_DELTA_COLUMNS = [
     "solve_verdict",
     "solve_verdict_basis",
     "solve_margin",
+    "control_hash",
+    "d_hack_vs_haar",
+    "d_haar_ci_lo",
+    "d_haar_ci_hi",
+    "d_haar_paired",
+    "d_haar_cl",
+    "d_haar_cl_lo",
+    "d_haar_cl_hi",
+    "d_haar_cl_paired",
     "models",
     "steps",
     "note",
@@ -1115,6 +1176,15 @@ def csv_text(groups: Sequence[GroupStats], solve_margin: float = DEFAULT_SOLVE_M
         row["solve_verdict"] = g.solve_verdict or ""
         row["solve_verdict_basis"] = g.verdict_basis
         row["solve_margin"] = "" if g.baseline is None else _num(solve_margin)
+        ctrl, cci, ccl = g.control_group, g.d_ctrl_ci or (None, None), g.d_ctrl_cl
+        row["control_hash"] = "" if ctrl is None else ctrl.short_hash
+        row["d_hack_vs_haar"] = _num(g.d_ctrl)
+        row["d_haar_ci_lo"], row["d_haar_ci_hi"] = _num(cci[0]), _num(cci[1])
+        row["d_haar_paired"] = "" if ctrl is None else str(g.d_ctrl_paired).lower()
+        row["d_haar_cl"] = "" if ccl is None else _num(ccl.diff)
+        row["d_haar_cl_lo"] = "" if ccl is None else _num(ccl.lo)
+        row["d_haar_cl_hi"] = "" if ccl is None else _num(ccl.hi)
+        row["d_haar_cl_paired"] = "" if ccl is None else str(ccl.paired).lower()
         row["models"] = " ".join(g.models)
         row["steps"] = " ".join(map(str, g.steps))
         row["note"] = g.note

@@ -15,12 +15,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import shlex
 import shutil
 import subprocess
 import sys
-from collections.abc import Callable, Sequence
+import threading
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -294,30 +297,74 @@ def local_plan(jobs: Sequence[Job], runs_dir: Path) -> list[tuple[Job, str, Path
     return out
 
 
-def run_local(jobs: Sequence[Job], runs_dir: Path, workdir: Path) -> int:
-    """Run the sweep here, one run at a time: finished runs are skipped, interrupted ones resumed, so a
-    stopped or killed sweep continues where it stopped. Returns the number of runs that failed."""
+def lane_threads(parallel: int, cpus: int) -> int:
+    """Torch threads for each of `parallel` runs sharing `cpus` cores: an equal share, at least 1.
+
+    Invariant: parallel * lane_threads(parallel, cpus) <= max(cpus, parallel)."""
+    if parallel < 1:
+        raise ValueError(f"parallel must be >= 1, got {parallel}")
+    return max(1, cpus // parallel)
+
+
+def run_env(parallel: int, environ: Mapping[str, str], cpus: int) -> dict[str, str]:
+    """The environment of each local run: with `parallel` > 1 runs at once, OMP_NUM_THREADS (torch's
+    thread count) is the run's share of the cores, unless the caller set it; otherwise unchanged."""
+    env = dict(environ)
+    if parallel > 1 and "OMP_NUM_THREADS" not in env:
+        env["OMP_NUM_THREADS"] = str(lane_threads(parallel, cpus))
+    return env
+
+
+def _cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def run_local(jobs: Sequence[Job], runs_dir: Path, workdir: Path, parallel: int = 1) -> int:
+    """Run the sweep here, `parallel` runs at a time (each with its share of the cores as torch threads):
+    finished runs are skipped, interrupted ones resumed, so a stopped or killed sweep continues where it
+    stopped. Returns the number of runs that failed.
+
+    On a small CPU box this raises throughput: decoding a few rows barely uses a second thread (two
+    1-thread processes sampled ~1.8x the tokens/s of one 2-thread one), the backward gains less; on the
+    2-core machine the organism sweep finished a run every 4.6-6.2 min this way, against 7.2 min for one
+    run alone (docs/organism.md, "CPU speed"; docs/results/organism.md)."""
     plan = local_plan(jobs, runs_dir)
     n_skip = sum(a == "skip" for _, a, _ in plan)
+    env = run_env(parallel, os.environ, _cpus())
+    lanes = f"; {parallel} at a time, OMP_NUM_THREADS={env.get('OMP_NUM_THREADS')}" if parallel > 1 else ""
     print(f"# {len(plan)} runs: {n_skip} already finished, {sum(a == 'resume' for _, a, _ in plan)} to resume, "
-          f"{sum(a == 'start' for _, a, _ in plan)} to start", flush=True)
-    failed = []
+          f"{sum(a == 'start' for _, a, _ in plan)} to start{lanes}", flush=True)
+    failed: list[str] = []
+    lock = threading.Lock()
+
+    def one(i: int, job: Job, action: str, d: Path | None) -> None:
+        argv = job.argv() + ([f"--resume={d}"] if action == "resume" else [])
+        with lock:
+            print(f"[{i}/{len(plan)}] {job.label}: {action} ({shlex.join(argv)})", flush=True)
+        proc = subprocess.run(argv, cwd=workdir, capture_output=True, text=True, env=env)
+        last = (proc.stdout.strip().splitlines() or [""])[-1]
+        with lock:
+            if proc.returncode == 0:
+                print(f"    [{i}] {last}", flush=True)
+            else:
+                failed.append(job.label)
+                tail = (proc.stderr.strip().splitlines() or [""])[-1]
+                print(f"    [{i}] exit {proc.returncode}: {tail or last}", flush=True)
+
+    todo = []
     for i, (job, action, d) in enumerate(plan, 1):
         if action == "skip":
             print(f"[{i}/{len(plan)}] {job.label}: finished in {d}", flush=True)
-            continue
-        argv = job.argv() + ([f"--resume={d}"] if action == "resume" else [])
-        print(f"[{i}/{len(plan)}] {job.label}: {action} ({shlex.join(argv)})", flush=True)
-        proc = subprocess.run(argv, cwd=workdir, capture_output=True, text=True)
-        last = (proc.stdout.strip().splitlines() or [""])[-1]
-        if proc.returncode == 0:
-            print(f"    {last}", flush=True)
         else:
-            failed.append(job.label)
-            tail = (proc.stderr.strip().splitlines() or [""])[-1]
-            print(f"    exit {proc.returncode}: {tail or last}", flush=True)
+            todo.append((i, job, action, d))
+    with ThreadPoolExecutor(max_workers=parallel) as pool:
+        for f in [pool.submit(one, *t) for t in todo]:
+            f.result()
     if failed:
-        print(f"# {len(failed)} runs did not finish: {', '.join(failed)} (rerun the same command to retry)")
+        print(f"# {len(failed)} runs did not finish: {', '.join(sorted(failed))} (rerun the same command to retry)")
     return len(failed)
 
 
@@ -341,7 +388,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--parallel",
         type=int,
         default=1,
-        help="runs at once (pueue group slots / SLURM array throttle); 1 = one GPU",
+        help="runs at once (pueue group slots / SLURM array throttle / --local runs, each with its share "
+        "of the cores as OMP_NUM_THREADS); 1 = one GPU",
     )
     ap.add_argument("--pueue-group", default=DEFAULT_GROUP, help="pueue group name")
     ap.add_argument(
@@ -374,7 +422,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument(
         "--local",
         action="store_true",
-        help="run here, one run after another; finished runs are skipped and interrupted ones resumed",
+        help="run here, --parallel runs at a time (default one after another); finished runs are skipped "
+        "and interrupted ones resumed",
     )
     ap.add_argument("--slurm-partition", default=None, help="SLURM --partition")
     ap.add_argument("--slurm-account", default=None, help="SLURM --account")
@@ -408,7 +457,7 @@ def main(
             for job, action, d in local_plan(jobs, runs_dir / "runs"):
                 print(f"{action:6s} {job.label} {d or ''}")
             return 0
-        return 1 if run_local(jobs, runs_dir / "runs", workdir) else 0
+        return 1 if run_local(jobs, runs_dir / "runs", workdir, args.parallel) else 0
 
     if args.slurm is not None:
         text = slurm_script(
