@@ -221,7 +221,7 @@ def run_sft(model, tok, recipe: SFTRecipe, *, log_every: int = 5) -> list[float]
             (loss_sum / n).backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
-            tot += float(loss_sum)
+            tot += float(loss_sum.detach())
             n_tok += n
         losses.append(tot / max(1, n_tok))
         if (epoch + 1) % log_every == 0 or epoch == recipe.epochs - 1 or epoch == 0:
