@@ -4,7 +4,7 @@
 refactor, which reproduced it exactly; it was rewritten once on purpose when the rows changed
 (evals under common random numbers, v_hack signed by vote, the post-update diagnostics, erase /
 route on the update by default). `test_golden_rows.py` reruns the configurations and compares
-(timing columns excluded, floats to 1e-6). Regenerate only when a change is *meant* to change
+(timing columns excluded, floats to FLOAT_RTOL / FLOAT_ATOL). Regenerate only when a change is *meant* to change
 the rows, and say so in the commit:
 
     uv run python tests/_golden.py            # rewrites tests/data/golden_rows.json
@@ -67,8 +67,16 @@ def run_config(name: str, pool: Path, pairs: Path, out: Path) -> dict:
     return {"rows": rows, "per_mode_deploy": record}
 
 
+# The fp32 gradient diagnostics (cos_pre*, cos_upd, q_mass, q_egy, resid) are reductions over whole
+# gradients whose rounding depends on the CPU's BLAS kernels: on another machine they moved by up to
+# 6e-5 relative (5e-6 absolute) while every discrete column stayed equal. A changed sign, mask or
+# direction moves them by orders of magnitude more.
+FLOAT_RTOL = 5e-4
+FLOAT_ATOL = 1e-5
+
+
 def compare(want, got, path: str = "") -> list[str]:
-    """Differences between two JSON values (floats to 1e-6 absolute or relative)."""
+    """Differences between two JSON values (floats to FLOAT_RTOL relative or FLOAT_ATOL absolute)."""
     if isinstance(want, dict) and isinstance(got, dict):
         out = []
         for k in sorted(set(want) | set(got)):
@@ -85,7 +93,7 @@ def compare(want, got, path: str = "") -> list[str]:
             return [f"{path}: length {len(got)} != {len(want)}"]
         return [d for i, (a, b) in enumerate(zip(want, got, strict=True)) for d in compare(a, b, f"{path}[{i}]")]
     if isinstance(want, float) and isinstance(got, int | float) and not isinstance(got, bool):
-        if math.isclose(want, got, rel_tol=1e-6, abs_tol=1e-6):
+        if math.isclose(want, got, rel_tol=FLOAT_RTOL, abs_tol=FLOAT_ATOL):
             return []
         return [f"{path}: {got!r} != {want!r}"]
     return [] if want == got else [f"{path}: {got!r} != {want!r}"]

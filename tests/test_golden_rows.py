@@ -1,5 +1,5 @@
 """Every arm's per-step rows and final record match the golden ones written before the arm-objects
-refactor (tests/_golden.py; timing columns excluded, floats to 1e-6)."""
+refactor (tests/_golden.py; timing columns excluded, floats to _golden.FLOAT_RTOL relative)."""
 
 from __future__ import annotations
 

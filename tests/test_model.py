@@ -165,3 +165,27 @@ def test_offline_hub_name_fails_with_a_clear_message(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(OSError, match="tiny-qwen3"):
         M.load_model_and_tokenizer("vgrout-no-such-org/no-such-model", "cpu")
+
+
+def test_weights_digest_names_the_bytes_of_a_local_folder(tmp_path):
+    """Equal for a byte-identical copy, different when one weight changes or a file is renamed,
+    None for a hub name, an error for a folder with no weight files."""
+    from safetensors.torch import save_file
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    for d in (a, b):
+        d.mkdir()
+        save_file({"w": torch.arange(6.0).reshape(2, 3)}, str(d / "model.safetensors"))
+        (d / "config.json").write_text("{}")
+    (b / "config.json").write_text('{"other": 1}')  # not a weight file: ignored
+    da = M.weights_digest(a)
+    assert isinstance(da, str) and len(da) == 16 and da == M.weights_digest(str(b))
+    save_file({"w": torch.arange(6.0).reshape(2, 3) + torch.tensor([0, 0, 1e-6])}, str(b / "model.safetensors"))
+    assert M.weights_digest(b) != da
+    (b / "model.safetensors").unlink()
+    save_file({"w": torch.arange(6.0).reshape(2, 3)}, str(b / "weights.safetensors"))
+    assert M.weights_digest(b) != da  # same bytes, another file name
+    assert M.weights_digest("Qwen/Qwen3-4B") is None
+    (b / "weights.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="no \\*.safetensors or \\*.bin weight files"):
+        M.weights_digest(b)

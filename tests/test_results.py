@@ -1396,3 +1396,44 @@ def test_delta_vs_haar_is_paired_over_shared_seeds_else_welch(tmp_path):
     g = next(x for x in aggregate(scan_runs(tmp_path / "d")[0]) if not x.control)
     assert g.control_group is None and g.ctrl_why.startswith("2 Haar controls (")
     assert g.ctrl_why.endswith("): no delta")
+
+
+def _set_weights(run: Path, digest) -> None:
+    cfg = json.loads((run / "config.json").read_text())
+    cfg["provenance"]["model_weights"] = digest
+    (run / "config.json").write_text(json.dumps(cfg))
+
+
+def test_two_builds_of_one_model_name_are_different_experiments(tmp_path):
+    """provenance.model_weights (the loaded folder's digest) is a science knob: runs of two organism
+    builds never pool, each arm pairs with the vanilla of its own weights, and the label names them."""
+    runs = {}
+    for w, hacks in (("aaaa", (0.5, 0.25)), ("bbbb", (0.75, 0.75))):
+        for seed in (41, 42):
+            runs[w, "vanilla", seed] = write_run(tmp_path, arm="vanilla", seed=seed, hack_deploy=hacks[0],
+                                                 stamp=f"2026010{seed - 40}T00000{len(runs)}")
+            runs[w, "routing2", seed] = write_run(tmp_path, arm="routing2", seed=seed, hack_deploy=hacks[1],
+                                                  stamp=f"2026010{seed - 40}T00000{len(runs)}")
+    for (w, _, _), d in runs.items():
+        _set_weights(d, w)
+    legacy = write_run(tmp_path, arm="vanilla", seed=43, hack_deploy=0.0, stamp="20260109T000000")
+    records, skipped = scan_runs(tmp_path)
+    assert skipped == [] and len(records) == 9  # nothing superseded across builds
+    groups = aggregate(records)
+    by = {(g.arm, g.config_label): g for g in groups}
+    assert set(by) == {("vanilla", "model_weights=aaaa"), ("vanilla", "model_weights=bbbb"),
+                       ("vanilla", "model_weights=(absent)"), ("routing2", "model_weights=aaaa"),
+                       ("routing2", "model_weights=bbbb")}
+    for w, d_hack in (("aaaa", -0.25), ("bbbb", 0.0)):
+        g = by["routing2", f"model_weights={w}"]
+        assert g.baseline is by["vanilla", f"model_weights={w}"] and g.seeds == [41, 42]
+        assert g.d_hack == pytest.approx(d_hack)
+    assert by["vanilla", "model_weights=(absent)"].seeds == [43]
+    assert legacy.name in {r.path.name for r in records}
+
+
+def test_model_weights_must_be_a_string(tmp_path):
+    d = write_run(tmp_path)
+    _set_weights(d, 123)
+    _, skipped = scan_runs(tmp_path)
+    assert [s.reason for s in skipped] == ["config.json: field 'provenance.model_weights' must be a string"]

@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from vgrout.config import parse_cli
+from vgrout.model import resolve_model, weights_digest
 from vgrout.pairs import builtin_pairs, save_pairs_json
 from vgrout.pool import PoolError, write_pool_file
 from vgrout.smoke_pool import build_smoke_pool
@@ -65,6 +66,7 @@ def test_each_arm_end_to_end(inputs, tmp_path, arm, capsys):
     assert json.loads((run / "status.json").read_text())["state"] == "complete"
     cfg = json.loads((run / "config.json").read_text())
     assert cfg["config"]["intervention"] == arm and cfg["provenance"]["packages"]["torch"]
+    assert cfg["provenance"]["model_weights"] == weights_digest(resolve_model(cfg["config"]["model"]))
     rows = read_jsonl(run / "rows.jsonl")
     assert [r["step"] for r in rows] == [0, 1, 2]
     for r in rows:

@@ -950,3 +950,14 @@ def test_sign_and_pair_norm_reach_the_extraction(rand_tiny, tmp_path):
                              out_dir=tmp_path / "top", k_use=12, drop_bottom_frac=0.0)
     assert [p.name for p in (tmp_path / "top").iterdir()] == [
         f"v_hack_rand-qwen3_k12_h2_L1-1_svote_{vhack.pairs_hash(pairs)}.safetensors"]
+
+
+def test_null_tolerance_is_numpys_rank_rule_and_keeps_small_real_axes():
+    eps = torch.finfo(torch.float32).eps
+    assert vhack.null_tol(2.0, (3, 5)) == 2.0 * 5 * eps
+    D = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1e-5, 0.0]])  # S = [1, 1e-5]: small but real
+    V, S = vhack.v_hack_from({"hack/m": D, "clean/m": torch.zeros_like(D)}, top_k=3)
+    assert V["m"].shape == (2, 3) and S["m"].tolist() == pytest.approx([1.0, 1e-5])
+    D = torch.tensor([[1.0, 0.0, 0.0], [0.0, 2 * eps, 0.0]])  # at or below 3 · eps · 1: null
+    V, S = vhack.v_hack_from({"hack/m": D, "clean/m": torch.zeros_like(D)}, top_k=3)
+    assert V["m"].shape == (1, 3)

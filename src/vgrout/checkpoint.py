@@ -121,6 +121,26 @@ def write_start(run_dir: Path, cfg: Config) -> None:
     write_status(run_dir, "running", -1, cfg.steps)
 
 
+def record_model_weights(run_dir: Path, digest: str | None) -> None:
+    """Keep `digest` (model.weights_digest of the folder the run loaded) as config.json's
+    provenance.model_weights; results groups by it. A resumed run must load the weights it
+    started with: a different digest is an error naming both (None = a hub model: nothing kept)."""
+    if digest is None:
+        return
+    path = run_dir / CONFIG_FILE
+    cfg = json.loads(path.read_text())
+    prov = cfg.setdefault("provenance", {})
+    had = prov.get("model_weights")
+    if had is not None and had != digest:
+        raise ValueError(
+            f"{path}: provenance.model_weights is {had} but the model folder loaded now has weights "
+            f"{digest}: resuming would continue training another model; rebuild or point --model at "
+            f"the weights the run started with, or start a new run")
+    if had is None:
+        prov["model_weights"] = digest
+        write_json_atomic(path, cfg)
+
+
 def write_status(run_dir: Path, state: str, step: int, steps: int, error: str | None = None) -> None:
     """status.json: running / paused / complete / failed / diverged / killed, and the last finished step."""
     write_json_atomic(run_dir / STATUS_FILE, {

@@ -311,6 +311,23 @@ def _file_digest(path: Path) -> str:
     return h.hexdigest()
 
 
+def weights_digest(source: str | Path) -> str | None:
+    """blake2b (16 hex digits) of a local model folder's weight files (*.safetensors, *.bin; names
+    and bytes, in name order); None for a hub name, whose name and revision identify it. Two
+    builds of the same recipe can differ in float rounding (the organism's SFT on CPU threads),
+    so a run records the digest of the weights it actually loaded."""
+    path = Path(source)
+    if not path.is_dir():
+        return None
+    files = sorted(f for f in path.iterdir() if f.suffix in (".safetensors", ".bin") and f.is_file())
+    if not files:
+        raise FileNotFoundError(f"{path}: no *.safetensors or *.bin weight files in the model folder")
+    h = hashlib.blake2b(digest_size=8)
+    for f in files:
+        h.update(f.name.encode() + b"\0" + _file_digest(f).encode())
+    return h.hexdigest()
+
+
 def _smollm2_params(gguf: Path) -> dict:
     """What the converted folder depends on: the GGUF's bytes and the conversion's schema."""
     st = gguf.stat()

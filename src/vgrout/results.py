@@ -56,6 +56,9 @@ RATE_FIELDS = ("hack_train", "solve_train", "hack_deploy", "solve_deploy")
 MODE_RATE_FIELDS = ("train_hack", "train_solve", "deploy_hack", "deploy_solve")
 DEFAULT_SOLVE_MARGIN = 0.05
 HASH_CHARS = 8  # the short config hash shown in tables and CSVs
+# config.json's provenance.model_weights (model.weights_digest of a local model folder), read as a
+# science knob: runs of two builds of the organism (CPU float rounding) are different experiments.
+MODEL_WEIGHTS_KNOB = "model_weights"
 
 # ── which config knobs define an experiment ──────────────────────────────────────────────
 # Every Config field is in exactly one of NON_SCIENCE_KNOBS and SCIENCE_KNOBS (a test fails
@@ -641,7 +644,8 @@ _SAME_RUN_KEYS = {"preset": "preset", "seed": "seed", "intervention": "intervent
 
 
 def read_config_knobs(run_dir: Path) -> dict:
-    """`config.json`'s `config` object (every knob of the run); RunFolderError names what is wrong."""
+    """`config.json`'s `config` object (every knob of the run) plus `model_weights` where its
+    provenance records the loaded weights' digest; RunFolderError names what is wrong."""
     try:
         cfg = _read_json(run_dir / CONFIG_FILE)
     except RunRecordMissing:
@@ -652,6 +656,12 @@ def read_config_knobs(run_dir: Path) -> dict:
     for k in ("preset", "seed", "intervention"):
         if k not in knobs:
             raise RunFolderError(f"{CONFIG_FILE}: field 'config.{k}' is missing")
+    prov = cfg.get("provenance")
+    weights = prov.get("model_weights") if isinstance(prov, dict) else None
+    if weights is not None:  # the loaded weights' digest: two builds of one model name never pool
+        if not isinstance(weights, str):
+            raise RunFolderError(f"{CONFIG_FILE}: field 'provenance.model_weights' must be a string")
+        knobs = {**knobs, MODEL_WEIGHTS_KNOB: weights}
     return knobs
 
 

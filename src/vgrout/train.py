@@ -43,7 +43,7 @@ from .directions import RunDirections, run_pairs
 from .env.modes import MODE_CODE
 from .eval import RunEvals, deploy_record
 from .inputs import Inputs, load_inputs
-from .model import load_model_and_tokenizer
+from .model import load_model_and_tokenizer, weights_digest
 from .rollout import Group, RolloutSource, SamplingConfig, rollout_records
 from .runstate import TrainState
 from .tablelog import StepTable, print_bluf, setup_logging, step_columns
@@ -92,6 +92,7 @@ def setup(cfg: Config, inp: Inputs, run_dir: Path, device: torch.device) -> Run:
         logger.info(f"teacher pool {inp.pool.root}: {len(inp.pool.rows)} prompts, {inp.pool.n_rows} rows, "
                     f"cached hack rate {inp.pool.hack_rate():.2%}")
     model, tok = load_model_and_tokenizer(cfg.model, device)
+    ck.record_model_weights(run_dir, weights_digest(model.name_or_path))
     arm_cls = cfg.arm_type
     knobs = wrap_adapter(cfg, model, tok, arm_cls.family, device)
     arm = arm_cls(cfg, RunDirections.for_run(cfg, model, tok, knobs, device, arm_cls.directions_to_load(cfg)))

@@ -214,6 +214,13 @@ def axis_signs(D: Tensor, vh: Tensor, rule: str) -> Tensor:
     return torch.where(score < 0, -1.0, 1.0).to(vh)
 
 
+def null_tol(s0: float, shape: tuple[int, ...]) -> float:
+    """The singular value at or below which an axis is numerically null: s0 · max(n, r) · eps(fp32)
+    (numpy's matrix_rank rule). An exactly rank-deficient D comes out of the SVD with ~1e-7 · s0
+    rather than 0 on some BLAS builds, and such an axis's direction is arbitrary."""
+    return s0 * max(shape) * torch.finfo(torch.float32).eps
+
+
 def v_hack_from(
     grads: Mapping[str, Tensor], *, top_k: int, tau_axis: float = 0.0, sign: str = "vote"
 ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
@@ -221,7 +228,7 @@ def v_hack_from(
 
     Returns (V {m: [k', r]}, S {m: [k']}), fp32. Invariants: rows of V orthonormal; each row
     signed hack-ward by `axis_signs(sign)`; S descending; k' = min(top_k, n, r) minus axes with
-    S_i / S_0 < tau_axis (and minus exactly-null axes, whose direction is arbitrary).
+    S_i / S_0 < tau_axis (and minus numerically null axes, `null_tol`, whose direction is arbitrary).
     """
     if top_k < 1:
         raise ValueError(f"top_k must be >= 1, got {top_k}")
@@ -234,7 +241,7 @@ def v_hack_from(
         s, vh = s[:k], vh[:k]
         vh = vh * axis_signs(D, vh, sign)[:, None]
         s0 = float(s[0]) if s.numel() else 0.0
-        keep = (s > 0) & (s >= tau_axis * s0) if s0 > 0 else torch.zeros_like(s, dtype=torch.bool)
+        keep = (s > null_tol(s0, D.shape)) & (s >= tau_axis * s0) if s0 > 0 else torch.zeros_like(s, dtype=torch.bool)
         V[m] = vh[keep].float().contiguous()
         S[m] = s[keep].float().contiguous()
     return V, S
