@@ -33,7 +33,8 @@ from vgrout.results import (
 )
 
 REPO = Path(__file__).resolve().parents[1]
-INTERVENTION = {"vanilla": "none", "projected": "erase", "routing": "route", "routing2": "route2"}
+INTERVENTION = {"vanilla": "none", "projected": "erase", "routing": "route", "routing2": "route2",
+                "absorb": "absorb", "routeA": "routeA"}
 
 
 # ── helpers that write run folders the way `python -m vgrout.train` does ─────────────────
@@ -1437,3 +1438,25 @@ def test_model_weights_must_be_a_string(tmp_path):
     _set_weights(d, 123)
     _, skipped = scan_runs(tmp_path)
     assert [s.reason for s in skipped] == ["config.json: field 'provenance.model_weights' must be a string"]
+
+
+def test_block_effects_script_pairs_the_reset_within_runs_and_scorda_against_its_reverse(tmp_path):
+    """scripts/block_effects.py: deploy − trained per seed (paired t), and absorb's scorda − scorda_rev
+    deployed hack paired by seed; hand-computed (t_{0.975,1} = 12.706)."""
+    for adapter, runs in (("scorda", ((41, 0.6, 0.3), (42, 0.8, 0.4))),
+                          ("scorda_rev", ((41, 0.6, 0.5), (42, 0.8, 0.5)))):
+        for seed, trained, deployed in runs:
+            write_run(tmp_path, preset="organism", arm="absorb", seed=seed, eval_set="heldout",
+                      hack_train=trained, hack_deploy=deployed, knobs={"adapter": adapter},
+                      stamp=f"2026010{len(adapter) % 9}T0000{seed}")
+    proc = subprocess.run([sys.executable, str(REPO / "scripts" / "block_effects.py"), "--runs", str(tmp_path)],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    rows = {line.split(" | ")[1]: line for line in proc.stdout.splitlines() if line.startswith("| absorb")}
+    half = 12.706204736174707 * math.sqrt(0.005) / math.sqrt(2)
+    assert f"| -0.350 [{-0.35 - half:+.3f}, {-0.35 + half:+.3f}] | n/a |" in rows["scorda"]
+    assert "| 0.700 [" in rows["scorda"] and "| 0.350 [" in rows["scorda"]
+    half_rev = 12.706204736174707 * math.sqrt(0.02) / math.sqrt(2)  # diffs -0.1, -0.3
+    assert f"| -0.200 [{-0.2 - half_rev:+.3f}, {-0.2 + half_rev:+.3f}] | n/a |" in rows["scorda_rev"]
+    assert (f"scorda − scorda_rev over seeds [41, 42]: -0.150 [{-0.15 - half:+.3f}, {-0.15 + half:+.3f}] "
+            "(paired t); clusters n/a") in proc.stdout
