@@ -25,7 +25,11 @@ from vgrout.results import (
 
 
 def _ci(lo: float | None, hi: float | None) -> str:
-    return "n/a" if lo is None or hi is None else f"[{lo:+.3f}, {hi:+.3f}]"
+    """The interval, "n/a" without one, and "[no spread]" where every seed gave the same value (a
+    zero-width t interval estimates no variance: it is not a precise result)."""
+    if lo is None or hi is None:
+        return "n/a"
+    return "[no spread]" if hi - lo <= 1e-9 else f"[{lo:+.3f}, {hi:+.3f}]"
 
 
 def reset_effect(runs) -> str:

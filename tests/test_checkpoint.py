@@ -97,6 +97,7 @@ def test_staging_dir_is_removed_and_dest_untouched_on_failure(tmp_path):
 def test_record_model_weights_keeps_the_digest_and_refuses_other_weights_on_resume(tmp_path):
     path = tmp_path / "config.json"
     write_json_atomic(path, {"config": {"lr": 1}, "provenance": {"git_commit": "x"}})
+    ck.record_model_weights(tmp_path / "no_run_record", "abcd")  # no config.json (a bare setup): nothing to do
     ck.record_model_weights(tmp_path, None)  # a hub model: nothing recorded
     assert json.loads(path.read_text()) == {"config": {"lr": 1}, "provenance": {"git_commit": "x"}}
     ck.record_model_weights(tmp_path, "abcd")

@@ -1460,3 +1460,13 @@ def test_block_effects_script_pairs_the_reset_within_runs_and_scorda_against_its
     assert f"| -0.200 [{-0.2 - half_rev:+.3f}, {-0.2 + half_rev:+.3f}] | n/a |" in rows["scorda_rev"]
     assert (f"scorda − scorda_rev over seeds [41, 42]: -0.150 [{-0.15 - half:+.3f}, {-0.15 + half:+.3f}] "
             "(paired t); clusters n/a") in proc.stdout
+    for d in tmp_path.iterdir():  # scorda_rev's deployed hack 0.4 and 0.5: scorda − scorda_rev -0.1 at both seeds
+        if "scorda_rev" in json.loads((d / "config.json").read_text())["config"]["adapter"]:
+            rec = json.loads((d / "per_mode_deploy.json").read_text())
+            seed_rate = {41: 0.4, 42: 0.5}[rec["seed"]]
+            rec["hack_deploy"] = seed_rate
+            rec["by_mode"] = {m: dict(v, deploy_hack=seed_rate) for m, v in rec["by_mode"].items()}
+            (d / "per_mode_deploy.json").write_text(json.dumps(rec))
+    proc = subprocess.run([sys.executable, str(REPO / "scripts" / "block_effects.py"), "--runs", str(tmp_path)],
+                          capture_output=True, text=True, timeout=60)
+    assert "scorda − scorda_rev over seeds [41, 42]: -0.100 [no spread] (paired t)" in proc.stdout, proc.stdout

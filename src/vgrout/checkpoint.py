@@ -124,10 +124,11 @@ def write_start(run_dir: Path, cfg: Config) -> None:
 def record_model_weights(run_dir: Path, digest: str | None) -> None:
     """Keep `digest` (model.weights_digest of the folder the run loaded) as config.json's
     provenance.model_weights; results groups by it. A resumed run must load the weights it
-    started with: a different digest is an error naming both (None = a hub model: nothing kept)."""
-    if digest is None:
-        return
+    started with: a different digest is an error naming both (None = a hub model: nothing kept).
+    The tracker starts before the model loads, so its copy of the provenance lacks it."""
     path = run_dir / CONFIG_FILE
+    if digest is None or not path.is_file():  # a hub model, or a setup outside `run` (tests, tools): no record
+        return
     cfg = json.loads(path.read_text())
     prov = cfg.setdefault("provenance", {})
     had = prov.get("model_weights")
