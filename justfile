@@ -21,16 +21,19 @@ organism *ARGS:
     uv run python -m vgrout.train organism {{ARGS}}
 
 # Every arm and control on the organism over 3 seeds, two runs at a time (each with half the cores; `--parallel=1`: one),
-# resumable (finished runs are skipped); then results and plots. Each block adapter has its own `none` run (both
+# resumable (finished runs are skipped); then results and plots. scorda and lora2r have their own `none` run (both
 # blocks train and deploy): results takes an arm's delta against the vanilla of the same adapter. The block adapters
 # run at lr 1e-3, not the preset's 2e-2 (tuned for the SVD knob's singular-value offsets): Adam moves every LoRA entry
 # by ~lr per step, and at 2e-2 five of the first eight block runs diverged by step 4 (docs/results/organism_blocks.md).
+# scorda_rev has no `none` run: `none` resets nothing and scorda_rev is scorda with its slots permuted between the
+# blocks, so it would train and deploy the very model `none --adapter=scorda` does (scripts/block_effects.py pairs
+# each absorb run's deployed model with its own trained one instead).
 organism-sweep SEEDS="41-43" *ARGS:
     uv run python -m vgrout.organism
     uv run python scripts/sweep.py organism none,erase,route,route2 {{SEEDS}} --local --parallel=2 {{ARGS}}
     uv run python scripts/sweep.py organism erase,route,route2 {{SEEDS}} --local --parallel=2 --random-v-seed=7 {{ARGS}}
     uv run python scripts/sweep.py organism none,absorb {{SEEDS}} --local --parallel=2 --adapter=scorda --lr=1e-3 {{ARGS}}
-    uv run python scripts/sweep.py organism none,absorb {{SEEDS}} --local --parallel=2 --adapter=scorda_rev --lr=1e-3 {{ARGS}}
+    uv run python scripts/sweep.py organism absorb {{SEEDS}} --local --parallel=2 --adapter=scorda_rev --lr=1e-3 {{ARGS}}
     uv run python scripts/sweep.py organism none,routeA {{SEEDS}} --local --parallel=2 --adapter=lora2r --lr=1e-3 {{ARGS}}
     uv run python scripts/sweep.py organism routeA {{SEEDS}} --local --parallel=2 --adapter=lora2r --random-v-seed=7 --lr=1e-3 {{ARGS}}
     uv run python scripts/results.py --preset organism --per-run
