@@ -94,17 +94,6 @@ def test_staging_dir_is_removed_and_dest_untouched_on_failure(tmp_path):
     assert (dest / "weights").read_text() == "full" and sorted(p.name for p in dest.parent.iterdir()) == ["m"]
 
 
-def test_record_model_weights_keeps_the_digest_and_refuses_other_weights_on_resume(tmp_path):
-    path = tmp_path / "config.json"
-    write_json_atomic(path, {"config": {"lr": 1}, "provenance": {"git_commit": "x"}})
-    ck.record_model_weights(tmp_path / "no_run_record", "abcd")  # no config.json (a bare setup): nothing to do
-    ck.record_model_weights(tmp_path, None)  # a hub model: nothing recorded
-    assert json.loads(path.read_text()) == {"config": {"lr": 1}, "provenance": {"git_commit": "x"}}
-    ck.record_model_weights(tmp_path, "abcd")
-    assert json.loads(path.read_text()) == {"config": {"lr": 1},
-                                            "provenance": {"git_commit": "x", "model_weights": "abcd"}}
-    ck.record_model_weights(tmp_path, "abcd")  # a resume with the same weights
-    assert json.loads(path.read_text())["provenance"]["model_weights"] == "abcd"
-    with pytest.raises(ValueError, match="model_weights is abcd but the model folder loaded now has weights ef01"):
-        ck.record_model_weights(tmp_path, "ef01")
-    assert json.loads(path.read_text())["provenance"]["model_weights"] == "abcd"
+def test_provenance_names_the_model_weights_only_when_given():
+    assert "model_weights" not in ck.provenance()
+    assert ck.provenance("abcd")["model_weights"] == "abcd"

@@ -16,7 +16,7 @@ from vgrout.model import resolve_model, weights_digest
 from vgrout.pairs import builtin_pairs, save_pairs_json
 from vgrout.pool import PoolError, write_pool_file
 from vgrout.smoke_pool import build_smoke_pool
-from vgrout.train import main
+from vgrout.train import main, prepare
 
 ROW_KEYS = {
     "step", "rew", "rew_s", "gt_s", "gt_t", "hack_s", "hack_t", "lp_s", "lp_t", "loss", "gn", "q_egy",
@@ -130,6 +130,25 @@ def test_resume_refuses_a_changed_config(inputs, tmp_path):
     with pytest.raises(ValueError) as e:
         main(parse_cli(base_args(inputs, tmp_path, "--lr=0.5", f"--resume={run}")))
     assert "lr: 0.003 -> 0.5" in str(e.value)
+
+
+def test_resume_refuses_other_model_weights_before_loading(inputs, tmp_path):
+    """A run records the digest of the model folder it loads; a resume whose --model folder now holds
+    other weights stops in prepare (before any model loads or status is written), naming both
+    digests; the same weights, or a run recorded before digests existed, pass the check."""
+    run = tmp_path / "runs" / "fake"
+    run.mkdir(parents=True)
+    cfg = parse_cli(base_args(inputs, tmp_path))
+    digest = weights_digest(resolve_model(cfg.model))
+    resume = parse_cli(base_args(inputs, tmp_path, f"--resume={run}"))
+    (run / "config.json").write_text(json.dumps({"config": cfg.to_dict(), "provenance": {"model_weights": "0123"}}))
+    with pytest.raises(ValueError, match=f"model_weights is 0123 but .* now has weights {digest}"):
+        prepare(resume)
+    assert sorted(p.name for p in run.iterdir()) == ["config.json"]
+    for prov in ({"model_weights": digest}, {}):  # the same weights; a run from before the digest
+        (run / "config.json").write_text(json.dumps({"config": cfg.to_dict(), "provenance": prov}))
+        with pytest.raises(FileNotFoundError, match="never reached its first checkpoint"):
+            prepare(resume)  # past the weights check, stopped by the missing resume.pt
 
 
 def _bad_pool(tmp_path: Path, kind: str) -> Path:

@@ -83,20 +83,27 @@ def load_run_state(run_dir: Path, knobs: dict, parts: dict) -> None:
     set_rng_state(saved["rng"])
 
 
-def make_run_dir(cfg: Config) -> Path:
+def make_run_dir(cfg: Config, model_weights: str | None = None) -> Path:
     """A new run folder `<out_root>/runs/<stamp>_<run_id>[_n]`, or the `--resume` folder once its
-    saved config and resume schema are checked (no folder is made on error)."""
+    saved config, model weights (`model_weights`: model.weights_digest of the folder the run will
+    load) and resume schema are checked (no folder is made on error)."""
     if cfg.resume is not None:
         run_dir = Path(cfg.resume)
         cfg_path = run_dir / CONFIG_FILE
         if not cfg_path.exists():
             raise FileNotFoundError(f"--resume {run_dir}: {cfg_path} not found (not a vgrout run folder?)")
-        old = json.loads(cfg_path.read_text())["config"]
-        diff = config_diff(old, cfg.to_dict())
+        saved = json.loads(cfg_path.read_text())
+        diff = config_diff(saved["config"], cfg.to_dict())
         if diff:
             raise ValueError(
                 f"--resume {run_dir}: the config differs from the run's saved config; resume with the same "
                 f"preset and flags. Differences (saved -> now):\n  " + "\n  ".join(diff))
+        had = saved.get("provenance", {}).get("model_weights")
+        if had is not None and had != model_weights:
+            raise ValueError(
+                f"--resume {run_dir}: {CONFIG_FILE} provenance.model_weights is {had} but the model folder "
+                f"{cfg.model!r} resolves to now has weights {model_weights}: resuming would continue training "
+                f"another model; point --model at the weights the run started with, or start a new run")
         load_resume_state(run_dir)  # a missing resume.pt or another schema fails here, before the model loads
         return run_dir
     stamp = datetime.now().strftime("%Y%m%dT%H%M%S")
@@ -109,37 +116,16 @@ def make_run_dir(cfg: Config) -> Path:
     return run_dir
 
 
-def write_start(run_dir: Path, cfg: Config) -> None:
-    """config.json (every knob + provenance) for a new run, resume_<stamp>.json for a resumed one;
-    status `running`."""
+def write_start(run_dir: Path, cfg: Config, prov: dict) -> None:
+    """config.json (every knob + `prov`, this process's provenance) for a new run,
+    resume_<stamp>.json for a resumed one; status `running`."""
     if cfg.resume is None:
         write_json_atomic(run_dir / CONFIG_FILE, {
-            "config": cfg.to_dict(), "provenance": provenance(), "run_id": cfg.run_id, "preset": cfg.preset_name,
+            "config": cfg.to_dict(), "provenance": prov, "run_id": cfg.run_id, "preset": cfg.preset_name,
             "arm": cfg.arm, "seed": cfg.seed, "started": datetime.now().isoformat(timespec="seconds")})
     else:
-        write_json_atomic(run_dir / f"resume_{datetime.now():%Y%m%dT%H%M%S}.json", {"provenance": provenance()})
+        write_json_atomic(run_dir / f"resume_{datetime.now():%Y%m%dT%H%M%S}.json", {"provenance": prov})
     write_status(run_dir, "running", -1, cfg.steps)
-
-
-def record_model_weights(run_dir: Path, digest: str | None) -> None:
-    """Keep `digest` (model.weights_digest of the folder the run loaded) as config.json's
-    provenance.model_weights; results groups by it. A resumed run must load the weights it
-    started with: a different digest is an error naming both (None = a hub model: nothing kept).
-    The tracker starts before the model loads, so its copy of the provenance lacks it."""
-    path = run_dir / CONFIG_FILE
-    if digest is None or not path.is_file():  # a hub model, or a setup outside `run` (tests, tools): no record
-        return
-    cfg = json.loads(path.read_text())
-    prov = cfg.setdefault("provenance", {})
-    had = prov.get("model_weights")
-    if had is not None and had != digest:
-        raise ValueError(
-            f"{path}: provenance.model_weights is {had} but the model folder loaded now has weights "
-            f"{digest}: resuming would continue training another model; rebuild or point --model at "
-            f"the weights the run started with, or start a new run")
-    if had is None:
-        prov["model_weights"] = digest
-        write_json_atomic(path, cfg)
 
 
 def write_status(run_dir: Path, state: str, step: int, steps: int, error: str | None = None) -> None:
@@ -224,8 +210,11 @@ def _git_commit() -> str:
     return "unknown"
 
 
-def provenance() -> dict:
-    """The exact command, git commit, Python/platform and package versions of this process."""
+def provenance(model_weights: str | None = None) -> dict:
+    """The exact command, git commit, Python/platform and package versions of this process, and
+    `model_weights` (model.weights_digest of a local model folder; results groups runs by it) when
+    given. Two builds of one recipe can differ in float rounding, so the digest, not the name, says
+    which model a run trained."""
     pkgs = {}
     for name in ("torch", "transformers", "safetensors", "tyro", "vgrout", "flash-attn", "vllm"):
         try:
@@ -242,7 +231,7 @@ def provenance() -> dict:
         "packages": pkgs,
         "cuda": torch.version.cuda if torch.cuda.is_available() else None,
         "torch_threads": torch.get_num_threads(),  # wall times depend on it (sweep --local --parallel sets it)
-    }
+    } | ({"model_weights": model_weights} if model_weights is not None else {})
 
 
 class Terminated(Exception):

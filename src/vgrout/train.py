@@ -43,7 +43,7 @@ from .directions import RunDirections, run_pairs
 from .env.modes import MODE_CODE
 from .eval import RunEvals, deploy_record
 from .inputs import Inputs, load_inputs
-from .model import load_model_and_tokenizer, weights_digest
+from .model import load_model_and_tokenizer, resolve_model, weights_digest
 from .rollout import Group, RolloutSource, SamplingConfig, rollout_records
 from .runstate import TrainState
 from .tablelog import StepTable, print_bluf, setup_logging, step_columns
@@ -92,7 +92,6 @@ def setup(cfg: Config, inp: Inputs, run_dir: Path, device: torch.device) -> Run:
         logger.info(f"teacher pool {inp.pool.root}: {len(inp.pool.rows)} prompts, {inp.pool.n_rows} rows, "
                     f"cached hack rate {inp.pool.hack_rate():.2%}")
     model, tok = load_model_and_tokenizer(cfg.model, device)
-    ck.record_model_weights(run_dir, weights_digest(model.name_or_path))
     arm_cls = cfg.arm_type
     knobs = wrap_adapter(cfg, model, tok, arm_cls.family, device)
     arm = arm_cls(cfg, RunDirections.for_run(cfg, model, tok, knobs, device, arm_cls.directions_to_load(cfg)))
@@ -262,18 +261,21 @@ def finish(run: Run, t_start: float, tracker: Tracker) -> int:
     return 0
 
 
-def prepare(cfg: Config) -> tuple[Inputs, Path]:
-    """Cheap checks first: a bad knob, pool, data path or resume fails before any folder or model."""
+def prepare(cfg: Config) -> tuple[Inputs, Path, str | None]:
+    """Cheap checks first: a bad knob, pool, data path, model path or resume (other config, other
+    weights) fails before any folder is made or model loaded. Returns the inputs, the run folder
+    and the digest of the model folder's weights (None for a hub name)."""
     cfg.validate()
     inp = load_inputs(cfg)
-    return inp, ck.make_run_dir(cfg)
+    weights = weights_digest(resolve_model(cfg.model))
+    return inp, ck.make_run_dir(cfg, weights), weights
 
 
 def main(cfg: Config) -> int:
     return run(cfg, *prepare(cfg))
 
 
-def run(cfg: Config, inp: Inputs, run_dir: Path) -> int:
+def run(cfg: Config, inp: Inputs, run_dir: Path, model_weights: str | None = None) -> int:
     """Log set-up, config and status files, then `_train`; an abnormal end is recorded in status.json."""
     t_start = time.time()
     setup_logging(run_dir / "train.log", use_tqdm=sys.stdout.isatty())
@@ -282,11 +284,12 @@ def run(cfg: Config, inp: Inputs, run_dir: Path) -> int:
     logger.info(f"run folder: {run_dir}")
     logger.info(f"preset={cfg.preset_name} arm={cfg.arm} model={cfg.model} steps={cfg.steps} G={cfg.group} "
                 f"P={cfg.prompts_per_step} max_new={cfg.max_new} beta={cfg.beta} seed={cfg.seed} device={device}")
-    ck.write_start(run_dir, cfg)
+    prov = ck.provenance(model_weights)
+    ck.write_start(run_dir, cfg, prov)
 
     def body() -> int:
         with make_tracker(cfg, run_dir) as tracker:
-            tracker.start(cfg.to_dict(), ck.provenance())
+            tracker.start(cfg.to_dict(), prov)
             return _train(cfg, inp, run_dir, device, t_start, tracker)
 
     return ck.run_recorded(run_dir, cfg.steps, body)
@@ -296,11 +299,11 @@ def cli() -> None:
     """Command-line entry: input errors print one line (exit 2), not a traceback."""
     try:
         cfg = parse_cli()
-        inp, run_dir = prepare(cfg)
+        prepared = prepare(cfg)
     except (ValueError, OSError) as e:
         print(f"vgrout.train: error: {e}", file=sys.stderr)
         sys.exit(2)
-    sys.exit(run(cfg, inp, run_dir))
+    sys.exit(run(cfg, *prepared))
 
 
 if __name__ == "__main__":
