@@ -14,6 +14,7 @@ import pytest
 from test_results import write_fleet, write_run  # shared run-folder writers
 from vgrout.plots import (
     ARM_COLOURS,
+    OTHER_COLOUR,
     load_series,
     main,
     make_plots,
@@ -90,6 +91,29 @@ def test_plots_written_valid_and_coloured_per_arm(tmp_path, capsys):
     assert colour_pixels(dyn, ARM_COLOURS["routing"]) == 0  # routing runs all failed
     assert colour_pixels(gate, ARM_COLOURS["routing2"]) > 200
     assert colour_pixels(gate, ARM_COLOURS["projected"]) == 0
+
+
+def test_block_arms_have_their_own_colours_and_long_legends_stay_inside_the_image(tmp_path):
+    """absorb and routeA are drawn in colours of their own (not the shared fallback), and a legend
+    of four long experiment labels wraps into rows rather than running off the image's sides:
+    the outermost pixel columns of every figure's bottom band (where the legend sits) stay white."""
+    runs, out = tmp_path / "runs", tmp_path / "plots"
+    for i, (arm, adapter, ctrl) in enumerate((("absorb", "scorda", None), ("absorb", "scorda_rev", None),
+                                              ("routeA", "lora2r", None), ("routeA", "lora2r", 7))):
+        for seed in (41, 42):
+            write_run(runs, arm=arm, seed=seed, random_v_seed=ctrl, stamp=f"2026010{i + 1}T00000{seed - 40}",
+                      slope=0.01 + 0.03 * i, hack_deploy=0.1 + 0.2 * i,
+                      knobs={"adapter": adapter, "vhack_pairs_path": f"/data/pairsets/contrastive_pairs_{i}.json"})
+    assert main(["--runs", str(runs), "--out", str(out)]) == 0
+    dyn = out / "dynamics_smoke.png"
+    for arm in ("absorb", "routeA"):
+        assert ARM_COLOURS[arm] != OTHER_COLOUR and colour_pixels(dyn, ARM_COLOURS[arm]) > 200, arm
+    assert len(set(ARM_COLOURS.values()) | {OTHER_COLOUR}) == len(ARM_COLOURS) + 1
+    for f in out.iterdir():
+        img = mpimg.imread(f)[..., :3]
+        band = img[int(0.9 * img.shape[0]):]
+        edges = np.concatenate([band[:, :4], band[:, -4:]], axis=1)
+        assert edges.min() > 0.95, f"{f.name}: the legend reaches the image's left or right edge"
 
 
 def test_preset_filter_unfinished_and_errors(tmp_path, capsys):

@@ -58,6 +58,8 @@ ARM_COLOURS: dict[str, str] = {
     "projected": "#0072B2",
     "routing": "#E69F00",
     "routing2": "#009E73",
+    "absorb": "#D55E00",  # the block-adapter arms (--adapter lora2r / pissa / corda / scorda / scorda_rev)
+    "routeA": "#56B4E9",
 }
 OTHER_COLOUR = "#CC79A7"
 
@@ -344,6 +346,21 @@ def _legend_handles(groups: dict[GroupKey, list[RunSeries]], styles: dict[GroupK
     ]
 
 
+LEGEND_MAX_COLUMNS = 4
+
+
+def _fig_legend(fig, handles) -> None:
+    """The figure's legend below the panels, in as many columns (at most LEGEND_MAX_COLUMNS) as
+    fit the figure's width: long experiment labels (arm + differing knobs) take more rows
+    instead of running off both sides of the image."""
+    renderer = fig.canvas.get_renderer()
+    for ncol in range(min(LEGEND_MAX_COLUMNS, len(handles)), 0, -1):
+        leg = fig.legend(handles=handles, loc="outside lower center", ncol=ncol, frameon=False)
+        if ncol == 1 or leg.get_window_extent(renderer).width <= fig.bbox.width:
+            return
+        leg.remove()
+
+
 def plot_dynamics(runs: Sequence[RunSeries], out_path: Path, preset: str, smooth: int = 1) -> Path:
     """2x2 figure: train hack / solve per step, deploy hack / solve at the eval steps."""
     groups, styles = group_series(runs)
@@ -390,12 +407,7 @@ def plot_dynamics(runs: Sequence[RunSeries], out_path: Path, preset: str, smooth
         f"{preset}: hack and solve over training, per experiment (thin: one seed, thick: mean over seeds)",
         fontsize=13,
     )
-    fig.legend(
-        handles=_legend_handles(groups, styles),
-        loc="outside lower center",
-        ncol=min(4, len(groups)),
-        frameon=False,
-    )
+    _fig_legend(fig, _legend_handles(groups, styles))
     return _save(fig, out_path)
 
 
@@ -422,12 +434,7 @@ def plot_gate(
             ax.set_ylim(ylim[0] - 0.03, ylim[1] + 0.03)
     axes[-1].set_xlabel("optimizer step")
     fig.suptitle(f"{preset}: route2 gate diagnostics (thin: one seed, thick: mean)", fontsize=13)
-    fig.legend(
-        handles=_legend_handles(groups, styles),
-        loc="outside lower center",
-        ncol=min(4, len(groups)),
-        frameon=False,
-    )
+    _fig_legend(fig, _legend_handles(groups, styles))
     return _save(fig, out_path)
 
 
@@ -511,7 +518,7 @@ def plot_per_mode(records: Sequence[RunRecord], out_path: Path, preset: str) -> 
         "bar = mean over seeds, whisker = 95% t-interval (n >= 2), dot = one seed",
         fontsize=13,
     )
-    fig.legend(handles=handles, loc="outside lower center", ncol=min(4, len(keys)), frameon=False)
+    _fig_legend(fig, handles)
     return _save(fig, out_path)
 
 
