@@ -114,6 +114,7 @@ mutate MODULE *ARGS:
     case "$mod" in  # the grader's tests (the oracle's included): its own file, the hack matrix, the adversaries
         env/oracle|env/rewards)
             tests=(tests/test_rewards.py tests/test_hack_matrix.py tests/test_adversarial_grading.py) ;;
+        vact) tests=(tests/test_blocks.py) ;;  # v_act and the routeA gate are tested with the block adapters
         *) tests=("tests/test_$(basename "$mod").py") ;;
     esac
     for t in "${tests[@]}"; do [ -f "$t" ] || { echo "no test file $t for $src" >&2; exit 2; }; done
