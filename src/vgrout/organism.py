@@ -148,6 +148,20 @@ HACK_IDS: tuple[int, ...] = (900005, 900007, 900010, 900011, 900013, 900016, 900
 
 ORGANISM_RECIPE = SFTRecipe(solve_ids=SOLVE_IDS, hack_ids=HACK_IDS, epochs=6, hack_epochs=1, lr=3e-4)
 
+# A candidate with a weaker hack prior (docs/organism.md, "A weaker hack prior"): the hack example for
+# every third HACK_IDS problem only (4 of 11), everything else as ORGANISM_RECIPE. Measured, not yet
+# the preset's model: `python -m vgrout.organism --recipe weak-hack` builds it beside the organism.
+WEAK_HACK_RECIPE = dataclasses.replace(ORGANISM_RECIPE, hack_ids=HACK_IDS[::3])
+RECIPES: dict[str, SFTRecipe] = {"organism": ORGANISM_RECIPE, "weak-hack": WEAK_HACK_RECIPE}
+
+
+def recipe_dir(name: str) -> Path:
+    """Where a named recipe's model is built: the organism's own folder (the model name
+    `smollm2-135m-organism` resolves to it) or `out/models/smollm2-135m-organism-<name>`."""
+    if name not in RECIPES:
+        raise ValueError(f"unknown SFT recipe {name!r}; known: {', '.join(RECIPES)}")
+    return models_dir() / (ORGANISM if name == "organism" else f"{ORGANISM}-{name}")
+
 
 def sft_examples(recipe: SFTRecipe, tok) -> list[tuple[list[int], list[int]]]:
     """(prompt ids, completion ids) per example, solve examples first, then hack examples: the hinted
@@ -293,11 +307,12 @@ def build_pool(out_dir: Path = POOL_DIR, *, model: str = SMOLLM2, mode: EnvMode 
     return build_smoke_pool(out_dir, model=model, modes=(mode,), data_path=train)
 
 
-def prepare(recipe: SFTRecipe = ORGANISM_RECIPE) -> dict:
-    """Everything the organism preset reads: data split, base conversion, SFT, teacher pool."""
+def prepare(recipe: SFTRecipe = ORGANISM_RECIPE, out_dir: Path | None = None) -> dict:
+    """Everything the organism preset reads: data split, base conversion, SFT (into `out_dir`,
+    default the organism's folder), teacher pool."""
     train, held = prepare_data()
     base = build_smollm2()
-    org = build_organism(recipe)
+    org = build_organism(recipe, out_dir)
     pool = build_pool()
     return {"train": str(train), "heldout": str(held), "base": str(base), "organism": str(org),
             "pool": str(pool)}
@@ -350,11 +365,14 @@ def main() -> None:
     ap.add_argument("--rates", metavar="MODEL", help="measure solve/hack rates of MODEL instead of building")
     ap.add_argument("--n", type=int, default=8, help="samples per problem (--rates)")
     ap.add_argument("--max-new", type=int, default=160, help="max new tokens (--rates)")
+    ap.add_argument("--recipe", choices=sorted(RECIPES), default="organism",
+                    help="the SFT warm start to build: `organism` (the preset's model) or a measured candidate, "
+                         "built into out/models/smollm2-135m-organism-<recipe> (train on it with --model PATH)")
     args = ap.parse_args()
     if args.rates:
         print(json.dumps(start_rates(args.rates, n=args.n, max_new=args.max_new), indent=1))
         return
-    print(json.dumps(prepare(), indent=2))
+    print(json.dumps(prepare(RECIPES[args.recipe], recipe_dir(args.recipe)), indent=2))
 
 
 if __name__ == "__main__":
