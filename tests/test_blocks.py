@@ -732,6 +732,51 @@ def test_route_gate_refusals():
         gate.observe(torch.zeros(2, 3, 1), V1)
 
 
+def test_route_gate_bounds_warmup_edge_and_state_edges():
+    """Every knob's edge (accepted at its bound, refused past it); the warm-up ends exactly when the
+    buffer holds `warmup` rollouts and its decision is one bool entry per rollout of the group; an empty
+    gate's state has the right shapes and integer stamps; loading into a smaller buffer keeps the
+    newest rollouts."""
+    VA.RouteAGate(["a"], 1, tail_q=0.5, halflife=None, capacity=1, warmup=0)  # every bound accepted
+    for kw in ({"tail_q": 0.0}, {"halflife": 0.0}, {"capacity": 0}, {"warmup": -1}):
+        with pytest.raises(ValueError):
+            VA.RouteAGate(["a"], 1, **kw)
+    for names, r in ((["a"], 0), ([], 1)):
+        with pytest.raises(ValueError, match="bad gate buffer"):
+            VA.RouteAGate(names, r)
+    dec = VA.RouteAGate(["a", "b"], 1, warmup=4, halflife=None).observe(_scalar_acts([3.0, -1.0, 2.0]), V1)
+    assert dec.warming_up and dec.m.dtype == dec.d.dtype == torch.bool
+    assert dec.m.tolist() == [True] * 3 and dec.d.tolist() == [False] * 3 and dec.scores.tolist() == [3, -1, 2]
+    dec = VA.RouteAGate(["a", "b"], 1, warmup=3, tail_q=1 / 3, halflife=None).observe(
+        _scalar_acts([3.0, -1.0, 2.0]), V1)
+    assert not dec.warming_up and (dec.t_lo, dec.t_hi) == (-1.0, 3.0)  # 3 buffered = warmup: it decides
+    empty = VA.RouteAGate(["a", "b"], 1).state_dict()
+    assert empty["acts"].shape == (0, 2, 1) and empty["stamps"].shape == (0,) and empty["n_seen"] == 0
+    big = VA.RouteAGate(["a", "b"], 1, capacity=6, halflife=None)
+    big.observe(_scalar_acts([1.0, 2.0, 3.0]), V1)
+    big.observe(_scalar_acts([4.0, 5.0, 6.0]), V1)
+    st = big.state_dict()
+    assert st["stamps"].dtype == torch.long and st["stamps"].tolist() == [3, 3, 3, 6, 6, 6]
+    small = VA.RouteAGate(["a", "b"], 1, capacity=4, halflife=None)
+    small.load_state_dict(st)
+    kept = small.state_dict()
+    assert len(small) == 4 and small.n_seen == 6 and kept["stamps"].tolist() == [3, 6, 6, 6]
+    assert torch.equal(kept["acts"], st["acts"][-4:])
+
+
+def test_quantile_and_gate_stats_refusals_and_input_types():
+    one = torch.ones(3)
+    for values, weights in ((torch.ones(2), one), (torch.ones(3, 1), torch.ones(3, 1)), (torch.ones(0), torch.ones(0))):
+        with pytest.raises(ValueError, match="must be equal, 1-D, non-empty"):
+            VA.weighted_quantile(values, weights, 0.5)
+    d, e = [True, False, True], [True, True, False]
+    assert VA.gate_stats(torch.tensor(d), e) == VA.gate_stats(d, e) == proj.classifier_stats(d, e)
+    with pytest.raises(ValueError, match="select has 2 labels but d has 3"):
+        VA.gate_stats(d, e, select=[True, False])
+    h = VA.haar_v_act({"a": 3, "b": 5}, seed=0)  # module ranks given as ints (no adapters at hand)
+    assert h.v["a"].shape == (3,) and h.v["b"].shape == (5,) and h.is_control
+
+
 def test_gate_diagnostics():
     d = torch.tensor([True, True, False, False, True])
     exploited = [True, False, True, False, False]
