@@ -4,7 +4,7 @@ The training loop talks to one small interface and never imports a tracker itsel
 
     tracker = make_tracker(cfg, run_dir)      # Tracker() (does nothing) for `none`
     with tracker:                             # finish() on the way out; exit code 1 on an exception
-        tracker.start(cfg.to_dict(), ck.provenance())
+        tracker.start(cfg.to_dict(), prov)    # prov = ck.provenance(model_weights), as config.json holds it
         ...  tracker.log_row(step, row)       # every step: the per-step row's keys, as numbers
         tracker.log_final(record)             # the final eval record and its per-mode tables
         tracker.log_plots(run_dir)            # this run's dynamics / gate / per-mode PNGs
