@@ -1470,3 +1470,21 @@ def test_block_effects_script_pairs_the_reset_within_runs_and_scorda_against_its
     proc = subprocess.run([sys.executable, str(REPO / "scripts" / "block_effects.py"), "--runs", str(tmp_path)],
                           capture_output=True, text=True, timeout=60)
     assert "scorda − scorda_rev over seeds [41, 42]: -0.100 [no spread] (paired t)" in proc.stdout, proc.stdout
+
+
+def test_block_effects_never_pools_configs_and_pairs_scorda_with_its_own_reverse(tmp_path):
+    """Runs that differ in a science knob (here lr) are separate rows, and each scorda group is paired
+    with the scorda_rev group of the same other knobs: pooled, both would read 0.5 / 0.45."""
+    for lr, base in ((1e-3, 0.2), (2e-2, 0.8)):
+        for adapter, shift in (("scorda", 0.0), ("scorda_rev", 0.1)):
+            for seed in (41, 42):
+                write_run(tmp_path, preset="organism", arm="absorb", seed=seed, eval_set="heldout",
+                          hack_train=0.9, hack_deploy=base + shift, knobs={"adapter": adapter, "lr": lr},
+                          stamp=f"2026010{int(lr * 1000) % 9}T{len(adapter)}{seed}")
+    proc = subprocess.run([sys.executable, str(REPO / "scripts" / "block_effects.py"), "--runs", str(tmp_path)],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    rows = [line for line in proc.stdout.splitlines() if line.startswith("| absorb | scorda |")]
+    assert sorted(line.split(" | ")[5].split()[0] for line in rows) == ["0.200", "0.800"]
+    pairs = [line for line in proc.stdout.splitlines() if "scorda − scorda_rev" in line]
+    assert len(pairs) == 2 and all(": -0.100 [no spread] (paired t)" in line for line in pairs), pairs

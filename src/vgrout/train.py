@@ -275,8 +275,9 @@ def main(cfg: Config) -> int:
     return run(cfg, *prepare(cfg))
 
 
-def run(cfg: Config, inp: Inputs, run_dir: Path, model_weights: str | None = None) -> int:
-    """Log set-up, config and status files, then `_train`; an abnormal end is recorded in status.json."""
+def run(cfg: Config, inp: Inputs, run_dir: Path, model_weights: str | None) -> int:
+    """Log set-up, config and status files (provenance with `model_weights`, the digest `prepare`
+    took; None only for a hub model), then `_train`; an abnormal end is recorded in status.json."""
     t_start = time.time()
     setup_logging(run_dir / "train.log", use_tqdm=sys.stdout.isatty())
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device)
