@@ -334,20 +334,34 @@ def test_organism_slug_names_the_sft_recipe():
     assert other.key() != ORGANISM_RECIPE.key()
     with pytest.raises(ValueError, match="training problems"):
         SFTRecipe(solve_ids=(900001,))  # a held-out problem
+    with pytest.raises(ValueError, match="invalid SFT recipe"):
+        SFTRecipe(solve_ids=ORGANISM_RECIPE.solve_ids, threads=0)
 
 
 def test_sft_cache_is_atomic_and_keyed(tmp_path, monkeypatch):
     """A tiny SFT (2 examples, 1 epoch, last block): only that block's weights move; the folder is
-    reused while the recipe matches and rebuilt when it does not."""
+    reused while the recipe matches and rebuilt when it does not; the SFT runs at the recipe's
+    thread count (the caller's is restored), and a second build of the recipe has the same bits."""
     from safetensors import safe_open
 
     from vgrout import organism as O
 
     base_dir = M.build_smollm2()
-    rec = O.SFTRecipe(solve_ids=(900003,), hack_ids=(900005,), epochs=1, lr=1e-4, top_layers=1, batch=2)
+    rec = O.SFTRecipe(solve_ids=(900003,), hack_ids=(900005,), epochs=1, lr=1e-4, top_layers=1, batch=2,
+                      threads=1)
+    assert rec.key() != dataclasses.replace(rec, threads=2).key()
+    threads = torch.get_num_threads()
+    seen = []
+    real_sft = O.run_sft
+    monkeypatch.setattr(O, "run_sft", lambda *a, **k: seen.append(torch.get_num_threads()) or real_sft(*a, **k))
     out = O.build_organism(rec, tmp_path / "org")
+    assert seen == [1] and torch.get_num_threads() == threads
+    monkeypatch.undo()
     marker = json.loads((out / "vgrout_organism_sft.json").read_text())
-    assert marker["key"] == rec.key() and len(marker["losses"]) == 1
+    assert marker["key"] == rec.key() and len(marker["losses"]) == 1 and marker["threads"] == 1
+    again = O.build_organism(rec, tmp_path / "again")
+    assert M.weights_digest(again) == M.weights_digest(out)
+    shutil.rmtree(again)
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp dir left behind
     with safe_open(str(base_dir / "model.safetensors"), "pt") as fb, safe_open(str(out / "model.safetensors"),
                                                                                "pt") as fo:
@@ -406,24 +420,26 @@ def test_sft_solve_set_follows_its_rule(smol):
     assert not set(O.SOLVE_IDS) & set(O.HELDOUT_IDS)
     # the hack prior covers exactly the training problems never seen solved
     assert O.HACK_IDS == tuple(sorted({p.problem_id for p in train} - set(O.SOLVE_IDS)))
-    assert O.ORGANISM_RECIPE.hack_ids == O.HACK_IDS and O.ORGANISM_RECIPE.hack_epochs == 1
+    # the hack prior: every third of them (4 of 11), in the first epoch only
+    assert O.ORGANISM_RECIPE.hack_ids == O.HACK_IDS[::3] == (900005, 900011, 900018, 900025)
+    assert O.ORGANISM_RECIPE.hack_epochs == 1 and O.ORGANISM_RECIPE.threads == 2
 
 
-def test_weak_hack_recipe_differs_from_the_organism_only_in_its_hack_prior(tmp_path, monkeypatch):
-    """The measured candidate keeps the hack example of every third HACK_IDS problem and nothing
+def test_strong_hack_recipe_differs_from_the_organism_only_in_its_hack_prior(tmp_path, monkeypatch):
+    """The earlier organism (recipe 2) has the hack example of every HACK_IDS problem and nothing
     else changes; it has its own cache key and its own folder beside the organism's; an unknown
     recipe name is refused naming the known ones."""
     from vgrout import organism as O
 
-    weak = O.RECIPES["weak-hack"]
-    assert weak.hack_ids == O.HACK_IDS[::3] and len(weak.hack_ids) == 4
-    assert dataclasses.replace(weak, hack_ids=O.HACK_IDS) == O.ORGANISM_RECIPE
-    assert weak.key() != O.ORGANISM_RECIPE.key() and O.RECIPES["organism"] is O.ORGANISM_RECIPE
+    strong = O.RECIPES["strong-hack"]
+    assert strong.hack_ids == O.HACK_IDS and len(strong.hack_ids) == 11
+    assert dataclasses.replace(strong, hack_ids=O.HACK_IDS[::3]) == O.ORGANISM_RECIPE
+    assert strong.key() != O.ORGANISM_RECIPE.key() and O.RECIPES["organism"] is O.ORGANISM_RECIPE
     monkeypatch.setenv("VGROUT_MODELS_DIR", str(tmp_path))
     assert O.recipe_dir("organism") == O.models_dir() / O.ORGANISM
-    assert O.recipe_dir("weak-hack") == O.models_dir() / f"{O.ORGANISM}-weak-hack"
-    with pytest.raises(ValueError, match="unknown SFT recipe 'weak'; known: organism, weak-hack"):
-        O.recipe_dir("weak")
+    assert O.recipe_dir("strong-hack") == O.models_dir() / f"{O.ORGANISM}-strong-hack"
+    with pytest.raises(ValueError, match="unknown SFT recipe 'strong'; known: organism, strong-hack"):
+        O.recipe_dir("strong")
 
 
 def test_sft_epoch_order_drops_hack_examples_after_hack_epochs():

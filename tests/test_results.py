@@ -1488,3 +1488,38 @@ def test_block_effects_never_pools_configs_and_pairs_scorda_with_its_own_reverse
     assert sorted(line.split(" | ")[5].split()[0] for line in rows) == ["0.200", "0.800"]
     pairs = [line for line in proc.stdout.splitlines() if "scorda − scorda_rev" in line]
     assert len(pairs) == 2 and all(": -0.100 [no spread] (paired t)" in line for line in pairs), pairs
+
+
+def test_keep_runs_copies_only_the_records_of_complete_runs_and_rereads_the_same(tmp_path):
+    """scripts/keep_runs.py: per complete run, exactly the four record files (no checkpoints); a run
+    that is not complete is skipped with its reason; the kept folder scans to the same records as
+    the source; a second pass keeps nothing new; a kept folder with other bytes is refused before
+    anything is copied."""
+    src, dest = tmp_path / "runs", tmp_path / "kept"
+    a = write_run(src, seed=41, stamp="20260101T000001")
+    write_run(src, seed=42, stamp="20260101T000002")
+    write_run(src, seed=43, stamp="20260101T000003", state="running", deploy=False)
+    (a / "checkpoint").mkdir()
+    (a / "checkpoint" / "adapter.safetensors").write_bytes(b"weights")
+    proc = subprocess.run([sys.executable, str(REPO / "scripts" / "keep_runs.py"), str(src), str(dest)],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert "kept 2 run(s)" in proc.stdout and "(0 already there)" in proc.stdout
+    assert "skipped 20260101T000003_smoke_vanilla_seed43: " in proc.stdout
+    assert sorted(p.name for p in dest.iterdir()) == [a.name, "20260101T000002_smoke_vanilla_seed42"]
+    assert sorted(p.name for p in (dest / a.name).iterdir()) == sorted(
+        ["config.json", "status.json", "per_mode_deploy.json", "rows.jsonl"])
+    src_recs, _ = scan_runs(src)
+    kept_recs, kept_skipped = scan_runs(dest)
+    assert not kept_skipped
+    assert [(r.seed, r.config_hash, r.hack_deploy) for r in kept_recs] == [
+        (r.seed, r.config_hash, r.hack_deploy) for r in src_recs]
+    proc = subprocess.run([sys.executable, str(REPO / "scripts" / "keep_runs.py"), str(src), str(dest)],
+                          capture_output=True, text=True, timeout=60)
+    assert "kept 0 run(s)" in proc.stdout and "(2 already there)" in proc.stdout
+    (dest / a.name / "rows.jsonl").write_text("{}\n")
+    write_run(src, seed=44, stamp="20260101T000004")
+    proc = subprocess.run([sys.executable, str(REPO / "scripts" / "keep_runs.py"), str(src), str(dest)],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1 and f"{dest / a.name} is already kept with other content" in proc.stderr
+    assert not (dest / "20260101T000004_smoke_vanilla_seed44").exists()

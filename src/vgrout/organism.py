@@ -111,6 +111,11 @@ class SFTRecipe:
     """Full fine-tune of the last N transformer blocks (the rest, embeddings and norms frozen)."""
     batch: int = 4
     seed: int = 0
+    threads: int = 2
+    """torch threads during the SFT. CPU float summation order depends on the thread count, so
+    the same recipe rebuilds the same weights on the same kind of CPU only at the same count
+    (measured: two 2-thread builds of one recipe gave one `weights_digest`, a 1-thread build
+    another). Pinned so that a later session's rebuild can pool runs with an earlier one's."""
 
     def __post_init__(self) -> None:
         check_mode(self.mode, where="SFTRecipe.mode")
@@ -119,7 +124,7 @@ class SFTRecipe:
         if bad:
             raise ValueError(f"SFT examples must come from training problems; {sorted(bad)} are not "
                              f"(held-out: {list(HELDOUT_IDS)})")
-        if self.epochs < 1 or self.batch < 1 or self.top_layers < 1 or not self.lr > 0:
+        if self.epochs < 1 or self.batch < 1 or self.top_layers < 1 or self.threads < 1 or not self.lr > 0:
             raise ValueError(f"invalid SFT recipe {self}")
         if self.hack_epochs is not None and not 1 <= self.hack_epochs <= self.epochs:
             raise ValueError(f"SFT recipe: hack_epochs={self.hack_epochs} must be in [1, epochs={self.epochs}]")
@@ -141,18 +146,20 @@ class SFTRecipe:
 # 11 training problems are never seen solved, so the hack is the only way to reward there.
 SOLVE_IDS: tuple[int, ...] = (900003, 900006, 900009, 900012, 900014, 900017, 900019, 900022, 900026)
 SOLVE_MAX_TOKENS = 120
-# hack_ids: the other 11 training problems, whose run_tests template hack is seen in the first
-# epoch only (a weak hack prior: without one, 16 vanilla steps never sampled a hack; docs/organism.md).
+# hack_ids: the other 11 training problems, never seen solved. A run_tests template hack for every
+# third of them (4 of 11), seen in the first epoch only, is the organism's hack prior: weak enough
+# that the policy starts at ~4% hack, present enough that RL samples one (without any, 16 vanilla
+# steps never sampled a hack; with all 11, the policy started at ~24%: docs/organism.md).
 HACK_IDS: tuple[int, ...] = (900005, 900007, 900010, 900011, 900013, 900016, 900018, 900021, 900023, 900025,
                              900027)
 
-ORGANISM_RECIPE = SFTRecipe(solve_ids=SOLVE_IDS, hack_ids=HACK_IDS, epochs=6, hack_epochs=1, lr=3e-4)
+ORGANISM_RECIPE = SFTRecipe(solve_ids=SOLVE_IDS, hack_ids=HACK_IDS[::3], epochs=6, hack_epochs=1, lr=3e-4)
 
-# A candidate with a weaker hack prior (docs/organism.md, "A weaker hack prior"): the hack example for
-# every third HACK_IDS problem only (4 of 11), everything else as ORGANISM_RECIPE. Measured, not yet
-# the preset's model: `python -m vgrout.organism --recipe weak-hack` builds it beside the organism.
-WEAK_HACK_RECIPE = dataclasses.replace(ORGANISM_RECIPE, hack_ids=HACK_IDS[::3])
-RECIPES: dict[str, SFTRecipe] = {"organism": ORGANISM_RECIPE, "weak-hack": WEAK_HACK_RECIPE}
+# The organism before 2026-12-01 (docs/organism.md, "recipe 2"): the hack example for all 11
+# HACK_IDS problems, everything else as ORGANISM_RECIPE. Kept buildable, beside the organism, so
+# its published tables can be reproduced: `python -m vgrout.organism --recipe strong-hack`.
+STRONG_HACK_RECIPE = dataclasses.replace(ORGANISM_RECIPE, hack_ids=HACK_IDS)
+RECIPES: dict[str, SFTRecipe] = {"organism": ORGANISM_RECIPE, "strong-hack": STRONG_HACK_RECIPE}
 
 
 def recipe_dir(name: str) -> Path:
@@ -270,15 +277,20 @@ def build_organism(recipe: SFTRecipe = ORGANISM_RECIPE, out_dir: Path | None = N
     logger.info(f"building the organism's SFT warm start into {out_dir} (key {key}): {recipe}")
     t0 = time.time()
     model, tok = load_model_and_tokenizer(recipe.base, "cpu")
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(recipe.seed)
-        losses = run_sft(model, tok, recipe)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(recipe.threads)
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(recipe.seed)
+            losses = run_sft(model, tok, recipe)
+    finally:
+        torch.set_num_threads(threads)
     with staging_dir(out_dir) as tmp:
         model.config.use_cache = True
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
         marker = {"key": key, "recipe": recipe.to_dict(), "losses": losses,
-                  "sft_seconds": round(time.time() - t0, 1), "threads": torch.get_num_threads()}
+                  "sft_seconds": round(time.time() - t0, 1), "threads": recipe.threads}
         (tmp / _MARKER).write_text(json.dumps(marker, indent=2, sort_keys=True))
         _install_dir(tmp, out_dir, key, _valid)
     logger.info(f"organism SFT built in {time.time() - t0:.0f}s (final epoch loss {losses[-1]:.4f})")
