@@ -483,7 +483,9 @@ class OrganismConfig(Config):
     max_new: int = 128
     n_problems: int = 20
     prompts_per_step: int = 1
-    lr: float = 2e-2  # 5e-3 moved nothing in 16 steps (docs/organism.md, "Vanilla on the organism")
+    # the SVD knob's lr on the organism, seed 41, held-out deploy hack after 16 steps: 2e-2 0.107,
+    # 5e-2 0.321, 1e-1 0.661 (docs/organism.md, "The organism's hack prior"); the block adapters run at 1e-3
+    lr: float = 1e-1
     adam_beta1: float = 0.5
     adam_beta2: float = 0.9
     adapt_top_layers: int = 8
