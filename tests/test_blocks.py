@@ -769,6 +769,12 @@ def test_quantile_and_gate_stats_refusals_and_input_types():
     for values, weights in ((torch.ones(2), one), (torch.ones(3, 1), torch.ones(3, 1)), (torch.ones(0), torch.ones(0))):
         with pytest.raises(ValueError, match="must be equal, 1-D, non-empty"):
             VA.weighted_quantile(values, weights, 0.5)
+    v = torch.tensor([5.0, 1.0, 4.0, 2.0, 3.0])
+    assert VA.weighted_quantile(v, torch.ones(5), 1.0) == 5.0  # q = 1 is the largest value, not refused
+    assert VA.upper_quantile(v, torch.ones(5), 1.0) == 1.0
+    for q in (-0.01, 1.01):
+        with pytest.raises(ValueError, match=r"q must be in \[0, 1\]"):
+            VA.weighted_quantile(v, torch.ones(5), q)
     d, e = [True, False, True], [True, True, False]
     assert VA.gate_stats(torch.tensor(d), e) == VA.gate_stats(d, e) == proj.classifier_stats(d, e)
     with pytest.raises(ValueError, match="select has 2 labels but d has 3"):
@@ -815,3 +821,20 @@ def test_one_routeA_step_end_to_end(tmp_path):
     dep_ref = _grads(ads, ("dep",))
     for k, g in {**quar_ref, **dep_ref}.items():
         torch.testing.assert_close(mixed[k], g, rtol=1e-4, atol=1e-6)
+
+
+def test_v_act_and_gate_score_shape_refusals_each_alone():
+    """Each shape condition is refused on its own (the others holding): hack/clean shapes differ; not
+    3-D; module count differs from the names; acts not 3-D; v_act not [M, r] of acts."""
+    names = ["a", "b"]
+    good = torch.ones(4, 2, 3)
+    assert set(VA.v_act_from(good + 1, good, names)) == {"a", "b"}
+    for hack, clean, nm in ((torch.ones(4, 2, 3), torch.ones(5, 2, 3), names),
+                            (torch.ones(4, 6), torch.ones(4, 6), names),
+                            (torch.ones(4, 2, 3), torch.ones(4, 2, 3), ["a", "b", "c"])):
+        with pytest.raises(ValueError, match=r"must be \[P, M=\d, r\]"):
+            VA.v_act_from(hack, clean, nm)
+    assert VA.gate_scores(torch.ones(2, 3, 4), torch.ones(3, 4)).tolist() == [12.0, 12.0]
+    for acts, v in ((torch.ones(3, 4), torch.ones(4)), (torch.ones(2, 3, 4), torch.ones(3, 5))):
+        with pytest.raises(ValueError, match=r"must be \[B, M, r\] and \[M, r\]"):
+            VA.gate_scores(acts, v)
