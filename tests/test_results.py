@@ -1523,3 +1523,30 @@ def test_keep_runs_copies_only_the_records_of_complete_runs_and_rereads_the_same
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 1 and f"{dest / a.name} is already kept with other content" in proc.stderr
     assert not (dest / "20260101T000004_smoke_vanilla_seed44").exists()
+
+
+def test_student_hack_script_sums_first_and_last_steps_per_experiment(tmp_path):
+    """scripts/student_hack.py: hack_s summed over the first and last k steps of each run, then over an
+    experiment's seeds; a Haar control is its own row. write_run's hack counts are
+    min(8, round(0.4 s + seed % 3)) at step s (hand-computed below)."""
+    sys.path.insert(0, str(REPO / "scripts"))
+    try:
+        from student_hack import window_counts
+    finally:
+        sys.path.remove(str(REPO / "scripts"))
+    rows = [{"step": s, "hack_s": [h, 6]} for s, h in ((2, 3), (0, 1), (3, 4), (1, 2))]
+    assert window_counts(rows, 1) == ((1, 6), (4, 6))
+    assert window_counts(rows, 3) == ((6, 18), (9, 18))  # steps 0-2 and 1-3
+    assert window_counts(rows, 9) == ((10, 24), (10, 24))  # overlapping windows, not shrunk
+    with pytest.raises(ValueError, match="k must be >= 1"):
+        window_counts(rows, 0)
+    write_run(tmp_path, seed=41, stamp="20260101T000001")
+    write_run(tmp_path, seed=42, stamp="20260101T000002")
+    write_run(tmp_path, arm="routing2", seed=41, random_v_seed=7, stamp="20260101T000003")
+    proc = subprocess.run([sys.executable, str(REPO / "scripts" / "student_hack.py"), "--runs", str(tmp_path)],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("| vanilla") or ln.startswith("| routing2")]
+    # seed 41: first 2+2+3, last 5+5+6; seed 42: first 0+0+1, last 3+3+4
+    assert len(lines) == 2 and any(ln.endswith("| 41,42 | 8/48 | 26/48 |") for ln in lines)
+    assert any(ln.startswith("| routing2, Haar |") and ln.endswith("| 41 | 7/24 | 16/24 |") for ln in lines)
