@@ -23,7 +23,7 @@ organism *ARGS:
 # Every arm and control on the organism over 3 seeds, two runs at a time (each with half the cores; `--parallel=1`: one),
 # resumable (finished runs are skipped); then results and plots. scorda and lora2r have their own `none` run (both
 # blocks train and deploy): results takes an arm's delta against the vanilla of the same adapter. The block adapters
-# run at lr 1e-3, not the preset's 2e-2 (tuned for the SVD knob's singular-value offsets): Adam moves every LoRA entry
+# run at lr 1e-3, not the preset's 1e-1 (tuned for the SVD knob's singular-value offsets): Adam moves every LoRA entry
 # by ~lr per step, and at 2e-2 five of the first eight block runs diverged by step 4 (docs/results/organism_blocks.md).
 # scorda_rev has no `none` run: `none` resets nothing and scorda_rev is scorda with its slots permuted between the
 # blocks, so it would train and deploy the very model `none --adapter=scorda` does (scripts/block_effects.py pairs
