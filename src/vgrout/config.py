@@ -484,7 +484,7 @@ class OrganismConfig(Config):
     n_problems: int = 20
     prompts_per_step: int = 1
     # the SVD knob's lr on the organism, seed 41, held-out deploy hack after 16 steps: 2e-2 0.107,
-    # 5e-2 0.321, 1e-1 0.661 (docs/organism.md, "The organism's hack prior"); the block adapters run at 1e-3
+    # 5e-2 0.321, 1e-1 0.661 (docs/organism.md, "The organism now"); the block adapters run at 1e-3
     lr: float = 1e-1
     adam_beta1: float = 0.5
     adam_beta2: float = 0.9
