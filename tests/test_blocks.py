@@ -451,6 +451,12 @@ def test_wrap_logs_the_seed_report_of_the_seed_slot_on_the_heldout_pairs(tmp_pat
         assert f"hack-ward in {rep['frac_modules_mean_pos']:.2f} of modules" in line[0]
         other = {n: a.A0[(a.seed_slot + 1) % (2 * R)] for n, a in ads.items()}  # a non-seed slot reads otherwise
         assert B.seed_heldout_report(other, {n: d[-3:] for n, d in calib.deltas.items()}) != rep
+    # held-out pairs that point against the training pairs' mean read 0.00: the report is not on the seed's own pairs
+    flipped = {n: torch.cat([d[:-3], -d[:-3].mean(0).expand(3, -1)]) for n, d in calib.deltas.items()}
+    with collect_logs() as msgs:
+        B.wrap_blocks(copy.deepcopy(model), "rq3", init="scorda", r=R, n_heldout=3, svd_cache_root=tmp_path / "svd",
+                      calibration=B.Calibration(flipped, calib.pair_names, calib.meta))
+    assert any("held-out pairs project hack-ward in 0.00 of" in m and "hack-ward in 0.00 of modules" in m for m in msgs)
 
 
 def test_scorda_seed_is_hackward_on_heldout_pairs(tmp_path):
