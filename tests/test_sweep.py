@@ -336,6 +336,11 @@ def test_local_sweep_skips_finished_resumes_interrupted_starts_new(tmp_path):
     plan = local_plan(jobs, fresh, [kept])
     assert [a for _, a, _ in plan] == ["kept", "kept", "start"] and plan[1][2] == kept / paused.name
     assert [a for _, a, _ in local_plan(jobs, fresh, [kept], digest=lambda m: "0" * 16)] == ["start"] * 3
+    elsewhere = tuple(a for a in common if not a.startswith("--out-root=")) + (f"--out-root={fresh.parent}",)
+    moved = [Job("smoke", "none", s, elsewhere) for s in (41, 42, 43)]  # another out root: the same runs
+    assert [a for _, a, _ in local_plan(moved, fresh, [kept])] == ["kept", "kept", "start"]
+    relr = [Job("smoke", "none", s, (*elsewhere, "--lr=1e-3")) for s in (41, 42)]  # another config: never
+    assert [a for _, a, _ in local_plan(relr, fresh, [kept])] == ["start", "start"]
     assert [a for _, a, _ in local_plan(jobs, out / "runs", [kept])] == ["skip", "skip", "start"]
     calls = []
     local_plan(jobs, fresh, [kept, kept], digest=lambda m: calls.append(m))

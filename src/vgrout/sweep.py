@@ -262,10 +262,10 @@ def job_config(job: Job) -> dict:
     return parse_cli([job.preset, f"--intervention={job.intervention}", f"--seed={job.seed}", *job.extra]).to_dict()
 
 
-def find_run(runs_dir: Path, job: Job) -> tuple[Path | None, str]:
-    """The newest run folder made for exactly this job's config (config.json equal up to the resume-
-    mutable knobs) and its status state; (None, "") when there is none."""
-    from .config import config_diff
+def find_run(runs_dir: Path, job: Job, ignore: frozenset[str] | None = None) -> tuple[Path | None, str]:
+    """The newest run folder made for exactly this job's config (config.json equal up to `ignore`, by
+    default the resume-mutable knobs) and its status state; (None, "") when there is none."""
+    from .config import RESUME_MUTABLE, config_diff
 
     want = job_config(job)
     for d in sorted(runs_dir.glob(f"*_{job.label}*"), reverse=True):
@@ -273,7 +273,7 @@ def find_run(runs_dir: Path, job: Job) -> tuple[Path | None, str]:
             saved = json.loads((d / "config.json").read_text())["config"]
         except (OSError, ValueError, KeyError):
             continue
-        if not config_diff(saved, want):
+        if not config_diff(saved, want, ignore=RESUME_MUTABLE if ignore is None else ignore):
             try:
                 state = json.loads((d / "status.json").read_text())["state"]
             except (OSError, ValueError, KeyError):
@@ -292,8 +292,11 @@ def model_digest(model: str) -> str | None:
 def kept_run(kept_dir: Path, job: Job, digest: Callable[[str], str | None] = model_digest) -> Path | None:
     """The job's finished run among kept records (`scripts/keep_runs.py`: config.json and status.json of
     each run), if it was trained on the weights the job would load now (provenance.model_weights equal
-    to `digest(model)`); None otherwise. Records of another build are never taken for this one's runs."""
-    d, state = find_run(kept_dir, job)
+    to `digest(model)`); None otherwise. Records of another build are never taken for this one's runs.
+    The config must match but for the resume-mutable knobs and `out_root` (where the run was written)."""
+    from .config import RESUME_MUTABLE
+
+    d, state = find_run(kept_dir, job, RESUME_MUTABLE | {"out_root"})
     if d is None or state not in ("complete", "diverged"):
         return None
     had = json.loads((d / "config.json").read_text()).get("provenance", {}).get("model_weights")
