@@ -56,6 +56,16 @@ def test_quarantine_rule_follows_the_trait():
                 arm.check_quarantine(1e-12)
     control = Route2(parse_cli(["smoke", "--intervention=route2", "--random-v-seed=1"]))
     control.check_quarantine(0.0)  # a Haar control that routed nothing is a result
+    for name, cls in BLOCK_ARMS.items():  # `none` trains and deploys both blocks: any norm is fine
+        arm = cls(parse_cli(["smoke", "--adapter=lora2r", f"--intervention={name}"]))
+        arm.check_quarantine(0.5)
+        if cls.has_quarantine:
+            with pytest.raises(RuntimeError, match="nothing went into the quarantine"):
+                arm.check_quarantine(0.0)
+        else:
+            arm.check_quarantine(0.0)
+    BLOCK_ARMS["routeA"](parse_cli(["smoke", "--adapter=lora2r", "--intervention=routeA",
+                                    "--random-v-seed=1"])).check_quarantine(0.0)
 
 
 def test_route_span_check_refuses_a_gradient_outside_span():
@@ -386,3 +396,40 @@ def test_one_block_step_does_what_the_arm_declares(smoke_inputs, tmp_path, adapt
     else:
         assert math.isnan(row["m_keep"]) and math.isnan(row["m_route"])
     assert all(math.isnan(row[k]) for k in ("cos_pre", "cos_upd", "tau", "leak"))  # SVD-only diagnostics
+
+
+def test_routeA_trains_each_batch_under_its_rows_masks_and_reports_the_step_shares(tmp_path):
+    """The masks a group's forwards run under are the gate's, row for row (also for a sub-batch of the
+    group); the step's shares count every rollout of every group once (`vact.mask_shares`); the votes
+    handed to the gate-as-classifier statistics are the route cut d."""
+    from _tiny import random_qwen3
+    from vgrout import blocks, vact
+    from vgrout.arms import RouteA
+
+    arm = RouteA(parse_cli(["smoke", "--adapter=lora2r", "--intervention=routeA", "--block-r=2",
+                            "--route-tail-q=0.2", "--random-v-seed=1"]))
+    model = random_qwen3()
+    knobs = blocks.wrap_blocks(model, "rq3", init="lora2r", r=2, svd_cache_root=tmp_path)
+    arm.attach(model, None, knobs, None)  # the Haar control needs no pairs
+    assert arm.knobs is knobs and arm.gate.names == list(knobs) and arm.gate.r == 2 and arm.gate.tail_q == 0.2
+    assert arm.v_act.stacked(list(knobs)).shape == (len(knobs), 2)
+    t, f = True, False
+    groups = [([t, t, f, t, t], [t, f, f, f, f]),  # keep 1, absorb 3, route 1
+              ([t, t, t, f], [t, t, t, f])]        # keep 1, route 3
+    for m, d in groups:
+        m, d = torch.tensor(m), torch.tensor(d)
+        arm.take_masks(m, d)
+        assert torch.equal(arm.observe_group(None, None, {}), d)
+        with arm.batch_context([1, 3], per_rollout=False):
+            for k in arm.knobs.values():
+                assert torch.equal(k._mask[0], m[[1, 3]]) and torch.equal(k._mask[1], d[[1, 3]])
+        assert all(k._mask is None for k in arm.knobs.values())
+    diag = arm.intervene(StepGrads()).diag
+    assert (diag["m_keep"], diag["m_absorb"], diag["m_route"]) == pytest.approx((2 / 9, 3 / 9, 4 / 9))
+    want = vact.mask_shares(torch.tensor([t, t, f, t, t, t, t, t, f]), torch.tensor([t, f, f, f, f, t, t, t, f]))
+    assert diag["m_keep"] == want["keep"] and diag["m_route"] == want["route"]
+    arm.begin_step()  # a new step counts afresh; a step with no scored group reports no shares
+    diag = arm.intervene(StepGrads()).diag
+    assert all(math.isnan(diag[k]) for k in ("m_keep", "m_absorb", "m_route"))
+    arm.take_masks(torch.tensor([f, t]), torch.tensor([f, t]))
+    assert arm.intervene(StepGrads()).diag["m_route"] == 0.5

@@ -312,6 +312,24 @@ def test_zero_delta_is_the_base_model_exactly(tmp_path):
     assert torch.equal(_logits(model, ids), before)
 
 
+def test_the_gate_reads_the_live_bottleneck_merged_or_not(tmp_path):
+    """capture_bottleneck records A_dep x = (A0_dep + a_dep) x: the same pooled values whether the deployed
+    model runs unmerged or merged for generation (trained offsets included)."""
+    model, _, ads = _wrap(tmp_path, "pissa")
+    _perturb(ads)
+    ids, w = _ids(2, 12), torch.ones(2, 12)
+    with torch.no_grad(), B.ablate_quarantine(ads):
+        with B.capture_bottleneck(ads, w) as live:
+            model(input_ids=ids)
+        with B.merged_for_generation(ads), B.capture_bottleneck(ads, w) as merged:
+            model(input_ids=ids)
+    torch.testing.assert_close(merged.stacked(list(ads)), live.stacked(list(ads)), rtol=1e-4, atol=1e-5)
+    for a in ads.values():  # the offsets matter: A0_dep x alone reads differently
+        x = torch.randn(3, a.in_features, generator=torch.Generator().manual_seed(1))
+        torch.testing.assert_close(a.read(x), x @ (a.A0_dep + a.a_dep).T, rtol=1e-5, atol=1e-6)
+        assert not torch.allclose(a.read(x), x @ a.A0_dep.T, atol=1e-3)
+
+
 def test_merged_generation_equals_unmerged_and_restores_bit_exactly(tmp_path):
     model, _, ads = _wrap(tmp_path, "scorda_rev")
     _perturb(ads)
@@ -414,6 +432,33 @@ def test_scorda_seed_is_unit_signed_and_orthogonal_to_every_other_slot(block):
         B.scorda_seed(W, torch.zeros(3, 40))
 
 
+def test_wrap_logs_the_seed_report_of_the_seed_slot_on_the_heldout_pairs(tmp_path):
+    """What wrap_blocks logs for scorda / scorda_rev is `seed_heldout_report` of each module's seed slot on
+    the last n_heldout calibration pairs (the ones the seed was not computed from)."""
+    from _logs import collect_logs
+
+    model = random_qwen3()
+    calib = B.resolve_calibration(model, TOK, _pairs(), model_id="rq3", out_dir=tmp_path / "calib")
+    for init in ("scorda", "scorda_rev"):
+        with collect_logs() as msgs:
+            ads = B.wrap_blocks(copy.deepcopy(model), "rq3", init=init, r=R, calibration=calib, n_heldout=3,
+                                svd_cache_root=tmp_path / "svd")
+        seeds = {n: a.A0[a.seed_slot] for n, a in ads.items()}
+        rep = B.seed_heldout_report(seeds, {n: d[-3:] for n, d in calib.deltas.items()})
+        line = [m for m in msgs if m.startswith(f"{init} seed: held-out")]
+        assert len(line) == 1 and rep["n_heldout"] == 3
+        assert f"in {rep['mean_frac_pairs_pos']:.2f} of" in line[0]
+        assert f"hack-ward in {rep['frac_modules_mean_pos']:.2f} of modules" in line[0]
+        other = {n: a.A0[(a.seed_slot + 1) % (2 * R)] for n, a in ads.items()}  # a non-seed slot reads otherwise
+        assert B.seed_heldout_report(other, {n: d[-3:] for n, d in calib.deltas.items()}) != rep
+    # held-out pairs that point against the training pairs' mean read 0.00: the report is not on the seed's own pairs
+    flipped = {n: torch.cat([d[:-3], -d[:-3].mean(0).expand(3, -1)]) for n, d in calib.deltas.items()}
+    with collect_logs() as msgs:
+        B.wrap_blocks(copy.deepcopy(model), "rq3", init="scorda", r=R, n_heldout=3, svd_cache_root=tmp_path / "svd",
+                      calibration=B.Calibration(flipped, calib.pair_names, calib.meta))
+    assert any("held-out pairs project hack-ward in 0.00 of" in m and "hack-ward in 0.00 of modules" in m for m in msgs)
+
+
 def test_scorda_seed_is_hackward_on_heldout_pairs(tmp_path):
     """On the offline tiny Qwen3 with the built-in pairs, the seed (from 20 pairs) puts the 4 held-out
     pairs' input deltas hack-ward; seeded random unit directions do not."""
@@ -458,6 +503,16 @@ def test_corda_metric_and_planted_contrast_axis():
     A0, B0 = B.corda_init(W, D, 3, eps=1e-3)
     assert abs(float(A0[0] @ u)) > 0.9  # the strongest contrast axis is the deployed block's top read
     assert torch.allclose(A0.norm(dim=1), torch.ones(6), atol=1e-5) and _orthonormal_rows(B0.T)
+    # the reads, from a dense C^{1/2} (eigh): unit(Qᵀ[:2r] C^{1/2}) with W C^{1/2} = U S Qᵀ, interleaved
+    C3 = D.double().T @ D.double() / 8
+    C3 = C3 + 1e-3 * float(torch.trace(C3)) / 20 * torch.eye(20, dtype=torch.float64)
+    ev, Q = torch.linalg.eigh(C3)
+    half = Q @ torch.diag(ev.sqrt()) @ Q.T
+    Uw, _, Qh = torch.linalg.svd(W.double() @ half, full_matrices=False)
+    order = [0, 2, 4, 1, 3, 5]
+    reads = F.normalize(Qh[:6] @ half, dim=1)[order].float()
+    torch.testing.assert_close((A0 * reads).sum(1).abs(), torch.ones(6), rtol=0, atol=1e-4)
+    torch.testing.assert_close((B0 * Uw[:, order].float()).sum(0).abs(), torch.ones(6), rtol=0, atol=1e-4)
 
 
 def test_gaussian_init_is_seeded_per_module(tmp_path):
@@ -469,6 +524,9 @@ def test_gaussian_init_is_seeded_per_module(tmp_path):
     assert not torch.equal(a0[n0].A0[:, :16], a0[n1].A0[:, :16])
     d_in = a0[n0].in_features
     assert abs(float(a0[n0].A0.pow(2).mean()) * d_in - 1) < 0.2
+    # B0 ~ N(0, 1/(2r)), pooled over every module: E[B0²] · 2r = 1
+    b_var = torch.cat([a.B0.reshape(-1) for a in a0.values()]).pow(2).mean()
+    assert abs(float(b_var) * 2 * R - 1) < 0.1
 
 
 # ── calibration cache ───────────────────────────────────────────────────────────────────

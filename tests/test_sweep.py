@@ -274,6 +274,12 @@ def test_bad_arguments_exit_with_a_message(capsys):
     with pytest.raises(SystemExit):
         main(["smoke", "none", "1", "--parallel", "0"], which=lambda _n: None)
     assert "--parallel must be >= 1" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["smoke", "none", "1", "--local", "--kept", "/nonexistent/records"], which=lambda _n: None)
+    assert "--kept folder(s) not found: /nonexistent/records" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["smoke", "none", "1", "--kept", str(REPO)], which=lambda _n: None)
+    assert "--kept applies to --local sweeps only" in capsys.readouterr().err
 
 
 def test_slurm_cpu_runs_request_no_gpu_and_log_where_asked(tmp_path, capsys):
@@ -319,6 +325,26 @@ def test_local_sweep_skips_finished_resumes_interrupted_starts_new(tmp_path):
 
     assert json.loads((paused / "status.json").read_text())["state"] == "complete"
     assert [a for _, a, _ in local_plan(jobs[:2], out / "runs")] == ["skip", "skip"]
+    # kept records (each run's config.json + status.json, as scripts/keep_runs.py copies them) count as
+    # finished on a fresh checkout when this machine's build has their weights; another build's never do
+    kept = tmp_path / "kept"
+    for d in sorted((out / "runs").iterdir()):
+        (kept / d.name).mkdir(parents=True)
+        for f in ("config.json", "status.json"):
+            shutil.copy(d / f, kept / d.name / f)
+    fresh = tmp_path / "fresh" / "runs"
+    plan = local_plan(jobs, fresh, [kept])
+    assert [a for _, a, _ in plan] == ["kept", "kept", "start"] and plan[1][2] == kept / paused.name
+    assert [a for _, a, _ in local_plan(jobs, fresh, [kept], digest=lambda m: "0" * 16)] == ["start"] * 3
+    elsewhere = tuple(a for a in common if not a.startswith("--out-root=")) + (f"--out-root={fresh.parent}",)
+    moved = [Job("smoke", "none", s, elsewhere) for s in (41, 42, 43)]  # another out root: the same runs
+    assert [a for _, a, _ in local_plan(moved, fresh, [kept])] == ["kept", "kept", "start"]
+    relr = [Job("smoke", "none", s, (*elsewhere, "--lr=1e-3")) for s in (41, 42)]  # another config: never
+    assert [a for _, a, _ in local_plan(relr, fresh, [kept])] == ["start", "start"]
+    assert [a for _, a, _ in local_plan(jobs, out / "runs", [kept])] == ["skip", "skip", "start"]
+    calls = []
+    local_plan(jobs, fresh, [kept, kept], digest=lambda m: calls.append(m))
+    assert calls == ["tiny-qwen3"]  # the weights are hashed once per model, not once per job
 
 
 def test_parallel_local_runs_share_the_cores():

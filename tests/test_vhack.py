@@ -12,6 +12,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from _logs import collect_logs
 from vgrout import vhack
 from vgrout.pairs import Pair, builtin_pairs, pairs_fingerprint_text
 
@@ -614,7 +615,7 @@ def test_load_applies_the_quantile_and_reports_dropped(tmp_path):
     got = vhack.load_directions(p, model_id="m", k_use=4, drop_bottom_frac=0.9, knobs=MODS)
     want_v, want_dropped = vhack.postprocess(d.v_hack, d.sv, k_use=4, drop_bottom_frac=0.9)
     assert got.dropped == want_dropped and want_dropped  # the quantile empties some module
-    with _logs() as msgs:
+    with collect_logs() as msgs:
         vhack.load_directions(p, model_id="m", k_use=4, drop_bottom_frac=0.9, knobs=MODS)
     assert msgs[0] == (f"v_hack postprocess: dropped {len(want_dropped)} of {len(d.v_hack)} modules with no "
                        "axis above the 0.9 singular-value quantile")
@@ -625,22 +626,6 @@ def test_load_applies_the_quantile_and_reports_dropped(tmp_path):
         "v_hack/q": torch.zeros(0, 4), "sv/q": torch.zeros(0), "v_grad/q": torch.ones(4)})
     with pytest.raises(vhack.DirectionsError, match="left no module"):
         vhack.load_directions(empty, model_id="m", k_use=2, drop_bottom_frac=0.5, knobs={"q": 4})
-
-
-class _logs:
-    """Collect the loguru messages logged inside the block."""
-
-    def __enter__(self) -> list[str]:
-        from loguru import logger
-
-        self.msgs: list[str] = []
-        self.sink = logger.add(lambda m: self.msgs.append(m.record["message"]), level="INFO")
-        return self.msgs
-
-    def __exit__(self, *exc) -> None:
-        from loguru import logger
-
-        logger.remove(self.sink)
 
 
 # ── fast end to end on a random tiny Qwen3 (character tokens, 97-token vocabulary) ────────
@@ -753,7 +738,7 @@ def test_extract_resolve_refresh_on_a_random_tiny_model(rand_tiny, tmp_path):
     for m in knobs:
         assert torch.equal(d.v_hack[m], want.v_hack[m]) and torch.equal(d.v_grad[m], want.v_grad[m])
     # resolve with every default: extracted once, cached under the default key, postprocessed
-    with _logs() as msgs:
+    with collect_logs() as msgs:
         res = vhack.resolve_directions(model, tok, knobs, pairs, model_id="rand-qwen3",
                                        pairs_source="test", out_dir=tmp_path)
     cache = vhack.directions_cache_path(tmp_path, "rand-qwen3", pairs, 12, 0.0, 2)

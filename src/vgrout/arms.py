@@ -426,8 +426,8 @@ class RouteA(Absorb):
         self._v = self.v_act.stacked(list(knobs)).to(device)
 
     def begin_step(self) -> None:
-        self.masks: tuple[Tensor, Tensor] | None = None
-        self.counts = [0, 0, 0]  # rollouts kept, absorbed, routed this step
+        self.masks: tuple[Tensor, Tensor] | None = None  # the current group's (m, d), bool [G]
+        self.step_masks: list[tuple[Tensor, Tensor]] = []  # every group's (m, d) this step
 
     def prepare_group(self, model, group: Group, pad_id: int) -> None:
         """Score the group's rollouts (one no-grad forward of the deployed model) and choose their masks."""
@@ -436,10 +436,12 @@ class RouteA(Absorb):
         ids, mask, plen = group.tensors(pad_id, next(model.parameters()).device)
         acts = vact.pooled_bottleneck(model, self.knobs, ids, blocks.completion_weights(plen, mask))
         dec = self.gate.observe(acts, self._v)
-        self.masks = (dec.m, dec.d)
-        self.counts[0] += int((~dec.m).sum())
-        self.counts[1] += int((dec.m & ~dec.d).sum())
-        self.counts[2] += int(dec.d.sum())
+        self.take_masks(dec.m, dec.d)
+
+    def take_masks(self, m: Tensor, d: Tensor) -> None:
+        """The masks the current group's forwards run under (row b = rollout b), kept for the step's shares."""
+        self.masks = (m, d)
+        self.step_masks.append((m.cpu(), d.cpu()))
 
     def batch_context(self, rows: list[int], per_rollout: bool):
         from . import blocks
@@ -451,10 +453,13 @@ class RouteA(Absorb):
         return self.masks[1].cpu()  # "routed" for the gate-as-classifier statistics: the route (1,1) rollouts
 
     def intervene(self, acc: StepGrads) -> Update:
+        from . import vact
+
         upd = super().intervene(acc)
-        n = sum(self.counts)
-        upd.diag.update(m_keep=self.counts[0] / n if n else NAN, m_absorb=self.counts[1] / n if n else NAN,
-                        m_route=self.counts[2] / n if n else NAN)
+        if self.step_masks:  # shares over every rollout the step trained on (`vact.mask_shares`)
+            m, d = (torch.cat(x) for x in zip(*self.step_masks, strict=True))
+            shares = vact.mask_shares(m, d)
+            upd.diag.update(m_keep=shares["keep"], m_absorb=shares["absorb"], m_route=shares["route"])
         return upd
 
     def state_dict(self) -> dict:

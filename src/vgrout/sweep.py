@@ -262,10 +262,10 @@ def job_config(job: Job) -> dict:
     return parse_cli([job.preset, f"--intervention={job.intervention}", f"--seed={job.seed}", *job.extra]).to_dict()
 
 
-def find_run(runs_dir: Path, job: Job) -> tuple[Path | None, str]:
-    """The newest run folder made for exactly this job's config (config.json equal up to the resume-
-    mutable knobs) and its status state; (None, "") when there is none."""
-    from .config import config_diff
+def find_run(runs_dir: Path, job: Job, ignore: frozenset[str] | None = None) -> tuple[Path | None, str]:
+    """The newest run folder made for exactly this job's config (config.json equal up to `ignore`, by
+    default the resume-mutable knobs) and its status state; (None, "") when there is none."""
+    from .config import RESUME_MUTABLE, config_diff
 
     want = job_config(job)
     for d in sorted(runs_dir.glob(f"*_{job.label}*"), reverse=True):
@@ -273,7 +273,7 @@ def find_run(runs_dir: Path, job: Job) -> tuple[Path | None, str]:
             saved = json.loads((d / "config.json").read_text())["config"]
         except (OSError, ValueError, KeyError):
             continue
-        if not config_diff(saved, want):
+        if not config_diff(saved, want, ignore=RESUME_MUTABLE if ignore is None else ignore):
             try:
                 state = json.loads((d / "status.json").read_text())["state"]
             except (OSError, ValueError, KeyError):
@@ -282,14 +282,48 @@ def find_run(runs_dir: Path, job: Job) -> tuple[Path | None, str]:
     return None, ""
 
 
-def local_plan(jobs: Sequence[Job], runs_dir: Path) -> list[tuple[Job, str, Path | None]]:
-    """Per job: ("skip", its complete run) / ("resume", an unfinished run with a checkpoint) / ("start", None).
-    A diverged run is a result: it is not run again."""
+def model_digest(model: str) -> str | None:
+    """model.weights_digest of the folder a config's `model` resolves to now (None for a hub name)."""
+    from .model import resolve_model, weights_digest
+
+    return weights_digest(resolve_model(model))
+
+
+def kept_run(kept_dir: Path, job: Job, digest: Callable[[str], str | None] = model_digest) -> Path | None:
+    """The job's finished run among kept records (`scripts/keep_runs.py`: config.json and status.json of
+    each run), if it was trained on the weights the job would load now (provenance.model_weights equal
+    to `digest(model)`); None otherwise. Records of another build are never taken for this one's runs.
+    The config must match but for the resume-mutable knobs and `out_root` (where the run was written)."""
+    from .config import RESUME_MUTABLE
+
+    d, state = find_run(kept_dir, job, RESUME_MUTABLE | {"out_root"})
+    if d is None or state not in ("complete", "diverged"):
+        return None
+    had = json.loads((d / "config.json").read_text()).get("provenance", {}).get("model_weights")
+    return d if had == digest(job_config(job)["model"]) else None
+
+
+def local_plan(jobs: Sequence[Job], runs_dir: Path, kept: Sequence[Path] = (),
+               digest: Callable[[str], str | None] = model_digest) -> list[tuple[Job, str, Path | None]]:
+    """Per job: ("skip", its complete run) / ("kept", its finished run in one of the `kept` record folders,
+    same weights) / ("resume", an unfinished run with a checkpoint) / ("start", None). A diverged run is a
+    result: it is not run again."""
     out = []
+    digests: dict[str, str | None] = {}
+
+    def cached(model: str) -> str | None:  # hashing the weights once per model, not once per job
+        if model not in digests:
+            digests[model] = digest(model)
+        return digests[model]
+
     for job in jobs:
         d, state = find_run(runs_dir, job)
         if d is not None and state in ("complete", "diverged"):
             out.append((job, "skip", d))
+            continue
+        k = next((r for r in (kept_run(kd, job, cached) for kd in kept) if r is not None), None)
+        if k is not None:
+            out.append((job, "kept", k))
         elif d is not None and (d / "resume.pt").exists():
             out.append((job, "resume", d))
         else:
@@ -322,7 +356,7 @@ def _cpus() -> int:
         return os.cpu_count() or 1
 
 
-def run_local(jobs: Sequence[Job], runs_dir: Path, workdir: Path, parallel: int = 1) -> int:
+def run_local(jobs: Sequence[Job], runs_dir: Path, workdir: Path, parallel: int = 1, kept: Sequence[Path] = ()) -> int:
     """Run the sweep here, `parallel` runs at a time (each with its share of the cores as torch threads):
     finished runs are skipped, interrupted ones resumed, so a stopped or killed sweep continues where it
     stopped. Returns the number of runs that failed.
@@ -331,8 +365,8 @@ def run_local(jobs: Sequence[Job], runs_dir: Path, workdir: Path, parallel: int 
     1-thread processes sampled ~1.8x the tokens/s of one 2-thread one), the backward gains less; on the
     2-core machine the organism sweep finished a run every 4.6-6.2 min this way, against 7.2 min for one
     run alone (docs/organism.md, "CPU speed"; docs/results/organism.md)."""
-    plan = local_plan(jobs, runs_dir)
-    n_skip = sum(a == "skip" for _, a, _ in plan)
+    plan = local_plan(jobs, runs_dir, kept)
+    n_skip = sum(a in ("skip", "kept") for _, a, _ in plan)
     env = run_env(parallel, os.environ, _cpus())
     lanes = f"; {parallel} at a time, OMP_NUM_THREADS={env.get('OMP_NUM_THREADS')}" if parallel > 1 else ""
     print(f"# {len(plan)} runs: {n_skip} already finished, {sum(a == 'resume' for _, a, _ in plan)} to resume, "
@@ -356,7 +390,7 @@ def run_local(jobs: Sequence[Job], runs_dir: Path, workdir: Path, parallel: int 
 
     todo = []
     for i, (job, action, d) in enumerate(plan, 1):
-        if action == "skip":
+        if action in ("skip", "kept"):
             print(f"[{i}/{len(plan)}] {job.label}: finished in {d}", flush=True)
         else:
             todo.append((i, job, action, d))
@@ -425,6 +459,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="run here, --parallel runs at a time (default one after another); finished runs are skipped "
         "and interrupted ones resumed",
     )
+    ap.add_argument(
+        "--kept",
+        type=Path,
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="with --local: also skip a job whose finished run is kept in DIR (scripts/keep_runs.py records) "
+        "and was trained on the same model weights as this machine's build (repeatable); how a sweep longer "
+        "than one session continues on a fresh checkout",
+    )
     ap.add_argument("--slurm-partition", default=None, help="SLURM --partition")
     ap.add_argument("--slurm-account", default=None, help="SLURM --account")
     return ap
@@ -450,14 +494,19 @@ def main(
         ap.error(str(e))
     workdir = (args.workdir or Path.cwd()).resolve()
 
+    missing = [str(k) for k in args.kept if not k.is_dir()]
+    if args.kept and not args.local:
+        ap.error("--kept applies to --local sweeps only")
+    if missing:
+        ap.error(f"--kept folder(s) not found: {', '.join(missing)}")
     if args.local:
         out_root = next((Path(a.split("=", 1)[1]) for a in extra if a.startswith("--out-root=")), Path("out"))
         runs_dir = out_root if out_root.is_absolute() else workdir / out_root
         if args.dry_run:
-            for job, action, d in local_plan(jobs, runs_dir / "runs"):
+            for job, action, d in local_plan(jobs, runs_dir / "runs", args.kept):
                 print(f"{action:6s} {job.label} {d or ''}")
             return 0
-        return 1 if run_local(jobs, runs_dir / "runs", workdir, args.parallel) else 0
+        return 1 if run_local(jobs, runs_dir / "runs", workdir, args.parallel, args.kept) else 0
 
     if args.slurm is not None:
         text = slurm_script(
