@@ -426,8 +426,7 @@ class RouteA(Absorb):
         self._v = self.v_act.stacked(list(knobs)).to(device)
 
     def begin_step(self) -> None:
-        self.masks: tuple[Tensor, Tensor] | None = None  # the current group's (m, d), bool [G]
-        self.step_masks: list[tuple[Tensor, Tensor]] = []  # every group's (m, d) this step
+        self.step_masks: list[tuple[Tensor, Tensor]] = []  # every group's (m, d) this step, bool [G]; last: current
 
     def prepare_group(self, model, group: Group, pad_id: int) -> None:
         """Score the group's rollouts (one no-grad forward of the deployed model) and choose their masks."""
@@ -440,17 +439,16 @@ class RouteA(Absorb):
 
     def take_masks(self, m: Tensor, d: Tensor) -> None:
         """The masks the current group's forwards run under (row b = rollout b), kept for the step's shares."""
-        self.masks = (m, d)
         self.step_masks.append((m.cpu(), d.cpu()))
 
     def batch_context(self, rows: list[int], per_rollout: bool):
         from . import blocks
 
-        m, d = self.masks
+        m, d = self.step_masks[-1]
         return blocks.rollout_masks(self.knobs, m[rows], d[rows])
 
     def observe_group(self, group: Group, g_b: Mapping[str, Tensor] | None, totals: Mapping[str, Tensor]) -> Tensor:
-        return self.masks[1].cpu()  # "routed" for the gate-as-classifier statistics: the route (1,1) rollouts
+        return self.step_masks[-1][1]  # "routed" for the gate-as-classifier statistics: the route (1,1) rollouts
 
     def intervene(self, acc: StepGrads) -> Update:
         from . import vact

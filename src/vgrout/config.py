@@ -477,30 +477,36 @@ class OrganismConfig(Config):
     problems for the final eval. Vanilla by default. Inputs: `uv run python -m vgrout.organism`."""
 
     intervention: Intervention = "none"
+    device: str = "cpu"
+    # the policy: the SFT-warmed SmolLM2 from `python -m vgrout.organism`, adapted in its top 8 blocks only
     model: str = "smollm2-135m-organism"
-    steps: int = 16
-    group: int = 8  # 6 student + 2 teacher rollouts per prompt
-    max_new: int = 128
-    n_problems: int = 20
-    prompts_per_step: int = 1
-    # the SVD knob's lr on the organism, seed 41, held-out deploy hack after 16 steps: 2e-2 0.107,
-    # 5e-2 0.321, 1e-1 0.661 (docs/organism.md, "The organism now"); the block adapters run at 1e-3
-    lr: float = 1e-1
-    adam_beta1: float = 0.5
-    adam_beta2: float = 0.9
     adapt_top_layers: int = 8
-    gen_share_prefix: bool = True
-    env_mode: EnvMode = "run_tests"
+    # inputs the organism build writes: 20 training / 7 held-out problems (run_tests mode, the base
+    # default) and a pool of template hacks, a quarter of every group of 8 (6 student, 2 teacher rows)
     data_path: Path | None = Path("out/data/organism/train.jsonl")
     eval_data_path: Path | None = Path("out/data/organism/heldout.jsonl")
     teacher_pool_dir: Path | None = Path("out/pools/organism")
+    n_problems: int = 20
     mix_ratio: float = 0.25
+    group: int = 8
+    # one prompt a step, 16 steps, short completions sampled with the prompt prefilled once per group
+    prompts_per_step: int = 1
+    steps: int = 16
+    max_new: int = 128
+    gen_share_prefix: bool = True
+    # Adam as in the fast preset (beta1 0.5, beta2 0.9). lr 1e-1 is for the SVD knob, from probes at seed 41
+    # (held-out deploy hack after 16 steps: 2e-2 0.107, 5e-2 0.321, 1e-1 0.661; docs/organism.md, "The
+    # organism now"); the block adapters are run at --lr=1e-3
+    adam_beta1: float = 0.5
+    adam_beta2: float = 0.9
+    lr: float = 1e-1
+    # v_hack: a small basis, extracted once and never refreshed; no periodic evals, only the final one on
+    # every held-out problem
     v_hack_extract_top_k: int = 4
     v_hack_k: int = 2
     vhack_refresh_every: int = 0
     eval_ablate_every: int = 0
-    eval_n_prompts: int = 7  # every held-out problem
-    device: str = "cpu"
+    eval_n_prompts: int = 7
 
 
 PRESETS: dict[str, type[Config]] = {"smoke": SmokeConfig, "fast": FastConfig, "full": FullConfig,

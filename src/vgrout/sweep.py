@@ -14,6 +14,7 @@ check them exactly; only `main` runs pueue.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import re
@@ -28,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .atomic import write_text_atomic
-from .config import ARM_NAMES, PRESETS
+from .config import ARM_NAMES, PRESETS, RESUME_MUTABLE
 
 DEFAULT_GROUP = "vgrout"
 PUEUE_INSTALL_HINT = (
@@ -262,10 +263,10 @@ def job_config(job: Job) -> dict:
     return parse_cli([job.preset, f"--intervention={job.intervention}", f"--seed={job.seed}", *job.extra]).to_dict()
 
 
-def find_run(runs_dir: Path, job: Job, ignore: frozenset[str] | None = None) -> tuple[Path | None, str]:
+def find_run(runs_dir: Path, job: Job, ignore: frozenset[str] = RESUME_MUTABLE) -> tuple[Path | None, str]:
     """The newest run folder made for exactly this job's config (config.json equal up to `ignore`, by
     default the resume-mutable knobs) and its status state; (None, "") when there is none."""
-    from .config import RESUME_MUTABLE, config_diff
+    from .config import config_diff
 
     want = job_config(job)
     for d in sorted(runs_dir.glob(f"*_{job.label}*"), reverse=True):
@@ -273,7 +274,7 @@ def find_run(runs_dir: Path, job: Job, ignore: frozenset[str] | None = None) -> 
             saved = json.loads((d / "config.json").read_text())["config"]
         except (OSError, ValueError, KeyError):
             continue
-        if not config_diff(saved, want, ignore=RESUME_MUTABLE if ignore is None else ignore):
+        if not config_diff(saved, want, ignore=ignore):
             try:
                 state = json.loads((d / "status.json").read_text())["state"]
             except (OSError, ValueError, KeyError):
@@ -294,12 +295,12 @@ def kept_run(kept_dir: Path, job: Job, digest: Callable[[str], str | None] = mod
     each run), if it was trained on the weights the job would load now (provenance.model_weights equal
     to `digest(model)`); None otherwise. Records of another build are never taken for this one's runs.
     The config must match but for the resume-mutable knobs and `out_root` (where the run was written)."""
-    from .config import RESUME_MUTABLE
+    from .results import MODEL_WEIGHTS_KNOB, read_config_knobs
 
     d, state = find_run(kept_dir, job, RESUME_MUTABLE | {"out_root"})
     if d is None or state not in ("complete", "diverged"):
         return None
-    had = json.loads((d / "config.json").read_text()).get("provenance", {}).get("model_weights")
+    had = read_config_knobs(d).get(MODEL_WEIGHTS_KNOB)
     return d if had == digest(job_config(job)["model"]) else None
 
 
@@ -309,13 +310,7 @@ def local_plan(jobs: Sequence[Job], runs_dir: Path, kept: Sequence[Path] = (),
     same weights) / ("resume", an unfinished run with a checkpoint) / ("start", None). A diverged run is a
     result: it is not run again."""
     out = []
-    digests: dict[str, str | None] = {}
-
-    def cached(model: str) -> str | None:  # hashing the weights once per model, not once per job
-        if model not in digests:
-            digests[model] = digest(model)
-        return digests[model]
-
+    cached = functools.cache(digest)  # the weights are hashed once per model, not once per job
     for job in jobs:
         d, state = find_run(runs_dir, job)
         if d is not None and state in ("complete", "diverged"):
